@@ -1,0 +1,206 @@
+"""The policy model: zones, data classes, model targets and tenants.
+
+Pure data and pure decisions, no I/O: the router, the batch jobs and the gateway all ask
+this one object where data may live, where it may be sent and who may send it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class DataClass(str, Enum):
+    """Data classes, declared from least to most sensitive."""
+
+    public = "public"
+    internal = "internal"
+    pii = "pii"
+    phi = "phi"
+
+    @property
+    def rank(self) -> int:
+        return _RANK[self]
+
+    def __lt__(self, other: object) -> bool:  # type: ignore[override]
+        if not isinstance(other, DataClass):
+            return NotImplemented
+        return self.rank < other.rank
+
+    def __le__(self, other: object) -> bool:  # type: ignore[override]
+        if not isinstance(other, DataClass):
+            return NotImplemented
+        return self.rank <= other.rank
+
+    def __gt__(self, other: object) -> bool:  # type: ignore[override]
+        if not isinstance(other, DataClass):
+            return NotImplemented
+        return self.rank > other.rank
+
+    def __ge__(self, other: object) -> bool:  # type: ignore[override]
+        if not isinstance(other, DataClass):
+            return NotImplemented
+        return self.rank >= other.rank
+
+
+_RANK = {dc: i for i, dc in enumerate(DataClass)}
+
+_NAME = r"^[a-z][a-z0-9-]{0,31}$"
+_KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+API_KEY_PREFIX = "keel-"
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo in keel.yaml must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Zone(_Strict):
+    """A geographic zone: where data of a class may be stored and processed."""
+
+    region: str = Field(description="Cloud region, e.g. us-east-1", min_length=1)
+    storage: str = Field(description="Storage root: a local path or s3://bucket/prefix", min_length=1)
+    s3_endpoint: str | None = Field(default=None, description="S3 endpoint URL for this zone, if not AWS")
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_scheme(cls, v: str) -> str:
+        if "://" in v and not v.startswith(("s3://", "file://")):
+            raise ValueError("storage must be a local path, file:// or s3:// URI")
+        return v
+
+
+class DataClassRule(_Strict):
+    allowed_zones: list[str] = Field(min_length=1)
+
+
+class ModelTarget(_Strict):
+    """A model the gateway can route to."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,63}$")
+    kind: Literal["llama_cpp", "vllm", "openai"]
+    zone: str
+    price_per_1k_input: float = Field(ge=0)
+    price_per_1k_output: float = Field(ge=0)
+    tier: Literal["small", "large"]
+    max_context: int = Field(gt=0)
+    # Backend-specific settings (model path, base_url, engine args); each backend validates its own.
+    options: dict[str, object] = Field(default_factory=dict)
+
+
+class Tenant(_Strict):
+    name: str = Field(pattern=_NAME)
+    api_key_hashes: list[str] = Field(default_factory=list)
+    allowed_classes: list[DataClass] = Field(min_length=1)
+    default_class: DataClass
+
+    @field_validator("api_key_hashes")
+    @classmethod
+    def _hashes(cls, v: list[str]) -> list[str]:
+        for h in v:
+            if not _KEY_HASH.match(h):
+                raise ValueError("API keys are stored hashed: expected 'sha256:<64 hex>', never the key itself")
+        return v
+
+    @model_validator(mode="after")
+    def _default_allowed(self) -> Tenant:
+        if self.default_class not in self.allowed_classes:
+            raise ValueError(f"default_class {self.default_class.value!r} is not in allowed_classes")
+        return self
+
+
+class Policy(_Strict):
+    zones: dict[str, Zone]
+    data_classes: dict[DataClass, DataClassRule]
+    targets: list[ModelTarget] = Field(default_factory=list)
+    tenants: list[Tenant] = Field(default_factory=list)
+
+    @field_validator("zones")
+    @classmethod
+    def _zone_names(cls, v: dict[str, Zone]) -> dict[str, Zone]:
+        if not v:
+            raise ValueError("at least one zone is required")
+        for name in v:
+            if not re.match(_NAME, name):
+                raise ValueError(f"zone name {name!r} must be short lowercase, e.g. 'us' or 'eu'")
+        return v
+
+    @model_validator(mode="after")
+    def _references(self) -> Policy:
+        missing = [dc.value for dc in DataClass if dc not in self.data_classes]
+        if missing:
+            raise ValueError(f"data_classes must define every class; missing: {missing}")
+        for dc, rule in self.data_classes.items():
+            for z in rule.allowed_zones:
+                if z not in self.zones:
+                    raise ValueError(f"data_classes.{dc.value}.allowed_zones: unknown zone {z!r}")
+        names = [t.name for t in self.targets]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"targets: duplicate names {dupes}")
+        for t in self.targets:
+            if t.zone not in self.zones:
+                raise ValueError(f"targets.{t.name}.zone: unknown zone {t.zone!r}")
+        tenants = [t.name for t in self.tenants]
+        if len(set(tenants)) != len(tenants):
+            raise ValueError("tenants: duplicate names")
+        hashes = [h for t in self.tenants for h in t.api_key_hashes]
+        if len(set(hashes)) != len(hashes):
+            raise ValueError("tenants: the same API key hash is given to more than one tenant")
+        return self
+
+    # -- decisions ---------------------------------------------------------------------------
+
+    def zones_for(self, data_class: DataClass) -> list[str]:
+        """Zones where data of this class may be stored or processed."""
+        return list(self.data_classes[data_class].allowed_zones)
+
+    def zone_allows(self, zone: str, data_class: DataClass) -> bool:
+        return zone in self.data_classes[data_class].allowed_zones
+
+    def targets_for(self, data_class: DataClass) -> list[ModelTarget]:
+        """Targets whose zone may receive this class (residency filter for routing)."""
+        allowed = set(self.zones_for(data_class))
+        return [t for t in self.targets if t.zone in allowed]
+
+    def tenant_for_key(self, api_key: str) -> Tenant | None:
+        """The tenant owning this API key, compared in constant time against stored hashes."""
+        digest = hash_api_key(api_key)
+        found = None
+        for tenant in self.tenants:
+            for h in tenant.api_key_hashes:
+                if hmac.compare_digest(h, digest):
+                    found = tenant
+        return found
+
+
+def hash_api_key(api_key: str) -> str:
+    """SHA-256 suffices for API keys: they are long random secrets, not guessable passwords."""
+    return "sha256:" + hashlib.sha256(api_key.encode("utf-8")).hexdigest()
+
+
+def new_api_key() -> str:
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def resolve_class(tenant: Tenant, requested: DataClass | None) -> DataClass:
+    """The data class a request runs under.
+
+    A request may ask for stricter handling than its key's default, never for a class
+    the tenant is not allowed, and never for a laxer one than its default.
+    """
+    if requested is None:
+        return tenant.default_class
+    if requested not in tenant.allowed_classes:
+        raise PermissionError(f"tenant {tenant.name!r} is not allowed data class {requested.value!r}")
+    if requested < tenant.default_class:
+        raise PermissionError(
+            f"data class {requested.value!r} is below tenant {tenant.name!r}'s default {tenant.default_class.value!r}"
+        )
+    return requested

@@ -1,0 +1,54 @@
+"""Keel's privacy engine: detect PII, redact it for storage, pseudonymize it for models.
+
+    from keel.privacy import detect, redact, pseudonymize, restore
+    masked, vault = pseudonymize("Call John Smith")   # "Call <PERSON_1>"
+    restore(masked, vault)                             # "Call John Smith"
+
+`redact` is irreversible (`[PERSON]` or keyed-hash `[PERSON:1a2b3c4d]`), for the batch pipeline;
+`pseudonymize`/`restore` are for the request path. Entity names are Presidio's, plus those listed
+in keel.privacy.recognizers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from keel.privacy.engine import DEFAULT_ENTITIES, PrivacyEngine, get_engine
+from keel.privacy.pseudonymize import Vault, restore
+from keel.privacy.redact import RedactionMode
+from keel.privacy.spans import Span
+
+
+def detect(text: str) -> list[Span]:
+    return get_engine().detect(text)
+
+
+def detect_batch(texts: Sequence[str]) -> list[list[Span]]:
+    return get_engine().detect_batch(texts)
+
+
+def redact(text: str, mode: RedactionMode = "typed") -> str:
+    return get_engine().redact(text, mode)
+
+
+def redact_batch(texts: Sequence[str], mode: RedactionMode = "typed") -> list[str]:
+    return get_engine().redact_batch(texts, mode)
+
+
+def pseudonymize(text: str, vault: Vault | None = None) -> tuple[str, Vault]:
+    return get_engine().pseudonymize(text, vault)
+
+
+__all__ = [
+    "DEFAULT_ENTITIES",
+    "PrivacyEngine",
+    "Span",
+    "Vault",
+    "detect",
+    "detect_batch",
+    "get_engine",
+    "pseudonymize",
+    "redact",
+    "redact_batch",
+    "restore",
+]

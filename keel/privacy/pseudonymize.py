@@ -1,0 +1,101 @@
+"""Reversible pseudonymization for the request path. Pure logic over detected spans.
+
+`<PERSON_1>` stands for the same value wherever it recurs in one request, so a model can still
+reason about "who did what"; `restore` puts the caller's values back. Two rules keep the
+round trip exact whatever the input holds:
+
+* a placeholder is never minted if that exact string already occurs in the input, so a
+  literal `<PERSON_1>` typed by a user stays literal and is not confused with ours;
+* `restore` replaces only the placeholders recorded in the vault, nothing that merely looks
+  like one (a model inventing `<PERSON_9>` gets it back verbatim, as do `[PERSON]` tokens
+  from `redact`).
+
+Because `<` only opens and `>` only closes a placeholder, no placeholder occurrence in the
+output can straddle an inserted placeholder and the original text around it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from keel.privacy.spans import Span
+
+PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]*?)_(\d+)>")
+
+
+@dataclass
+class Vault:
+    """Placeholder -> original value, for one request. Holds raw PII: keep it in memory only."""
+
+    values: dict[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __repr__(self) -> str:  # never print the values it holds
+        return f"Vault({len(self.values)} placeholders)"
+
+    def counts_by_type(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for token in self.values:
+            m = PLACEHOLDER.fullmatch(token)
+            if m:
+                counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+        return counts
+
+
+def pseudonymize_spans(
+    text: str, spans: list[Span], vault: Vault | None = None, avoid: tuple[str, ...] = ()
+) -> tuple[str, Vault]:
+    """Replace each span with a consistent placeholder. `spans` must not overlap.
+
+    Passing an existing vault keeps placeholders consistent across several messages of one
+    conversation (the same name gets the same placeholder in every message); `avoid` then
+    holds the other messages, so no placeholder is minted that occurs literally in any of them.
+    """
+    vault = vault if vault is not None else Vault()
+    by_value = {v: k for k, v in vault.values.items()}
+    next_index: dict[str, int] = {}
+    for token in vault.values:
+        m = PLACEHOLDER.fullmatch(token)
+        if m:
+            next_index[m.group(1)] = max(next_index.get(m.group(1), 0), int(m.group(2)))
+
+    out: list[str] = []
+    pos = 0
+    for span in sorted(spans):
+        value = text[span.start : span.end]
+        token = by_value.get(value)
+        if token is None:
+            kind = _type_name(span.type)
+            n = next_index.get(kind, 0)
+            while True:
+                n += 1
+                token = f"<{kind}_{n}>"
+                if token not in vault.values and token not in text and not any(token in t for t in avoid):
+                    break
+            next_index[kind] = n
+            vault.values[token] = value
+            by_value[value] = token
+        out.append(text[pos : span.start])
+        out.append(token)
+        pos = span.end
+    out.append(text[pos:])
+    return "".join(out), vault
+
+
+def restore(text: str, vault: Vault) -> str:
+    """Put the original values back for every placeholder this vault minted; nothing else changes."""
+    if not vault.values:
+        return text
+
+    def sub(m: re.Match[str]) -> str:
+        return vault.values.get(m.group(0), m.group(0))
+
+    return PLACEHOLDER.sub(sub, text)
+
+
+def _type_name(entity_type: str) -> str:
+    name = re.sub(r"[^A-Z0-9_]", "_", entity_type.upper()) or "PII"
+    return name if name[0].isalpha() else "PII_" + name
