@@ -11,12 +11,14 @@ Entity names Keel adds to Presidio's (PERSON, EMAIL_ADDRESS, PHONE_NUMBER, LOCAT
 | SECRET                | secrets.py            | API keys, tokens, private keys, passwords          |
 
 and stronger recognizers for existing names: PERSON (person_names.py: gazetteer and shape),
-PHONE_NUMBER (international_phone.py: international and local layouts) and UK_NHS (uk_nhs.py:
+PHONE_NUMBER (international_phone.py: international and local layouts), CREDIT_CARD
+(credit_card.py: Luhn-checked 12-19 digit cards of any issuer) and UK_NHS (uk_nhs.py:
 checksum-gated, scored by context instead of forced to 1.0).
 """
 
 from presidio_analyzer import EntityRecognizer
 
+from keel.privacy.recognizers.credit_card import CreditCardLuhnRecognizer
 from keel.privacy.recognizers.date_of_birth import DateOfBirthRecognizer
 from keel.privacy.recognizers.health_plan import HealthPlanIdRecognizer
 from keel.privacy.recognizers.international_phone import InternationalPhoneRecognizer
@@ -31,6 +33,7 @@ ALL = (
     StreetAddressRecognizer,
     InternationalPhoneRecognizer,
     UkNhsRecognizer,
+    CreditCardLuhnRecognizer,
     MedicalRecordNumberRecognizer,
     HealthPlanIdRecognizer,
     DateOfBirthRecognizer,

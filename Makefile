@@ -1,0 +1,45 @@
+# Keel: `make install`, `make test`. See README.md.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.keel-installed
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: install test test-slow test-all bench-pii lock clean help
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make install    create .venv (Python 3.11) and install Keel with its whole default stack"
+	@echo "make test       run the default test suite (slow suites excluded)"
+	@echo "make test-slow  run the suites marked slow"
+	@echo "make bench-pii  PII accuracy benchmark: Keel vs Presidio defaults"
+	@echo "make lock       refresh constraints.txt from the installed venv"
+
+install: $(STAMP)
+
+# Re-runs only when the dependency declarations change, so a second `make install` is instant.
+# torch goes in first and alone: `torch==2.13.0` is the CPU wheel; anything unpinned pulls CUDA.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24" "setuptools>=77" wheel
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(PYTEST) -m "not slow and not gpu"
+
+# pytest exits 5 when nothing is selected; that is not a failure here.
+test-slow: install
+	$(PYTEST) -m "slow" || [ $$? -eq 5 ]
+
+test-all: test test-slow
+
+bench-pii: install
+	$(BIN)/python benchmarks/pii_accuracy.py
+
+lock: install
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v -e '^keel' -e '^#' > constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -1,0 +1,135 @@
+"""The `keel` command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import typer
+
+import keel
+from keel.records import Record, output_line, read_records
+
+app = typer.Typer(help="Keel: production anatomy for AI systems.", no_args_is_help=True, add_completion=False)
+pii_app = typer.Typer(help="Detect and redact PII in JSONL {\"id\", \"text\"} records.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+app.add_typer(pii_app, name="pii")
+app.add_typer(config_app, name="config")
+
+InputOpt = typer.Argument(None, help="JSONL file; standard input when omitted or '-'", show_default=False)
+ConfigOpt = typer.Option(None, "--config", "-c", help="keel.yaml to use (default: $KEEL_CONFIG, ./keel.yaml, the example)")
+
+
+@app.command()
+def version() -> None:
+    """Print Keel's version."""
+    typer.echo(f"keel {keel.__version__}")
+
+
+@config_app.command("check")
+def config_check(config: Path | None = ConfigOpt) -> None:
+    """Validate keel.yaml and the environment; print a summary, or the file, field and reason of each error."""
+    from keel.settings import ConfigError, config_path, load_settings
+
+    try:
+        s = load_settings(config)
+    except ConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    p = s.policy
+    typer.echo(f"{config_path(config)}: ok")
+    typer.echo(f"  host {s.host}; ports " + ", ".join(f"{k} {v}" for k, v in s.ports.model_dump().items()))
+    typer.echo("  zones: " + ", ".join(f"{n} ({z.region}, {z.storage})" for n, z in p.zones.items()))
+    typer.echo("  data classes: " + "; ".join(f"{dc.value} -> {', '.join(r.allowed_zones)}" for dc, r in p.data_classes.items()))
+    typer.echo(f"  targets: {', '.join(t.name for t in p.targets) or '(none)'}")
+    typer.echo(f"  tenants: {', '.join(f'{t.name} ({len(t.api_key_hashes)} keys)' for t in p.tenants) or '(none)'}")
+    if s.privacy.hash_key.get_secret_value() == "keel-dev-only-hash-key":
+        typer.echo("  warning: privacy.hash_key is the development default; set KEEL_PRIVACY__HASH_KEY in production", err=True)
+
+
+@pii_app.command("detect")
+def pii_detect(input: str | None = InputOpt, config: Path | None = ConfigOpt) -> None:
+    """Write {"id", "entities": [{"type", "start", "end", "score"}]} per input line (character offsets)."""
+    engine = _engine(config)
+    for record, spans in _process(input, engine, lambda texts: engine.detect_batch(texts)):
+        _write(output_line(record, entities=[s.to_dict() for s in spans] if spans is not None else None))
+
+
+@pii_app.command("redact")
+def pii_redact(
+    input: str | None = InputOpt,
+    mode: str = typer.Option("typed", help="typed: [PERSON]; hashed: [PERSON:1a2b3c4d] (keyed, links equal values)"),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Write {"id", "text"} per input line with every detected value replaced by a token."""
+    if mode not in ("typed", "hashed"):
+        raise typer.BadParameter("use 'typed' or 'hashed'", param_hint="--mode")
+    engine = _engine(config)
+    for record, text in _process(input, engine, lambda texts: engine.redact_batch(texts, mode)):  # type: ignore[arg-type]
+        _write(output_line(record, text=text))
+
+
+def _engine(config: Path | None):  # noqa: ANN202
+    from keel.privacy.engine import PrivacyEngine
+    from keel.settings import ConfigError, load_settings
+
+    logging.disable(logging.WARNING)  # spaCy/Presidio chatter must not mix with JSONL on stdout
+    try:
+        settings = load_settings(config)
+    except ConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    return PrivacyEngine(settings.privacy)
+
+
+def _process(input: str | None, engine, fn) -> Iterator[tuple[Record, object]]:  # noqa: ANN001
+    """Run fn over batches of good records; yield (record, result) for every input line, in order.
+
+    A batch that raises is retried one record at a time, so one bad record costs only itself.
+    """
+    stream = _open(input)
+    batch: list[Record] = []
+    size = engine.settings.batch_size
+    for record in read_records(stream, engine.settings.max_text_bytes):
+        batch.append(record)
+        if len(batch) >= size:
+            yield from _run_batch(batch, fn)
+            batch = []
+    yield from _run_batch(batch, fn)
+
+
+def _run_batch(batch: list[Record], fn) -> Iterator[tuple[Record, object]]:  # noqa: ANN001
+    good = [r for r in batch if r.error is None]
+    try:
+        results = dict(zip(map(id, good), fn([r.text for r in good]), strict=True)) if good else {}
+    except Exception:  # noqa: BLE001 - isolate the failing record below
+        results = {}
+        for r in good:
+            try:
+                results[id(r)] = fn([r.text])[0]
+            except Exception as e:  # noqa: BLE001 - one output line per input, whatever happens
+                r.error = f"processing failed: {type(e).__name__}"
+    for r in batch:
+        yield r, results.get(id(r))
+
+
+def _open(input: str | None) -> BinaryIO:
+    if input in (None, "-"):
+        return sys.stdin.buffer
+    try:
+        return open(input, "rb")  # noqa: SIM115 - read until the process ends
+    except OSError as e:
+        typer.echo(f"cannot read {input}: {e.strerror}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _write(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,99 @@
+"""`keel pii detect|redact` as a user runs them: JSONL in, exactly one JSONL line out per input."""
+
+import json
+
+import pytest
+
+from .conftest import ROOT, run_keel
+
+SAMPLE = {"id": "1", "text": "Call John Smith at 212-555-0199 or john.smith@acme.com"}
+
+
+def jsonl(out: bytes) -> list[dict]:
+    return [json.loads(line) for line in out.decode().splitlines()]
+
+
+def test_detect_acceptance_example():
+    r = run_keel("pii", "detect", input=json.dumps(SAMPLE).encode() + b"\n")
+    assert r.returncode == 0, r.stderr
+    [line] = jsonl(r.stdout)
+    assert line["id"] == "1"
+    by_type = {e["type"]: SAMPLE["text"][e["start"] : e["end"]] for e in line["entities"]}
+    assert by_type["PERSON"] == "John Smith"
+    assert by_type["PHONE_NUMBER"] == "212-555-0199"
+    assert by_type["EMAIL_ADDRESS"] == "john.smith@acme.com"
+    assert all(set(e) == {"type", "start", "end", "score"} for e in line["entities"])
+
+
+def test_redact_acceptance_example_and_hashed_mode():
+    r = run_keel("pii", "redact", input=json.dumps(SAMPLE).encode())
+    assert r.returncode == 0, r.stderr
+    [line] = jsonl(r.stdout)
+    assert set(line) == {"id", "text"}
+    for value in ("John", "Smith", "212-555-0199", "john.smith@acme.com", "555"):
+        assert value not in line["text"]
+    assert line["text"] == "Call [PERSON] at [PHONE_NUMBER] or [EMAIL_ADDRESS]"
+    r = run_keel("pii", "redact", "--mode", "hashed", input=json.dumps(SAMPLE).encode())
+    assert "[PERSON:" in jsonl(r.stdout)[0]["text"]
+    bad = run_keel("pii", "redact", "--mode", "nope", input=b"")
+    assert bad.returncode == 2 and b"typed" in bad.stderr
+
+
+def test_bad_input_one_line_per_input_nothing_lost(tmp_path):
+    lines = [
+        json.dumps(SAMPLE).encode(),
+        b'{"id": "empty", "text": ""}',
+        b'{"id": "utf8", "text": "caf\xe9 owner Jane Doe"}',
+        b"\x89PNG\r\x1a\x00\x00binary junk",
+        b'{"id": "trunc", "text": "John Smith',
+        b'{"id": 42, "text": "Email bob@example.com"}',
+        b"[]",
+        b'{"id": "late", "text": "Reach me at +44 20 7946 0958"}',
+    ]
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    for cmd in ("detect", "redact"):
+        r = run_keel("pii", cmd, str(src))
+        assert r.returncode == 0, r.stderr
+        out = jsonl(r.stdout)
+        assert len(out) == len(lines)
+        assert [o["id"] for o in out] == ["1", "empty", "utf8", None, "trunc", 42, None, "late"]
+        errors = {o["id"] if o["id"] is not None else f"line{o['line']}": o.get("error") for o in out}
+        assert errors["empty"] == "empty text"
+        assert errors["utf8"].startswith("invalid UTF-8")
+        assert errors["line4"] and errors["line7"]
+        assert errors["trunc"].startswith("malformed JSON")
+        assert errors["1"] is None and errors[42] is None and errors["late"] is None
+        if cmd == "redact":
+            assert "bob@example.com" not in r.stdout.decode()
+            assert "7946" not in r.stdout.decode()
+
+
+def test_text_above_size_limit_gets_an_error_record(tmp_path):
+    cfg = tmp_path / "keel.yaml"
+    cfg.write_text((ROOT / "config" / "keel.example.yaml").read_text().replace("max_text_bytes: 16777216", "max_text_bytes: 2000"))
+    records = [{"id": "small", "text": "Ping Jane Doe"}, {"id": "big", "text": "word " * 1000}, {"id": "after", "text": "ok"}]
+    r = run_keel("pii", "detect", "--config", str(cfg), input=b"\n".join(json.dumps(x).encode() for x in records))
+    out = jsonl(r.stdout)
+    assert [o["id"] for o in out] == ["small", "big", "after"]
+    assert "above the limit of 2000" in out[1]["error"] and "error" not in out[2]
+
+
+def test_missing_input_file_is_a_clear_error(tmp_path):
+    r = run_keel("pii", "detect", str(tmp_path / "missing.jsonl"))
+    assert r.returncode == 2 and b"cannot read" in r.stderr
+
+
+@pytest.mark.slow
+def test_ten_megabyte_text_is_processed_in_chunks(tmp_path):
+    para = "Customer Maria Lopez wrote about order 5512 and asked for a callback on 415-555-0133. "
+    text = para * (10 * 1024 * 1024 // len(para))
+    src = tmp_path / "big.jsonl"
+    src.write_text(json.dumps({"id": "big", "text": text}) + "\n" + json.dumps({"id": "next", "text": "Hi Ana"}) + "\n")
+    r = run_keel("pii", "redact", str(src), timeout=1800)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = jsonl(r.stdout)
+    assert [o["id"] for o in out] == ["big", "next"]
+    assert "error" not in out[0]
+    assert "415-555-0133" not in out[0]["text"] and "Maria Lopez" not in out[0]["text"]
+    assert out[0]["text"].count("[PHONE_NUMBER]") == text.count("415-555-0133")

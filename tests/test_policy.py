@@ -1,0 +1,82 @@
+"""The policy model: pure decisions over plain data, no servers."""
+
+import pytest
+from pydantic import ValidationError
+
+from keel.policy import DataClass, Policy, hash_api_key, new_api_key, resolve_class
+
+
+def policy(**over) -> Policy:
+    doc = {
+        "zones": {"us": {"region": "us-east-1", "storage": "/data/us"}, "eu": {"region": "eu-west-1", "storage": "s3://keel-eu/data"}},
+        "data_classes": {
+            "public": {"allowed_zones": ["us", "eu"]},
+            "internal": {"allowed_zones": ["us", "eu"]},
+            "pii": {"allowed_zones": ["eu"]},
+            "phi": {"allowed_zones": ["us"]},
+        },
+        "targets": [
+            {"name": "small-us", "kind": "llama_cpp", "zone": "us", "price_per_1k_input": 0, "price_per_1k_output": 0, "tier": "small", "max_context": 8192},
+            {"name": "large-eu", "kind": "openai", "zone": "eu", "price_per_1k_input": 0.5, "price_per_1k_output": 1.5, "tier": "large", "max_context": 128000},
+        ],
+        "tenants": [
+            {"name": "acme", "api_key_hashes": [hash_api_key("keel-acme-key")], "allowed_classes": ["public", "internal", "pii"], "default_class": "internal"},
+        ],
+    }
+    doc.update(over)
+    return Policy.model_validate(doc)
+
+
+def test_data_classes_are_ordered_by_sensitivity():
+    assert DataClass.public < DataClass.internal < DataClass.pii < DataClass.phi
+    assert sorted([DataClass.phi, DataClass.public, DataClass.pii]) == [DataClass.public, DataClass.pii, DataClass.phi]
+    assert max(DataClass) == DataClass.phi
+
+
+def test_residency_decisions():
+    p = policy()
+    assert p.zones_for(DataClass.pii) == ["eu"]
+    assert p.zone_allows("us", DataClass.phi) and not p.zone_allows("eu", DataClass.phi)
+    assert [t.name for t in p.targets_for(DataClass.pii)] == ["large-eu"]
+    assert [t.name for t in p.targets_for(DataClass.phi)] == ["small-us"]
+    assert [t.name for t in p.targets_for(DataClass.public)] == ["small-us", "large-eu"]
+
+
+def test_api_keys_are_matched_by_hash_only():
+    p = policy()
+    assert p.tenant_for_key("keel-acme-key").name == "acme"
+    assert p.tenant_for_key("keel-wrong") is None
+    assert "keel-acme-key" not in p.model_dump_json()
+    key = new_api_key()
+    assert key.startswith("keel-") and len(key) > 40 and new_api_key() != key
+
+
+def test_request_class_may_be_stricter_never_laxer_or_unallowed():
+    acme = policy().tenants[0]
+    assert resolve_class(acme, None) == DataClass.internal
+    assert resolve_class(acme, DataClass.pii) == DataClass.pii
+    with pytest.raises(PermissionError, match="below"):
+        resolve_class(acme, DataClass.public)
+    with pytest.raises(PermissionError, match="not allowed"):
+        resolve_class(acme, DataClass.phi)
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "reason"),
+    [
+        ({"targets": [{"name": "x", "kind": "llama_cpp", "zone": "mars", "price_per_1k_input": 0, "price_per_1k_output": 0, "tier": "small", "max_context": 1}]}, None, "unknown zone 'mars'"),
+        ({"data_classes": {"public": {"allowed_zones": ["us"]}}}, None, "missing"),
+        ({"tenants": [{"name": "t", "api_key_hashes": ["keel-plaintext"], "allowed_classes": ["public"], "default_class": "public"}]}, "api_key_hashes", "stored hashed"),
+        ({"tenants": [{"name": "t", "allowed_classes": ["public"], "default_class": "phi"}]}, None, "not in allowed_classes"),
+        ({"zones": {"US East": {"region": "us-east-1", "storage": "/x"}}}, "zones", "short lowercase"),
+        ({"zones": {"us": {"region": "us-east-1", "storage": "/x", "bucket": "typo"}}}, "bucket", "Extra inputs are not permitted"),
+        ({"targets": [{"name": "x", "kind": "llama_cpp", "zone": "us", "price_per_1k_input": -1, "price_per_1k_output": 0, "tier": "small", "max_context": 1}]}, "price_per_1k_input", "greater than or equal to 0"),
+    ],
+)
+def test_invalid_policy_is_rejected_with_field_and_reason(override, field, reason):
+    with pytest.raises(ValidationError) as e:
+        policy(**override)
+    text = str(e.value)
+    assert reason in text
+    if field:
+        assert field in text
