@@ -3,6 +3,7 @@
 import re
 
 import pytest
+from pydantic import SecretStr
 
 from keel.privacy.engine import PrivacyEngine
 from keel.privacy.spans import Span, resolve_overlaps
@@ -71,7 +72,7 @@ def test_typed_and_hashed_redaction(engine):
     tokens = re.findall(r"\[[A-Z_]+:[0-9a-f]{8}\]", hashed)
     assert len(tokens) == 3 and tokens[0] == tokens[2] != tokens[1]  # same person links, no value leaks
     assert "John" not in hashed and "acme" not in hashed
-    other_key = PrivacyEngine(get_settings().privacy.model_copy(update={"hash_key": "another-key"}))
+    other_key = PrivacyEngine(get_settings().privacy.model_copy(update={"hash_key": SecretStr("another-key")}))
     assert other_key.redact(text, mode="hashed") != hashed  # keyed: no key, no linkage
 
 

@@ -2,7 +2,9 @@
 
 The property tests build texts from real PII values (Faker names, emails, phones, cards) mixed
 with ordinary text and literal placeholder-like strings, run them through the real engine, and
-assert both the exact round trip and that no PII value survives pseudonymization.
+assert both the exact round trip and that no PII value survives pseudonymization. Phone numbers
+come after a cue ("tel.", "call"), as in real text: Faker also emits bare 10-digit numbers, which
+without a cue nobody can tell from an order number.
 """
 
 import re
@@ -89,15 +91,19 @@ def pii_values(draw):
         "phone": fake.phone_number,
         "card": fake.credit_card_number,
     }[kind]()
-    return value
+    cue = draw(st.sampled_from(["tel.", "call", "mobile:", "phone"])) if kind == "phone" else None
+    return cue, value
 
 
 @st.composite
 def documents(draw):
-    values = draw(st.lists(pii_values(), min_size=1, max_size=4))
+    drawn = draw(st.lists(pii_values(), min_size=1, max_size=4))
+    values = [v for _, v in drawn]
     parts = []
-    for v in values:
+    for cue, v in drawn:
         parts.append(draw(st.sampled_from(FILLER)))
+        if cue:
+            parts.append(cue)
         parts.append(v)
         if draw(st.booleans()):
             parts.append(draw(st.sampled_from(LOOKALIKES)))

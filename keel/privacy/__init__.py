@@ -7,6 +7,12 @@
 `redact` is irreversible (`[PERSON]` or keyed-hash `[PERSON:1a2b3c4d]`), for the batch pipeline;
 `pseudonymize`/`restore` are for the request path. Entity names are Presidio's, plus those listed
 in keel.privacy.recognizers.
+
+Detection is Presidio's analyzer; the substitution is Keel's own small pure functions
+(redact.py, pseudonymize.py) rather than presidio-anonymizer operators, because the reversible
+path needs what those operators cannot express (one vault per conversation, placeholders that
+never collide with literal text, restore that touches only its own placeholders), and one
+splice over resolved spans then serves both token formats.
 """
 
 from __future__ import annotations

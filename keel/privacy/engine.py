@@ -48,7 +48,7 @@ DEFAULT_ENTITIES = (
 )
 
 # Presidio recognizers that Keel replaces with stricter or broader versions of its own.
-_REPLACED = {"NhsRecognizer"}
+_REPLACED = {"NhsRecognizer", "SpacyRecognizer", "PhoneRecognizer", "UsLicenseRecognizer"}
 
 
 def _offline_tldextract() -> None:

@@ -12,8 +12,12 @@ Entity names Keel adds to Presidio's (PERSON, EMAIL_ADDRESS, PHONE_NUMBER, LOCAT
 
 and stronger recognizers for existing names: PERSON (person_names.py: gazetteer and shape),
 PHONE_NUMBER (international_phone.py: international and local layouts), CREDIT_CARD
-(credit_card.py: Luhn-checked 12-19 digit cards of any issuer) and UK_NHS (uk_nhs.py:
-checksum-gated, scored by context instead of forced to 1.0).
+(credit_card.py: Luhn-checked 12-19 digit cards, 2-series Mastercard and Maestro included) and UK_NHS (uk_nhs.py:
+checksum-gated, scored by context instead of forced to 1.0). spacy_ner.py replaces Presidio's spaCy
+recognizer: same entities, but PERSON spans must read as names (no "Apple Pay", no song titles);
+international_phone.py also replaces Presidio's libphonenumber PhoneRecognizer (which reads order
+ids such as "ORD-2024-118832" as phones) and us_driver_license.py its UsLicenseRecognizer (which
+reports "X200" or "Q3" at the threshold): both need a license or phone cue for weak shapes.
 """
 
 from presidio_analyzer import EntityRecognizer
@@ -25,8 +29,10 @@ from keel.privacy.recognizers.international_phone import InternationalPhoneRecog
 from keel.privacy.recognizers.medical_record import MedicalRecordNumberRecognizer
 from keel.privacy.recognizers.person_names import PersonNameRecognizer
 from keel.privacy.recognizers.secrets import SecretRecognizer
+from keel.privacy.recognizers.spacy_ner import KeelSpacyRecognizer
 from keel.privacy.recognizers.street_address import StreetAddressRecognizer
 from keel.privacy.recognizers.uk_nhs import UkNhsRecognizer
+from keel.privacy.recognizers.us_driver_license import UsDriverLicenseRecognizer
 
 ALL = (
     PersonNameRecognizer,
@@ -38,6 +44,8 @@ ALL = (
     HealthPlanIdRecognizer,
     DateOfBirthRecognizer,
     SecretRecognizer,
+    KeelSpacyRecognizer,
+    UsDriverLicenseRecognizer,
 )
 
 

@@ -24,10 +24,12 @@ class UkNhsRecognizer(KeelPatternRecognizer):
     PATTERNS = [
         Pattern("NHS 3-3-4 spaced", r"\b\d{3} \d{3} \d{4}\b", 0.3),
         Pattern("NHS 10 digits", r"\b\d{10}\b", 0.2),
+        # Behind an explicit "NHS number" label: above the phone recognizer's score for 3-3-4 digits.
+        Pattern("labelled NHS number", r"(?<=(?i:\bNHS)(?:\s+(?i:number|no\.?|#))?[\s:#.-]{1,4})\d{3}[ -]?\d{3}[ -]?\d{4}\b", 0.9),
     ]
     CONTEXT = ["nhs", "national health service", "nhs number", "nhs no", "patient", "gp"]
 
 
     def validate_result(self, pattern_text: str) -> bool | None:
         # None keeps the pattern's score; True would force it to 1.0.
-        return None if nhs_checksum_ok(pattern_text.replace(" ", "")) else False
+        return None if nhs_checksum_ok(pattern_text.replace(" ", "").replace("-", "")) else False
