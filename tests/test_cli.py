@@ -85,6 +85,7 @@ def test_missing_input_file_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # spaCy runs at roughly 30-45 s/MB on this PII-dense text
 def test_ten_megabyte_text_is_processed_in_chunks(tmp_path):
     para = "Customer Maria Lopez wrote about order 5512 and asked for a callback on 415-555-0133. "
     text = para * (10 * 1024 * 1024 // len(para))
