@@ -78,6 +78,9 @@ class Zone(_Strict):
 
 class DataClassRule(_Strict):
     allowed_zones: list[str] = Field(min_length=1)
+    # How the batch pipeline redacts this class: irreversible typed tokens ([PERSON]) or keyed-hash
+    # tokens ([PERSON:7f3a9c01]) that keep "same person" linkage for analytics without being reversible.
+    redaction: Literal["typed", "hashed"] = "typed"
 
 
 class ModelTarget(_Strict):

@@ -10,15 +10,17 @@ file, the field and the reason (`ConfigError`).
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from keel.policy import Policy
+from keel.policy import DataClass, Policy
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = PROJECT_ROOT / "config" / "keel.example.yaml"
@@ -59,6 +61,36 @@ class PrivacySettings(BaseModel):
     hash_key: SecretStr = SecretStr("keel-dev-only-hash-key")
 
 
+class LandingSource(BaseModel):
+    """A landing location the ingest job reads: a local folder or an s3:// prefix, pinned to a zone."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    uri: str = Field(min_length=1)
+    zone: str
+    data_class: DataClass
+
+
+class PipelineSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sources: list[LandingSource] = Field(default_factory=list)
+    # A document above this size is quarantined by the scrub job instead of processed.
+    max_doc_bytes: int = Field(1024 * 1024, ge=1)
+    # Validation fails (and blocks downstream assets) when more than this share is quarantined.
+    max_quarantine_share: float = Field(0.2, ge=0.0, le=1.0)
+    # Scrub actors (each holds one Presidio/spaCy engine) and documents per batch.
+    scrub_actors: int = Field(2, ge=1)
+    scrub_batch_size: int = Field(64, ge=1)
+    chunk_tokens: int = Field(200, ge=16)
+    chunk_overlap_tokens: int = Field(40, ge=0)
+    embed_batch_size: int = Field(64, ge=1)
+    keep_snapshots: int = Field(3, ge=1)
+    # Alerts for failed tasks go to the log and, when set, are POSTed as JSON to this URL.
+    alert_webhook: str | None = None
+    # When set, every DAG run logs its job summaries to this MLflow tracking server.
+    mlflow_tracking_uri: str | None = None
+
+
 class KeelSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="KEEL_",
@@ -68,10 +100,49 @@ class KeelSettings(BaseSettings):
     )
 
     host: str = "127.0.0.1"
+    # Relative paths in this file (state_dir, zone storage, landing sources) resolve against home:
+    # $KEEL_HOME, else the working directory at load. Jobs and DAG tasks get it in their env.
+    home: Path = Field(default_factory=Path.cwd)
     state_dir: Path = Path(".keel")
     ports: Ports = Field(default_factory=Ports)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     policy: Policy
+
+    @model_validator(mode="after")
+    def _sources_follow_residency(self) -> KeelSettings:
+        for i, src in enumerate(self.pipeline.sources):
+            if src.zone not in self.policy.zones:
+                raise ValueError(f"pipeline.sources.{i}.zone: unknown zone {src.zone!r}")
+            if not self.policy.zone_allows(src.zone, src.data_class):
+                raise ValueError(
+                    f"pipeline.sources.{i}: data class {src.data_class.value!r} may not be stored in zone {src.zone!r}"
+                    f" (allowed: {self.policy.zones_for(src.data_class)})"
+                )
+        if len({s.name for s in self.pipeline.sources}) != len(self.pipeline.sources):
+            raise ValueError("pipeline.sources: duplicate names")
+        return self
+
+    def resolve(self, location: str | Path) -> str:
+        """An absolute local path or URI for a configured location."""
+        text = str(location)
+        if "://" in text and not text.startswith("file://"):
+            return text
+        p = Path(text.removeprefix("file://")).expanduser()
+        return str(p if p.is_absolute() else (self.home / p).resolve())
+
+    def config_version(self) -> str:
+        """A hash of everything that shapes batch outputs: a change re-runs the pipeline's stages."""
+        from keel import __version__
+
+        secret = hashlib.sha256(self.privacy.hash_key.get_secret_value().encode()).hexdigest()
+        doc = {
+            "keel": __version__,
+            "privacy": self.privacy.model_dump(mode="json", exclude={"hash_key"}) | {"hash_key_sha256": secret},
+            "pipeline": self.pipeline.model_dump(mode="json", exclude={"alert_webhook", "mlflow_tracking_uri"}),
+            "policy": self.policy.model_dump(mode="json", include={"zones", "data_classes"}),
+        }
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
     def settings_customise_sources(

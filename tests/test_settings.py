@@ -37,7 +37,9 @@ def test_keel_config_env_selects_the_file(tmp_path, monkeypatch):
     ("edit", "expected"),
     [
         (("default_class: internal", "default_class: secret"), ["policy.tenants.0.default_class", "Input should be 'public'"]),
-        (("phi:      {allowed_zones: [us]}", "phi:      {allowed_zones: [apac]}"), ["policy", "unknown zone 'apac'"]),
+        (("phi:      {allowed_zones: [us]", "phi:      {allowed_zones: [apac]"), ["policy", "unknown zone 'apac'"]),
+        (("uri: data/sample/us/clinical, zone: us", "uri: data/sample/us/clinical, zone: eu"),
+         ["pipeline.sources.1", "'phi' may not be stored in zone 'eu'"]),
         (("gateway: 8000", "gateway: 99999"), ["ports.gateway", "less than or equal to 65535"]),
         (("chunk_overlap: 200", "chunk_overlap: 200\n  chunk_overlpa: 3"), ["privacy.chunk_overlpa", "Extra inputs are not permitted"]),
         (("host: 127.0.0.1", "host: [127.0.0.1"), ["invalid YAML", "line"]),
