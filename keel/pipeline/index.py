@@ -1,0 +1,115 @@
+"""The vector index: a LanceDB table of scrubbed chunks and their MiniLM vectors, per zone.
+
+LanceDB is embedded (no server: right for a laptop), stores its tables as Lance files on a local
+disk or S3 (so the index lives in the zone's own storage, like every other batch output), reads
+and writes Arrow (what Ray Data and Parquet already hold), and answers vector search with
+optional filters. The batch job writes a fresh table into each committed index snapshot; the
+gateway and `keel search` open the zone's current one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from keel.pipeline.embedding import DIM
+from keel.pipeline.snapshots import SnapshotStore
+from keel.storage import ZoneStorage
+
+TABLE = "chunks"
+CHUNKS_SCHEMA = pa.schema(
+    [
+        ("chunk_id", pa.string()),
+        ("doc_id", pa.string()),
+        ("seq", pa.int32()),
+        ("source", pa.string()),
+        ("title", pa.string()),
+        ("data_class", pa.string()),
+        ("text", pa.string()),
+        ("vector", pa.list_(pa.float32(), DIM)),
+    ]
+)
+
+
+def storage_options(storage: ZoneStorage) -> dict[str, str]:
+    opts = {}
+    if storage.s3_endpoint:
+        opts["aws_endpoint"] = storage.s3_endpoint
+    if storage.region:
+        opts["aws_region"] = storage.region
+    return opts if not storage.is_local else {}
+
+
+def write_table(uri: str, chunks: pa.Table, storage: ZoneStorage) -> None:
+    import lancedb
+
+    db = lancedb.connect(uri, storage_options=storage_options(storage) or None)
+    db.create_table(TABLE, data=chunks.cast(CHUNKS_SCHEMA), mode="overwrite")
+
+
+@dataclass(frozen=True)
+class Hit:
+    chunk_id: str
+    doc_id: str
+    source: str
+    title: str | None
+    text: str
+    distance: float
+    zone: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def search(storage: ZoneStorage, query_vector: np.ndarray, k: int = 5) -> list[Hit]:
+    """Top-k chunks of the zone's current index (empty when the zone has none yet)."""
+    import lancedb
+
+    store = SnapshotStore(storage, "index")
+    current = store.current()
+    if current is None:
+        return []
+    db = lancedb.connect(store.uri(current["key"]) + "/lance", storage_options=storage_options(storage) or None)
+    rows = db.open_table(TABLE).search(query_vector.astype(np.float32)).metric("cosine").limit(k).to_list()
+    return [
+        Hit(r["chunk_id"], r["doc_id"], r["source"], r["title"], r["text"], float(r["_distance"]), storage.zone)
+        for r in rows
+    ]
+
+
+class ChunkEmbedder:
+    """Ray Data batch function: scrubbed documents -> chunk rows with vectors (model loaded once per actor).
+
+    Chunks whose id is in `known` (embedded by an earlier run under the same config) get no
+    vector here; the job fills them from the previous snapshot instead of paying for them again.
+    """
+
+    def __init__(self, settings: Any, known: frozenset[str] = frozenset()) -> None:
+        from keel.pipeline.embedding import Embedder
+
+        self.p = settings.pipeline
+        self.known = known
+        self.embedder = Embedder(self.p.embedding_runtime, model_cache(settings))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from keel.pipeline.chunking import chunk_text
+
+        rows = []
+        for d in batch.to_pylist():
+            for c in chunk_text(d["doc_id"], d["text"], self.p.chunk_tokens, self.p.chunk_overlap_tokens):
+                rows.append({"chunk_id": c.chunk_id, "doc_id": d["doc_id"], "seq": c.seq, "source": d["source"],
+                             "title": d["title"], "data_class": d["data_class"], "text": c.text, "vector": None})
+        todo = [i for i, r in enumerate(rows) if r["chunk_id"] not in self.known]
+        vectors = self.embedder.encode([rows[i]["text"] for i in todo], self.p.embed_batch_size)
+        for i, v in zip(todo, vectors, strict=True):
+            rows[i]["vector"] = v.tolist()
+        return pa.Table.from_pylist(rows, schema=CHUNKS_SCHEMA)
+
+
+def model_cache(settings: Any) -> Path:
+    """Where derived model files (the exported ONNX graph) are cached: <state_dir>/models."""
+    return Path(settings.resolve(settings.state_dir)) / "models"

@@ -1,0 +1,109 @@
+"""Ray job: chunk, embed and index the zone's validated scrubbed snapshot.
+
+    python -m ray_jobs.index --zone us [--scrubbed-key KEY]
+
+Refuses a snapshot that has not passed validation (the downstream block holds even when the
+job is started by hand). Chunks already embedded under the same config are reused by chunk id.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from keel.failures import DataQualityError
+from keel.pipeline import index
+from keel.pipeline.snapshots import SnapshotStore, manifest_hash, read_parts, snapshot_key, write_parts
+from keel.settings import KeelSettings, get_settings, load_settings
+from keel.storage import ZoneStorage
+from ray_jobs import validate
+from ray_jobs._job import Timer, emit, init_ray, parse_args
+
+
+def run(zone: str, scrubbed_key: str | None = None, config: str | None = None) -> dict[str, Any]:
+    settings = load_settings(config) if config else get_settings()
+    version = settings.config_version()
+    storage = ZoneStorage.for_zone(settings, zone)
+    scrubbed_store = SnapshotStore(storage, "scrubbed", keep=settings.pipeline.keep_snapshots)
+    store = SnapshotStore(storage, "index", keep=settings.pipeline.keep_snapshots)
+    scrubbed = scrubbed_store.committed(scrubbed_key) if scrubbed_key else scrubbed_store.current()
+    if scrubbed is None:
+        raise FileNotFoundError(f"zone {zone}: no committed scrubbed snapshot {scrubbed_key or '(CURRENT)'}")
+    if not validate.passed(storage, scrubbed, version):
+        raise DataQualityError(f"zone {zone}: scrubbed snapshot {scrubbed['key']} has not passed validation: blocked")
+    key = snapshot_key("index", manifest_hash(scrubbed), version)
+    summary: dict[str, Any] = {"stage": "index", "zone": zone, "key": key, "input": {"scrubbed": scrubbed["key"]}}
+    if (done := store.committed(key)) is not None:
+        return {**summary, "skipped": "already committed", "manifest": done}
+
+    timer = Timer()
+    with timer.stage("plan"):
+        docs = read_parts(scrubbed_store, scrubbed, "documents")
+        known = _previous_vectors(store, version)
+    with timer.stage("chunk_embed"):
+        chunks = _chunk_embed(settings, docs, frozenset(known["chunk_id"].to_pylist()))
+    with timer.stage("write"):
+        chunks = _fill_known(chunks, known)
+        staging = store.begin(key)
+        write_parts(staging, "chunks", chunks, sort_by="chunk_id")
+        index.write_table(storage.uri(staging.path, "lance"), chunks.sort_by("chunk_id"), storage)
+        reused = int(pc.sum(pc.is_in(chunks["chunk_id"], value_set=known["chunk_id"].combine_chunks())).as_py() or 0)
+        counts = {"documents": docs.num_rows, "chunks": chunks.num_rows, "embedded": chunks.num_rows - reused,
+                  "reused": reused}
+        manifest = store.commit(staging, {"inputs": {"scrubbed": scrubbed["key"]}, "config_version": version,
+                                          "counts": counts})
+    return {**summary, "counts": counts, "manifest": manifest, "durations": timer.durations}
+
+
+def _previous_vectors(store: SnapshotStore, version: str) -> pa.Table:
+    prev = store.current()
+    if prev is None or prev.get("config_version") != version:
+        return index.CHUNKS_SCHEMA.empty_table().select(["chunk_id", "vector"])
+    return read_parts(store, prev, "chunks", ["chunk_id", "vector"])
+
+
+def _chunk_embed(settings: KeelSettings, docs: pa.Table, known: frozenset[str]) -> pa.Table:
+    import ray
+    import ray.data
+
+    if not docs.num_rows:
+        return index.CHUNKS_SCHEMA.empty_table()
+    if settings.pipeline.embedding_runtime == "onnx":
+        from keel.pipeline.embedding import ensure_exported
+
+        ensure_exported(index.model_cache(settings))
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    actors = min(settings.pipeline.embed_actors, cpus)
+    step = max(16, -(-docs.num_rows // (4 * actors)))
+    ds = ray.data.from_arrow([docs.slice(i, step) for i in range(0, docs.num_rows, step)]).map_batches(
+        index.ChunkEmbedder,
+        fn_constructor_args=(settings, known),
+        batch_size=settings.pipeline.embed_batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=1,
+    )
+    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    return pa.concat_tables([t.cast(index.CHUNKS_SCHEMA) for t in tables]) if tables else index.CHUNKS_SCHEMA.empty_table()
+
+
+def _fill_known(chunks: pa.Table, known: pa.Table) -> pa.Table:
+    if not known.num_rows:
+        return chunks
+    vectors = dict(zip(known["chunk_id"].to_pylist(), known["vector"].to_pylist(), strict=True))
+    filled = [v if v is not None else vectors[c] for c, v in zip(chunks["chunk_id"].to_pylist(),
+                                                                   chunks["vector"].to_pylist(), strict=True)]
+    return chunks.set_column(chunks.schema.get_field_index("vector"), "vector",
+                             pa.array(filled, index.CHUNKS_SCHEMA.field("vector").type))
+
+
+def main() -> None:
+    args = parse_args(__doc__, lambda p: p.add_argument("--scrubbed-key", default=None))
+    init_ray()
+    emit(run(args.zone, args.scrubbed_key, args.config))
+
+
+if __name__ == "__main__":
+    main()
