@@ -92,6 +92,14 @@ class PipelineSettings(BaseModel):
     alert_webhook: str | None = None
     # When set, every DAG run logs its job summaries to this MLflow tracking server.
     mlflow_tracking_uri: str | None = None
+    # Ray Jobs API the DAG tasks submit to (default: this machine's dashboard port), and the
+    # Python that runs the jobs there (default: the DAG task's own interpreter, right on a laptop;
+    # on a Ray cluster whose image holds Keel, "python").
+    ray_address: str | None = None
+    job_python: str | None = None
+    # Task retries for transient failures (exponential backoff from retry_delay_s); others fail at once.
+    retries: int = Field(3, ge=0)
+    retry_delay_s: float = Field(10.0, gt=0)
 
 
 class KeelSettings(BaseSettings):
@@ -134,6 +142,10 @@ class KeelSettings(BaseSettings):
         p = Path(text.removeprefix("file://")).expanduser()
         return str(p if p.is_absolute() else (self.home / p).resolve())
 
+    @property
+    def ray_address(self) -> str:
+        return self.pipeline.ray_address or f"http://{self.host}:{self.ports.ray_dashboard}"
+
     def config_version(self) -> str:
         """A hash of everything that shapes batch outputs: a change re-runs the pipeline's stages."""
         from keel import __version__
@@ -142,7 +154,10 @@ class KeelSettings(BaseSettings):
         doc = {
             "keel": __version__,
             "privacy": self.privacy.model_dump(mode="json", exclude={"hash_key"}) | {"hash_key_sha256": secret},
-            "pipeline": self.pipeline.model_dump(mode="json", exclude={"alert_webhook", "mlflow_tracking_uri"}),
+            "pipeline": self.pipeline.model_dump(
+                mode="json", exclude={"alert_webhook", "mlflow_tracking_uri", "ray_address", "job_python", "retries",
+                                      "retry_delay_s", "scrub_actors", "embed_actors"}
+            ),
             "policy": self.policy.model_dump(mode="json", include={"zones", "data_classes"}),
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]

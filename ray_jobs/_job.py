@@ -55,7 +55,8 @@ def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None
 
 
 def emit(summary: dict[str, Any]) -> None:
-    print(RESULT_PREFIX + json.dumps(summary, sort_keys=True), flush=True)
+    """Print the run summary as the job's last log line (the manifest stays in storage)."""
+    print(RESULT_PREFIX + json.dumps({k: v for k, v in summary.items() if k != "manifest"}, sort_keys=True), flush=True)
 
 
 def parse_result(logs: str) -> dict[str, Any] | None:
