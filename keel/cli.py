@@ -72,17 +72,56 @@ def pii_redact(
         _write(output_line(record, text=text))
 
 
-def _engine(config: Path | None):  # noqa: ANN202
-    from keel.privacy.engine import PrivacyEngine
+@app.command()
+def search(
+    query: str = typer.Argument(..., help="what to look for"),
+    k: int = typer.Option(5, "-k", min=1, max=100, help="how many chunks"),
+    zone: list[str] = typer.Option(None, "--zone", "-z", help="zone(s) to search (default: every zone)"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per hit"),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Top chunks of the scrubbed documents' vector index (the one the gateway uses for retrieval)."""
+    import json
+
+    from keel.pipeline import index
+    from keel.pipeline.embedding import Embedder
+    from keel.storage import ZoneStorage
+
+    settings = _settings(config)
+    zones = zone or sorted(settings.policy.zones)
+    unknown = [z for z in zones if z not in settings.policy.zones]
+    if unknown:
+        typer.echo(f"unknown zone(s): {', '.join(unknown)}; configured: {', '.join(settings.policy.zones)}", err=True)
+        raise typer.Exit(2)
+    vector = Embedder(settings.pipeline.embedding_runtime, index.model_cache(settings)).encode([query])[0]
+    hits = sorted((h for z in zones for h in index.search(ZoneStorage.for_zone(settings, z), vector, k)),
+                  key=lambda h: h.distance)[:k]
+    if not hits:
+        typer.echo("no index yet: run the keel_ingest DAG (or `make up`) first", err=True)
+        raise typer.Exit(1)
+    for rank, h in enumerate(hits, 1):
+        if as_json:
+            typer.echo(json.dumps({"rank": rank, **h.to_dict()}, ensure_ascii=False))
+        else:
+            snippet = " ".join(h.text.split())[:200]
+            typer.echo(f"{rank}. [{h.zone}] {h.title or h.source}  (distance {h.distance:.3f})\n   {h.source}\n   {snippet}")
+
+
+def _settings(config: Path | None):  # noqa: ANN202
     from keel.settings import ConfigError, load_settings
 
-    logging.disable(logging.WARNING)  # spaCy/Presidio chatter must not mix with JSONL on stdout
     try:
-        settings = load_settings(config)
+        return load_settings(config)
     except ConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from None
-    return PrivacyEngine(settings.privacy)
+
+
+def _engine(config: Path | None):  # noqa: ANN202
+    from keel.privacy.engine import PrivacyEngine
+
+    logging.disable(logging.WARNING)  # spaCy/Presidio chatter must not mix with JSONL on stdout
+    return PrivacyEngine(_settings(config).privacy)
 
 
 def _process(input: str | None, engine, fn) -> Iterator[tuple[Record, object]]:  # noqa: ANN001

@@ -158,7 +158,8 @@ class KeelSettings(BaseSettings):
                 mode="json", exclude={"alert_webhook", "mlflow_tracking_uri", "ray_address", "job_python", "retries",
                                       "retry_delay_s", "scrub_actors", "embed_actors"}
             ),
-            "policy": self.policy.model_dump(mode="json", include={"zones", "data_classes"}),
+            # Where outputs are stored does not change them: zones are left out, redaction modes are in.
+            "policy": self.policy.model_dump(mode="json", include={"data_classes"}),
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 

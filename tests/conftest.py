@@ -33,3 +33,40 @@ def run_keel(*args: str, input: bytes | None = None, env: dict | None = None, ti
         env={**os.environ, **(env or {})},
         cwd=ROOT,
     )
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A real local Ray head (dashboard + Jobs API), started for the session and stopped by PID."""
+    from tests.support.services import start_ray_head
+
+    head = start_ray_head(tmp_path_factory.mktemp("ray"))
+    saved = {k: os.environ.get(k) for k in head.env}
+    os.environ.update(head.env)  # this process's clients (ray.init, JobSubmissionClient) need the token
+    yield head
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    head.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_driver(ray_head):
+    """This test process connected to the Ray head as a driver, for calling job bodies in-process."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_head.gcs, logging_level=logging.WARNING, log_to_driver=False)
+    return ray_head
+
+
+@pytest.fixture(scope="session")
+def shared_state(tmp_path_factory):
+    """One state dir for the session, so derived model files (the ONNX export) are made once."""
+    return tmp_path_factory.mktemp("state")

@@ -19,7 +19,7 @@ out of JSON or logs) and may carry a quote or bullet prefix ("> ", "- ").
 from __future__ import annotations
 
 import regex
-from presidio_analyzer import Pattern, RecognizerResult
+from presidio_analyzer import EntityRecognizer, Pattern, PatternRecognizer, RecognizerResult
 from presidio_analyzer.nlp_engine import NlpArtifacts
 from spacy.lang.en.stop_words import STOP_WORDS
 
@@ -35,6 +35,17 @@ _HNUM = (
     r"\d{1,5}[A-Ha-h]?(?:\.(?=[ \t]*(?:\r?\n|\\[nr])|[ \t]+(?i:apt|apartment|suite|ste|unit|flat|floor|street|st)\b))?"
     r"(?![\w]|[.,/-]\d)"
 )  # house number after the street name
+# The USPS Publication 28 (appendix C1) street suffixes, spelled out, that the list below lacks.
+_USPS_SUFFIXES = {
+    "branch", "bridge", "brook", "brooks", "burg", "burgs", "camp", "canyon", "cape", "centers", "circles", "cliff", "cliffs",
+    "corner", "corners", "course", "courts", "coves", "crest", "crossroad", "curve", "dale", "dam", "divide", "drives",
+    "extension", "extensions", "fall", "falls", "ferry", "flat", "flats", "ford", "fords", "forest", "forge", "forges",
+    "forks", "garden", "gateway", "glens", "greens", "groves", "harbors", "hills", "inlet", "islands", "isle",
+    "junctions", "key", "keys", "land", "light", "lights", "loaf", "lodge", "mall", "manors", "mills", "mountain",
+    "mountains", "neck", "overpass", "parks", "parkways", "passage", "pine", "points", "radial", "ramp", "rapid",
+    "rapids", "rest", "ridges", "roads", "squares", "streets", "trafficway", "unions", "valleys", "views", "walks",
+    "wall", "ways",
+}
 # Street types (English and the common European ones), word or suffix.
 _TYPE = (
     r"(?:street|st|avenue|ave|av|road|rd|boulevard|blvd|lane|ln|drive|dr|court|ct|way|place|pl|square|sq|"
@@ -46,7 +57,9 @@ _TYPE = (
     r"run|shoals?|shores?|skyway|spring|springs|spur|station|stravenue|stream|summit|throughway|trace|"
     r"track|tunnel|turnpike|underpass|union|valley|viaduct|villages?|ville|vista|wells?|"
     r"rue|via|viale|calle|avenida|rua|rúa|carrer|strasse|straße|str|gasse|weg|laan|straat|gracht|plein|"
-    r"gatan|vägen|gata|väg|gate|veien|vej|gade|katu|tie|ulica|ul|utca|ut|út|útja|rakpart|allee|chaussee|platz|ring|damm)\.?"
+    r"gatan|vägen|gata|väg|gate|veien|vej|gade|katu|tie|ulica|ul|utca|ut|út|útja|rakpart|allee|chaussee|platz|ring|damm|"
+    + "|".join(sorted(_USPS_SUFFIXES, key=len, reverse=True))
+    + r")\.?"
 )
 # Lower-case words that belong inside a street or place name.
 _LOWER_OK = {
@@ -78,7 +91,7 @@ _NUMBER_FIRST = (
 # At least one word before the type: a lone type word and a number is a gate or a room, not a street.
 _STREET_WORD_FIRST = rf"{_L}{_CAP}(?:[ \t]+{_W}){{1,3}}(?<=\b(?i:{_TYPE}))[ \t]+{_HNUM}"
 _COMPOUND_STREET = (
-    rf"{_L}[\p{{Lu}}\p{{Lt}}]\w*(?i:straat|laan|weg|gracht|plein|strasse|straße|gasse|allee|platz|gatan|vägen|gata|"
+    rf"{_L}[\p{{Lu}}\p{{Lt}}][\w-]*(?i:straat|laan|weg|gracht|plein|strasse|straße|gasse|allee|platz|gatan|vägen|gata|"
     rf"veien|vej|gade|katu|tie|kuja|v|g|str)\.?[ \t]+{_HNUM}"
 )
 _ROMANCE = (
@@ -152,9 +165,26 @@ class StreetAddressRecognizer(KeelPatternRecognizer):
     # Presidio matches these as substrings of the lemmas before the match ("located" -> "locate").
     CONTEXT = ["address", "live", "locate", "street", "ship", "deliver", "mail", "visit", "send", "sent", "move", "stay", "enter"]
 
+    def __init__(self, supported_language: str = "en") -> None:
+        super().__init__(supported_language)
+        # One recognizer per pattern: Presidio drops a match contained in a longer one before we
+        # see it, so an implausible long match ("They live at X-Gasse 62") would hide a good one.
+        self._singles = [
+            PatternRecognizer(supported_entity=self.ENTITY, patterns=[p], supported_language=supported_language,
+                              name=self.name, global_regex_flags=self.global_regex_flags)
+            for p in self.patterns
+        ]
+
     def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None, regex_flags: int | None = None) -> list[RecognizerResult]:
-        results = super().analyze(text, entities, nlp_artifacts, regex_flags)
-        return [r for r in results if _plausible(_pattern_name(r), text[r.start : r.end])]
+        results = [
+            r
+            for single in self._singles
+            for r in single.analyze(text, entities, nlp_artifacts, regex_flags)
+            if _plausible(_pattern_name(r), text[r.start : r.end])
+        ]
+        for r in results:  # the context enhancer finds a result's recognizer by this id
+            r.recognition_metadata[RecognizerResult.RECOGNIZER_IDENTIFIER_KEY] = self.id
+        return EntityRecognizer.remove_duplicates(results)
 
 
 def _pattern_name(result: RecognizerResult) -> str:
