@@ -36,7 +36,7 @@ def run(zone: str, scrubbed_key: str | None = None, config: str | None = None) -
     key = snapshot_key("index", manifest_hash(scrubbed), version)
     summary: dict[str, Any] = {"stage": "index", "zone": zone, "key": key, "input": {"scrubbed": scrubbed["key"]}}
     if (done := store.committed(key)) is not None:
-        return {**summary, "skipped": "already committed", "manifest": done}
+        return {**summary, "skipped": "already committed", "counts": done["counts"], "manifest": done}
 
     timer = Timer()
     with timer.stage("plan"):

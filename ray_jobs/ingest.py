@@ -24,7 +24,7 @@ def run(zone: str, ingest_time: str, config: str | None = None) -> dict[str, Any
         key = snapshot_key("raw", ingest.listing_hash(settings, zone, files), settings.config_version())
     summary: dict[str, Any] = {"stage": "raw", "zone": zone, "key": key, "files": len(files)}
     if (done := store.committed(key)) is not None:
-        return {**summary, "skipped": "already committed", "manifest": done, "durations": timer.durations}
+        return {**summary, "skipped": "already committed", "documents": done["counts"]["documents"], "manifest": done, "durations": timer.durations}
 
     previous = store.current()
     prev_table = read_parts(store, previous, "documents", ["doc_id", "source", "ingest_time"]) if previous else None

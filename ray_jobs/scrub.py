@@ -32,7 +32,7 @@ def run(zone: str, raw_key: str | None = None, config: str | None = None) -> dic
     key = snapshot_key("scrubbed", manifest_hash(raw), version)
     summary: dict[str, Any] = {"stage": "scrubbed", "zone": zone, "key": key, "input": {"raw": raw["key"]}}
     if (done := store.committed(key)) is not None:
-        return {**summary, "skipped": "already committed", "manifest": done}
+        return {**summary, "skipped": "already committed", "counts": done["counts"], "findings": done["findings"], "manifest": done}
 
     timer = Timer()
     with timer.stage("plan"):

@@ -28,7 +28,9 @@ def run(zone: str, scrubbed_key: str | None = None, config: str | None = None) -
     if scrubbed is None:
         raise FileNotFoundError(f"zone {zone}: no committed scrubbed snapshot {scrubbed_key or '(CURRENT)'}")
     key = snapshot_key("validation", manifest_hash(scrubbed), settings.config_version())
-    summary: dict[str, Any] = {"stage": "validation", "zone": zone, "key": key, "input": {"scrubbed": scrubbed["key"]}}
+    # The scrubbed asset's event names the snapshot that passed, so the index run reads exactly that one.
+    summary: dict[str, Any] = {"stage": "validation", "zone": zone, "key": key, "input": {"scrubbed": scrubbed["key"]},
+                               "asset_key": scrubbed["key"]}
     timer = Timer()
     manifest = store.committed(key)
     if manifest is None:

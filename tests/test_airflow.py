@@ -40,10 +40,10 @@ def test_dags_parse_with_assets_in_zone_storage(tmp_path):
     cfg = write_config(tmp_path)
     code = (
         "import json; from airflow.dag_processing.dagbag import DagBag\n"
-        f"b = DagBag(dag_folder={str(ROOT / 'dags')!r}, include_examples=False)\n"
+        f"b = DagBag(dag_folder={str(ROOT / 'dags')!r})\n"
         "print(json.dumps({'errors': {k: str(v) for k, v in b.import_errors.items()},"
         " 'dags': {d: [str(getattr(t, 'outlets', '')) for t in dag.tasks] for d, dag in b.dags.items()},"
-        " 'schedules': {d: str(dag.timetable.summary) for d, dag in b.dags.items()}}))"
+        " 'schedules': {d: str(dag.schedule) for d, dag in b.dags.items()}}))"
     )
     env = {**airflow_env(tmp_path / "airflow", cfg)}
     r = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, **env}, capture_output=True,

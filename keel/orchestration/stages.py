@@ -103,7 +103,8 @@ def run_stage(module: str, zone: str, args: list[str], context: dict[str, Any], 
         run = log_summary(settings.pipeline.mlflow_tracking_uri, ti.dag_id, ti.run_id, ti.task_id, result)
         log.info("logged to MLflow run %s", run)
     if outlet is not None:
-        context["outlet_events"][outlet].extra = {"key": result["key"], "zone": zone, "stage": result["stage"],
+        context["outlet_events"][outlet].extra = {"key": result.get("asset_key", result["key"]), "zone": zone,
+                                                  "stage": result["stage"],
                                                   "counts": result.get("counts") or {}}
     return summary
 

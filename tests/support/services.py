@@ -163,6 +163,8 @@ def airflow_env(home: Path, cfg: Path, port: int | None = None) -> dict[str, str
         "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
         "KEEL_CONFIG": str(cfg),
         "KEEL_HOME": str(ROOT),
+        # `airflow standalone` starts its parts as plain `airflow ...`: the venv's bin must come first.
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     if port:
         env["AIRFLOW__API__PORT"] = str(port)
