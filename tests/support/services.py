@@ -87,6 +87,7 @@ def write_config(root: Path, dashboard_port: int | None = None, state_dir: Path 
     doc["pipeline"].update(pipeline)
     if dashboard_port:
         doc["ports"]["ray_dashboard"] = dashboard_port
+    root.mkdir(parents=True, exist_ok=True)
     path = root / "keel.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path

@@ -1,0 +1,112 @@
+"""Pure parts of the batch pipeline: failure kinds, document parsing, chunking, snapshots, embeddings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from keel.failures import DataQualityError, FailureKind, classify
+from keel.pipeline.chunking import chunk_text
+from keel.pipeline.documents import decode, document_id, html_to_text, split_file
+from keel.pipeline.snapshots import SnapshotStore, snapshot_key
+from keel.storage import ZoneStorage
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (DataQualityError("x"), FailureKind.DATA_QUALITY),
+        (ConnectionRefusedError("refused"), FailureKind.TRANSIENT),
+        (TimeoutError(), FailureKind.TRANSIENT),
+        (RuntimeError("HTTP 429 Too Many Requests"), FailureKind.RATE_LIMIT),
+        (RuntimeError("quota exceeded for project"), FailureKind.RATE_LIMIT),
+        (KeyError("doc_id"), FailureKind.BUG),
+        ("ray.exceptions.ActorDiedError: The actor died unexpectedly", FailureKind.TRANSIENT),
+        ("keel.failures.DataQualityError: zone us: ... failed validation", FailureKind.DATA_QUALITY),
+        ("TypeError: unsupported operand", FailureKind.BUG),
+        (None, FailureKind.BUG),
+    ],
+)
+def test_failures_are_classified(error, kind):
+    assert classify(error) is kind
+    assert kind.retryable == (kind in (FailureKind.TRANSIENT, FailureKind.RATE_LIMIT))
+
+
+def test_classify_follows_the_exception_chain():
+    try:
+        try:
+            raise ConnectionResetError("peer reset")
+        except ConnectionResetError as e:
+            raise RuntimeError("job submission failed") from e
+    except RuntimeError as outer:
+        assert classify(outer) is FailureKind.TRANSIENT
+
+
+def test_jsonl_records_get_stable_ids_and_keep_their_bytes():
+    data = b'{"id": "a", "text": "x"}\n\n{"id": "a", "text": "y"}\nnot json\n'
+    recs = split_file("file:///l/t.jsonl", data)
+    assert [r.source for r in recs] == ["file:///l/t.jsonl#a", "file:///l/t.jsonl#a@L3", "file:///l/t.jsonl#L4"]
+    assert recs[2].payload == b"not json"
+    assert recs[0].doc_id == document_id("file:///l/t.jsonl#a", b'{"id": "a", "text": "x"}')
+    assert split_file("file:///l/t.jsonl", data)[0].doc_id == recs[0].doc_id  # same bytes, same source: same id
+    assert split_file("file:///m/t.jsonl", data)[0].doc_id != recs[0].doc_id  # another source: another document
+
+
+def test_decode_gives_text_or_a_reason():
+    assert decode("text", "héllo".encode(), 100).text == "héllo"
+    assert decode("text", b"\xc3\x28", 100).error == "invalid UTF-8 at byte 0"
+    assert decode("markdown", b"   \n", 100).error == "empty text"
+    assert decode("text", b"x" * 101, 100).error == "document is 101 bytes, above the limit of 100"
+    assert decode("jsonl", b'{"id": 1, "text": 5}', 100).error == "wrong schema: missing 'text' or not a string"
+    assert decode("jsonl", b'{"id": 1, "text": "hi", "title": "T"}', 100).title == "T"
+
+
+def test_html_text_drops_markup_scripts_and_keeps_the_title():
+    text, title = html_to_text("<html><head><title>Offer</title><style>p{}</style></head>"
+                               "<body><p>Dear Ana,</p><script>x()</script><p>Welcome &amp; hi</p></body></html>")
+    assert title == "Offer" and text == "Dear Ana,\n\nWelcome & hi"
+
+
+def test_chunks_are_token_windows_with_overlap_and_exact_substrings():
+    text = " ".join(f"word{i}" for i in range(400))
+    chunks = chunk_text("d1", text, size=100, overlap=20)
+    assert len(chunks) > 3
+    for c in chunks:
+        assert text[c.start : c.end] == c.text
+    assert all(b.start < a.end for a, b in zip(chunks, chunks[1:], strict=False))  # consecutive windows overlap
+    assert chunks[-1].end == len(text)
+    assert chunk_text("d1", text, 100, 20) == chunks  # deterministic ids and cuts
+    assert chunk_text("d1", "   ", 100, 20) == []
+
+
+def test_snapshot_commit_is_atomic_and_idempotent(tmp_path):
+    storage = ZoneStorage("us", f"file://{tmp_path}")
+    store = SnapshotStore(storage, "scrubbed", keep=2)
+    key = snapshot_key("scrubbed", "input", "v1")
+    assert key == snapshot_key("scrubbed", "input", "v1") != snapshot_key("scrubbed", "input", "v2")
+    st = store.begin(key)
+    st.write_bytes(b"rows", "documents/part-00000.parquet")
+    assert store.current() is None  # staged is not committed
+    m = store.commit(st, {"counts": {"n": 1}})
+    assert store.current() == m == store.committed(key)
+    assert m["files"]["documents/part-00000.parquet"]["bytes"] == 4
+    # The same key committed again (a concurrent or repeated run) keeps the first, equal, snapshot.
+    st2 = store.begin(key)
+    st2.write_bytes(b"rows", "documents/part-00000.parquet")
+    assert store.commit(st2, {"counts": {"n": 1}}) == m
+    # Old snapshots are pruned down to `keep`.
+    for i in range(3):
+        s = store.begin(f"k{i}")
+        s.write_bytes(b"x", "f")
+        store.commit(s, {})
+    assert len(storage.listdir("scrubbed", "snapshots")) == 2 and store.current()["key"] == "k2"
+
+
+def test_onnx_and_torch_embeddings_agree(shared_state):
+    from keel.pipeline.embedding import Embedder
+
+    texts = ["refund policy for annual plans", "reset the router", "x" * 3000]
+    a = Embedder("onnx", shared_state / "models").encode(texts, batch_size=2)
+    b = Embedder("torch").encode(texts)
+    assert a.shape == (3, 384) and np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
+    assert np.abs(a - b).max() < 1e-4
