@@ -15,7 +15,7 @@ import hashlib
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from keel.failures import FailureKind, KeelFailure, classify
@@ -40,7 +40,7 @@ def run_job(
     entrypoint: list[str],
     *,
     job_id: str,
-    earlier_ids: list[str] = (),  # type: ignore[assignment]
+    earlier_ids: Sequence[str] = (),
     env: dict[str, str] | None = None,
     metadata: dict[str, str] | None = None,
     poll_s: float = 1.0,
@@ -101,7 +101,7 @@ def _status(client: Any, job: str) -> str | None:
         raise
 
 
-def _attach(client: Any, earlier_ids: list[str]) -> str | None:
+def _attach(client: Any, earlier_ids: Sequence[str]) -> str | None:
     """An earlier try's job that is still running (the worker died, the job did not)."""
     for job in earlier_ids:
         if _status(client, job) in ("PENDING", "RUNNING"):

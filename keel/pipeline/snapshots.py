@@ -87,7 +87,10 @@ class SnapshotStore:
         return self.committed(self.storage.read_bytes(self.stage, "CURRENT").decode().strip())
 
     def begin(self, key: str) -> Staging:
-        """A fresh staging folder; leftovers of crashed attempts for any key are removed first."""
+        """A fresh staging folder; leftovers of crashed attempts for any key are removed first.
+
+        One writer per stage and zone at a time: the DAGs run with max_active_runs=1.
+        """
         self.storage.delete_dir(self.stage, "_staging")
         path = posixpath.join(self.stage, "_staging", f"{key}.{uuid.uuid4().hex[:8]}")
         self.storage.fs.create_dir(self.storage.path(path), recursive=True)
