@@ -65,12 +65,11 @@ def _reusable(store: SnapshotStore, version: str, ids: pa.ChunkedArray) -> tuple
     prev = store.current()
     if prev is None or prev.get("config_version") != version:
         return scrub.DOCS_SCHEMA.empty_table(), scrub.QUARANTINE_SCHEMA.empty_table()
-    keep = pa.chunked_array([ids.combine_chunks()]) if len(ids) else pa.chunked_array([], pa.string())
+    keep = ids.combine_chunks() if len(ids) else pa.array([], pa.string())
     docs = read_parts(store, prev, "documents").cast(scrub.DOCS_SCHEMA)
     q = read_parts(store, prev, "quarantine")
     q = q.cast(scrub.QUARANTINE_SCHEMA) if q.num_columns else scrub.QUARANTINE_SCHEMA.empty_table()
-    return (docs.filter(pc.is_in(docs["doc_id"], value_set=keep.combine_chunks())),
-            q.filter(pc.is_in(q["doc_id"], value_set=keep.combine_chunks())))
+    return docs.filter(pc.is_in(docs["doc_id"], value_set=keep)), q.filter(pc.is_in(q["doc_id"], value_set=keep))
 
 
 def _scrub(settings: KeelSettings, raw_store: SnapshotStore, raw: dict[str, Any], skip: pa.Array) -> pa.Table:

@@ -110,3 +110,34 @@ def test_onnx_and_torch_embeddings_agree(shared_state):
     b = Embedder("torch").encode(texts)
     assert a.shape == (3, 384) and np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
     assert np.abs(a - b).max() < 1e-4
+
+
+def test_alerts_reach_the_log_and_a_real_webhook(caplog):
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from keel import alerts
+
+    received = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    alert = alerts.Alert("transient", "keel_ingest", "ingest_us", "r1", 1, True, "connection reset")
+    try:
+        with caplog.at_level("ERROR", logger="keel.alerts"):
+            alerts.send(alert, f"http://127.0.0.1:{server.server_address[1]}/hook")
+            alerts.send(alert, "http://127.0.0.1:9/unreachable")  # a dead webhook is logged, never raised
+    finally:
+        server.shutdown()
+    assert received == [{"keel_alert": {**alert.__dict__}}]
+    assert "KEEL ALERT" in caplog.text and "alert webhook http://127.0.0.1:9/unreachable failed" in caplog.text
