@@ -86,6 +86,10 @@ class PipelineSettings(BaseModel):
     embed_batch_size: int = Field(64, ge=1)
     # onnx: ONNX Runtime on a graph exported from the same weights (same vectors, faster here).
     embedding_runtime: Literal["onnx", "torch"] = "onnx"
+    # auto: embed on GPUs when the Ray cluster has them (torch, half precision; one actor per GPU,
+    # up to embed_actors), else on CPUs. Left out of config_version, like the actor counts: the
+    # vectors agree to cosine 0.999, so a cluster that gains a GPU does not re-embed everything.
+    embedding_device: Literal["auto", "cpu", "cuda"] = "auto"
     embed_actors: int = Field(2, ge=1)
     keep_snapshots: int = Field(3, ge=1)
     # Alerts for failed tasks go to the log and, when set, are POSTed as JSON to this URL.
@@ -156,7 +160,8 @@ class KeelSettings(BaseSettings):
             "privacy": self.privacy.model_dump(mode="json", exclude={"hash_key"}) | {"hash_key_sha256": secret},
             "pipeline": self.pipeline.model_dump(
                 mode="json", exclude={"alert_webhook", "mlflow_tracking_uri", "ray_address", "job_python", "retries",
-                                      "retry_delay_s", "scrub_actors", "embed_actors"}
+                                      "retry_delay_s", "scrub_actors", "embed_actors",
+                                      "embedding_device"}
             ),
             # Where outputs are stored does not change them: zones are left out, redaction modes are in.
             "policy": self.policy.model_dump(mode="json", include={"data_classes"}),

@@ -112,6 +112,45 @@ def test_onnx_and_torch_embeddings_agree(shared_state):
     assert np.abs(a - b).max() < 1e-4
 
 
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU")
+def test_gpu_embeddings_agree_with_cpu(shared_state):
+    from keel.pipeline.embedding import Embedder
+
+    texts = ["refund policy for annual plans", "reset the router", "x" * 3000]
+    a = Embedder("onnx", shared_state / "models").encode(texts)
+    b = Embedder("onnx", device="cuda").encode(texts)
+    assert (a * b).sum(1).min() > 0.999
+
+
+@pytest.mark.parametrize(
+    ("device", "resources", "expected"),
+    [
+        ("auto", {"CPU": 2.0}, ("cpu", 2, 64, {"num_cpus": 1})),
+        ("auto", {"CPU": 16.0, "GPU": 1.0}, ("cuda", 1, 512, {"num_cpus": 1, "num_gpus": 1})),
+        ("auto", {"CPU": 16.0, "GPU": 4.0}, ("cuda", 2, 512, {"num_cpus": 1, "num_gpus": 1})),
+        ("cpu", {"CPU": 16.0, "GPU": 1.0}, ("cpu", 2, 64, {"num_cpus": 1})),
+        ("cpu", {"CPU": 1.0}, ("cpu", 1, 64, {"num_cpus": 1})),
+    ],
+)
+def test_embedding_actors_go_to_gpus_when_the_cluster_has_them(device, resources, expected):
+    from keel.settings import load_settings
+    from ray_jobs.index import placement
+
+    s = load_settings()
+    s.pipeline.embedding_device = device
+    assert placement(s, resources) == expected
+
+
+def test_embedding_on_cuda_without_a_gpu_is_a_clear_error():
+    from keel.settings import load_settings
+    from ray_jobs.index import placement
+
+    s = load_settings()
+    s.pipeline.embedding_device = "cuda"
+    with pytest.raises(ValueError, match="no GPU"):
+        placement(s, {"CPU": 2.0})
+
+
 def test_alerts_reach_the_log_and_a_real_webhook(caplog):
     import json
     import threading

@@ -2,13 +2,13 @@
 
 Two runtimes give the same vectors (max difference ~1e-7): sentence-transformers on torch, and
 ONNX Runtime on a graph exported once from the same weights and cached under the state dir.
-ONNX Runtime is the default because it is faster here (benchmarks/batch_pipeline.py measures it);
-`KEEL_PIPELINE__EMBEDDING_RUNTIME=torch` switches back.
+ONNX Runtime is the default on CPU because it is faster here (benchmarks/batch_pipeline.py measures
+it); `KEEL_PIPELINE__EMBEDDING_RUNTIME=torch` switches back. On a GPU the model runs in torch at
+half precision (benchmarks/embed_gpu.py measures speed and agreement with the CPU vectors).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from pathlib import Path
 from typing import Literal
@@ -18,6 +18,7 @@ import numpy as np
 DIM = 384
 MAX_TOKENS = 256  # what the model was trained on; longer input is truncated
 Runtime = Literal["onnx", "torch"]
+Device = Literal["cpu", "cuda"]
 
 
 def model_dir() -> Path:
@@ -27,14 +28,18 @@ def model_dir() -> Path:
 
 
 class Embedder:
-    def __init__(self, runtime: Runtime = "onnx", cache_dir: Path | None = None, threads: int = 1) -> None:
-        self.runtime = runtime
-        if runtime == "torch":
+    def __init__(
+        self, runtime: Runtime = "onnx", cache_dir: Path | None = None, threads: int = 1, device: Device = "cpu"
+    ) -> None:
+        self.runtime: Runtime = "torch" if device == "cuda" else runtime
+        if self.runtime == "torch":
             import torch
             from sentence_transformers import SentenceTransformer
 
             torch.set_num_threads(threads)
-            self._st = SentenceTransformer(str(model_dir()), device="cpu")
+            self._st = SentenceTransformer(str(model_dir()), device=device)
+            if device == "cuda":
+                self._st.half()  # tensor cores; vectors stay within cos 0.999 of fp32 (embed_gpu.py)
         else:
             import onnxruntime as ort
             from tokenizers import Tokenizer
@@ -113,8 +118,3 @@ def _exported_onnx(cache_dir: Path) -> Path:
         )
     os.replace(tmp, path)
     return path
-
-
-@functools.lru_cache(maxsize=2)
-def get_embedder(runtime: Runtime = "onnx", cache_dir: str | None = None) -> Embedder:
-    return Embedder(runtime, Path(cache_dir) if cache_dir else None)

@@ -88,12 +88,15 @@ class ChunkEmbedder:
     vector here; the job fills them from the previous snapshot instead of paying for them again.
     """
 
-    def __init__(self, settings: Any, known: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self, settings: Any, known: frozenset[str] = frozenset(), device: str = "cpu", batch_size: int | None = None
+    ) -> None:
         from keel.pipeline.embedding import Embedder
 
         self.p = settings.pipeline
         self.known = known
-        self.embedder = Embedder(self.p.embedding_runtime, model_cache(settings))
+        self.batch_size = batch_size or self.p.embed_batch_size
+        self.embedder = Embedder(self.p.embedding_runtime, model_cache(settings), device=device)  # type: ignore[arg-type]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from keel.pipeline.chunking import chunk_text
@@ -104,7 +107,7 @@ class ChunkEmbedder:
                 rows.append({"chunk_id": c.chunk_id, "doc_id": d["doc_id"], "seq": c.seq, "source": d["source"],
                              "title": d["title"], "data_class": d["data_class"], "text": c.text, "vector": None})
         todo = [i for i, r in enumerate(rows) if r["chunk_id"] not in self.known]
-        vectors = self.embedder.encode([rows[i]["text"] for i in todo], self.p.embed_batch_size)
+        vectors = self.embedder.encode([rows[i]["text"] for i in todo], self.batch_size)
         for i, v in zip(todo, vectors, strict=True):
             rows[i]["vector"] = v.tolist()
         return pa.Table.from_pylist(rows, schema=CHUNKS_SCHEMA)
