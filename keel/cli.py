@@ -16,8 +16,10 @@ from keel.records import Record, output_line, read_records
 app = typer.Typer(help="Keel: production anatomy for AI systems.", no_args_is_help=True, add_completion=False)
 pii_app = typer.Typer(help="Detect and redact PII in JSONL {\"id\", \"text\"} records.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+keys_app = typer.Typer(help="Gateway API keys (stored hashed; a key is shown once, at creation).", no_args_is_help=True)
 app.add_typer(pii_app, name="pii")
 app.add_typer(config_app, name="config")
+app.add_typer(keys_app, name="keys")
 
 InputOpt = typer.Argument(None, help="JSONL file; standard input when omitted or '-'", show_default=False)
 ConfigOpt = typer.Option(None, "--config", "-c", help="keel.yaml to use (default: $KEEL_CONFIG, ./keel.yaml, the example)")
@@ -105,6 +107,65 @@ def search(
         else:
             snippet = " ".join(h.text.split())[:200]
             typer.echo(f"{rank}. [{h.zone}] {h.title or h.source}  (distance {h.distance:.3f})\n   {h.source}\n   {snippet}")
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: str = typer.Option(..., "--tenant", "-t", help="a tenant of policy.tenants"),
+    name: str = typer.Option("", "--name", "-n", help="a label to recognise the key by"),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Create a key and print it once; only its hash is stored."""
+    from keel.keys import KeyStore
+
+    try:
+        key, rec = KeyStore(_settings(config)).create(tenant, name)
+    except ValueError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    typer.echo(key)
+    typer.echo(f"id {rec.id}, tenant {rec.tenant}: store it now, it cannot be shown again", err=True)
+
+
+@keys_app.command("list")
+def keys_list(config: Path | None = ConfigOpt) -> None:
+    """Keys by id, tenant, name, creation and revocation time (never the keys themselves)."""
+    from keel.keys import KeyStore
+
+    settings = _settings(config)
+    for t in settings.policy.tenants:
+        for h in t.api_key_hashes:
+            typer.echo(f"{h.removeprefix('sha256:')[:12]}  {t.name:<12} (keel.yaml)")
+    for r in KeyStore(settings).records():
+        state = f"revoked {r.revoked}" if r.revoked else "active"
+        typer.echo(f"{r.id}  {r.tenant:<12} {r.name or '-':<16} created {r.created}  {state}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="the key's id from `keel keys list`"),
+                config: Path | None = ConfigOpt) -> None:
+    """Revoke a key; running gateways refuse it within a second."""
+    from keel.keys import KeyStore
+
+    try:
+        rec = KeyStore(_settings(config)).revoke(key_id)
+    except KeyError as e:
+        typer.echo(e.args[0], err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"revoked {rec.id} ({rec.tenant})")
+
+
+@app.command()
+def serve(
+    address: str | None = typer.Option(None, "--address", help="Ray cluster (default $RAY_ADDRESS, else auto)"),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Deploy the gateway and its model targets to a running Ray cluster."""
+    from serving.app import deploy
+
+    settings = _settings(config)
+    deploy(settings, address)
+    typer.echo(f"keel gateway: http://{settings.host}:{settings.ports.gateway}/v1")
 
 
 def _settings(config: Path | None):  # noqa: ANN202

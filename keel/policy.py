@@ -93,6 +93,8 @@ class ModelTarget(_Strict):
     price_per_1k_output: float = Field(ge=0)
     tier: Literal["small", "large"]
     max_context: int = Field(gt=0)
+    # Request features this target honours; a request using another gets a clear 400 from it.
+    supports: list[Literal["tools", "response_format"]] = Field(default_factory=list)
     # Backend-specific settings (model path, base_url, engine args); each backend validates its own.
     options: dict[str, object] = Field(default_factory=dict)
 

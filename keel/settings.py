@@ -106,6 +106,40 @@ class PipelineSettings(BaseModel):
     retry_delay_s: float = Field(10.0, gt=0)
 
 
+class RoutingWeights(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    latency: float = Field(0.5, ge=0)
+    cost: float = Field(0.3, ge=0)
+    complexity: float = Field(0.2, ge=0)
+
+
+class GatewaySettings(BaseModel):
+    """The Ray Serve gateway: routing, failover, admission control."""
+
+    model_config = ConfigDict(extra="forbid")
+    # Strategy for keel/auto: latency, cost, complexity or blend (weighted by `weights`).
+    strategy: Literal["latency", "cost", "complexity", "blend"] = "blend"
+    weights: RoutingWeights = Field(default_factory=RoutingWeights)
+    complexity_threshold: float = Field(0.5, ge=0, le=1)  # prompts scoring at or above go to the large tier
+    replicas: int = Field(1, ge=1)
+    # Admission control: past these bounds a request gets 429 + Retry-After at once, never a queue.
+    max_in_flight_per_replica: int = Field(64, ge=1)
+    max_in_flight_per_target: int = Field(8, ge=1)
+    retry_after_s: int = Field(1, ge=1)
+    # Time budget of a whole request, failovers included; and stall limits while streaming.
+    request_timeout_s: float = Field(120.0, gt=0)
+    connect_timeout_s: float = Field(3.0, gt=0)
+    first_token_timeout_s: float = Field(30.0, gt=0)
+    stall_timeout_s: float = Field(10.0, gt=0)
+    # Circuit breaker per target: opens after this many consecutive failures, probes after the cooldown.
+    breaker_failures: int = Field(3, ge=1)
+    breaker_cooldown_s: float = Field(15.0, gt=0)
+    ewma_alpha: float = Field(0.2, gt=0, le=1)
+    # keel/rag: chunks retrieved from the zone's vector index into the prompt.
+    rag_top_k: int = Field(4, ge=1)
+    rag_zone: str | None = None  # default: the first zone
+
+
 class KeelSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="KEEL_",
@@ -122,6 +156,7 @@ class KeelSettings(BaseSettings):
     ports: Ports = Field(default_factory=Ports)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     policy: Policy
 
     @model_validator(mode="after")

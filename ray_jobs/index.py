@@ -28,9 +28,7 @@ def run(zone: str, scrubbed_key: str | None = None, config: str | None = None) -
     storage = ZoneStorage.for_zone(settings, zone)
     scrubbed_store = SnapshotStore(storage, "scrubbed", keep=settings.pipeline.keep_snapshots)
     store = SnapshotStore(storage, "index", keep=settings.pipeline.keep_snapshots)
-    scrubbed = scrubbed_store.committed(scrubbed_key) if scrubbed_key else scrubbed_store.current()
-    if scrubbed is None:
-        raise FileNotFoundError(f"zone {zone}: no committed scrubbed snapshot {scrubbed_key or '(CURRENT)'}")
+    scrubbed = scrubbed_store.resolve(scrubbed_key)
     if not validate.passed(storage, scrubbed, version):
         raise DataQualityError(f"zone {zone}: scrubbed snapshot {scrubbed['key']} has not passed validation: blocked")
     key = snapshot_key("index", manifest_hash(scrubbed), version)

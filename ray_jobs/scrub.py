@@ -25,9 +25,7 @@ def run(zone: str, raw_key: str | None = None, config: str | None = None) -> dic
     storage = ZoneStorage.for_zone(settings, zone)
     raw_store = SnapshotStore(storage, "raw", keep=settings.pipeline.keep_snapshots)
     store = SnapshotStore(storage, "scrubbed", keep=settings.pipeline.keep_snapshots)
-    raw = raw_store.committed(raw_key) if raw_key else raw_store.current()
-    if raw is None:
-        raise FileNotFoundError(f"zone {zone}: no committed raw snapshot {raw_key or '(CURRENT)'} in {raw_store.uri()}")
+    raw = raw_store.resolve(raw_key)
     version = settings.config_version()
     key = snapshot_key("scrubbed", manifest_hash(raw), version)
     summary: dict[str, Any] = {"stage": "scrubbed", "zone": zone, "key": key, "input": {"raw": raw["key"]}}

@@ -24,9 +24,7 @@ def run(zone: str, scrubbed_key: str | None = None, config: str | None = None) -
     storage = ZoneStorage.for_zone(settings, zone)
     scrubbed_store = SnapshotStore(storage, "scrubbed", keep=settings.pipeline.keep_snapshots)
     store = SnapshotStore(storage, "validation", keep=settings.pipeline.keep_snapshots)
-    scrubbed = scrubbed_store.committed(scrubbed_key) if scrubbed_key else scrubbed_store.current()
-    if scrubbed is None:
-        raise FileNotFoundError(f"zone {zone}: no committed scrubbed snapshot {scrubbed_key or '(CURRENT)'}")
+    scrubbed = scrubbed_store.resolve(scrubbed_key)
     key = snapshot_key("validation", manifest_hash(scrubbed), settings.config_version())
     # The scrubbed asset's event names the snapshot that passed, so the index run reads exactly that one.
     summary: dict[str, Any] = {"stage": "validation", "zone": zone, "key": key, "input": {"scrubbed": scrubbed["key"]},

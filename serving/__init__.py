@@ -1,1 +1,1 @@
-"""The Ray Serve application: the OpenAI-compatible routing gateway and its model targets."""
+"""Keel's model layer: the Ray Serve gateway (OpenAI-compatible), its model targets and failover."""

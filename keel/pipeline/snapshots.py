@@ -86,6 +86,14 @@ class SnapshotStore:
             return None
         return self.committed(self.storage.read_bytes(self.stage, "CURRENT").decode().strip())
 
+    def resolve(self, key: str | None) -> dict[str, Any]:
+        """The manifest of snapshot `key`, or of CURRENT when key is None; missing is an error."""
+        manifest = self.committed(key) if key else self.current()
+        if manifest is None:
+            raise FileNotFoundError(f"zone {self.storage.zone}: no committed {self.stage} snapshot "
+                                    f"{key or '(CURRENT)'} in {self.uri()}")
+        return manifest
+
     def begin(self, key: str) -> Staging:
         """A fresh staging folder; leftovers of crashed attempts for any key are removed first.
 

@@ -1,0 +1,314 @@
+"""Gateway overhead, throughput, routing cost, breaker reaction and tokens/s: all in one run.
+
+On a local Ray head, one Serve application holds the Keel gateway with four targets:
+  echo, echo2    external OpenAI-compatible echo servers (serving/fault_server.py, answers at once)
+  echo-handle    an in-cluster echo deployment called through a DeploymentHandle
+  smollm2        the real llama.cpp target (SmolLM2-135M, CPU)
+and a second application, /bare, is the baseline for the routing cost: a bare FastAPI ingress
+that forwards the same body to the same echo deployment through a handle and returns its answer.
+
+Measured (medians and p99 of sequential requests, rounds interleaved so drift hits both sides):
+  1. overhead: through Keel to `echo` minus straight to the echo server; and max req/s through Keel
+  2. routing cost: Keel to `echo-handle` minus /bare; plus an in-process microbenchmark of the
+     per-request pure path (parse, complexity, routing)
+  3. breaker: time from SIGKILL of `echo` (under steady traffic) to its breaker opening, with the
+     client errors seen meanwhile (goal 0: the traffic fails over to echo2)
+  4. tokens/s through the gateway vs llama.cpp alone in this process, on the same prompts
+
+Requests are `public`-class (no PII guard). Usage: python benchmarks/gateway.py [--requests 300]
+Prints a table and writes benchmarks/results/gateway.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results" / "gateway.json"
+BODY = {"model": "echo", "messages": [{"role": "user", "content": "What is the refund policy for annual plans?"}],
+        "max_tokens": 64}
+PROMPTS = ["Say hello to the team.", "What is the capital of France?", "List three colors.",
+           "Give me a title for a blog post about gardening.", "Write one sentence about the sea."]
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
+
+
+def ms(x: float) -> float:
+    return round(x * 1000, 2)
+
+
+def sequential(url: str, body: dict[str, Any], n: int, headers: dict[str, str]) -> list[float]:
+    out = []
+    with httpx.Client(timeout=30, headers=headers) as c:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            r = c.post(url, json=body)
+            out.append(time.perf_counter() - t0)
+            r.raise_for_status()
+    return out
+
+
+def throughput(url: str, body: dict[str, Any], headers: dict[str, str], seconds: float, concurrency: int) -> dict[str, Any]:
+    async def run() -> tuple[int, int]:
+        ok = err = 0
+        stop = time.perf_counter() + seconds
+        async with httpx.AsyncClient(timeout=30, headers=headers,
+                                     limits=httpx.Limits(max_connections=concurrency)) as c:
+            async def worker() -> None:
+                nonlocal ok, err
+                while time.perf_counter() < stop:
+                    r = await c.post(url, json=body)
+                    ok, err = (ok + 1, err) if r.status_code == 200 else (ok, err + 1)
+            await asyncio.gather(*[worker() for _ in range(concurrency)])
+        return ok, err
+
+    t0 = time.perf_counter()
+    ok, err = asyncio.run(run())
+    return {"req_per_s": round(ok / (time.perf_counter() - t0), 1), "errors": err, "concurrency": concurrency}
+
+
+def routing_microbench(settings: Any, n: int = 20000) -> float:
+    """Per-request pure work of the gateway: parse + target body + complexity + plan, in µs."""
+    from keel.routing import Candidate, LatencyStats, RouteRequest, complexity_score, estimate_tokens, plan
+    from serving import api
+    from serving.api import target_body
+
+    raw = json.dumps(BODY).encode()
+    cands = [Candidate(t, True, LatencyStats()) for t in settings.policy.targets]
+    t0 = time.perf_counter()
+    for _ in range(n):
+        req = api.parse(raw, api.ChatRequest)
+        body, text, ask = target_body("chat", req)
+        rr = RouteRequest(estimate_tokens(text), req.max_tokens or 512, frozenset(), None, complexity_score(ask))
+        plan(cands, rr, "blend", pinned=req.model)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def llama_alone(n_threads: int, max_tokens: int) -> float:
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from serving.targets.llama_cpp import model_path
+
+    llm = Llama(model_path=model_path({}), n_ctx=2048, n_threads=n_threads, verbose=False)
+    eos = llm.detokenize([llm.token_eos()], special=True).decode()
+    fmt = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos, llm.detokenize([llm.token_bos()], special=True).decode())
+    tokens, t0 = 0, time.perf_counter()
+    for p in PROMPTS:
+        prompt = fmt(messages=[{"role": "user", "content": p}]).prompt
+        for part in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0, stop=[eos], stream=True,
+                                          repeat_penalty=1.1):
+            tokens += 1 if part["choices"][0]["text"] else 0  # type: ignore[index]
+    rate = tokens / (time.perf_counter() - t0)
+    del llm
+    return rate
+
+
+def llama_gateway(base: str, headers: dict[str, str], max_tokens: int) -> float:
+    tokens, t0 = 0, time.perf_counter()
+    with httpx.Client(timeout=120, headers=headers) as c:
+        for p in PROMPTS:
+            r = c.post(f"{base}/v1/chat/completions", json={"model": "smollm2", "max_tokens": max_tokens, "temperature": 0,
+                                                           "messages": [{"role": "user", "content": p}]})
+            r.raise_for_status()
+            tokens += r.json()["usage"]["completion_tokens"]
+    return tokens / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=300, help="sequential requests per side and round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--load-seconds", type=float, default=15)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=128, help="tokens per answer in the tokens/s comparison")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    a = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.disable(logging.WARNING)
+
+    import ray
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from ray import serve
+
+    from keel.keys import KeyStore
+    from keel.settings import load_settings
+    from serving.gateway import Gateway
+    from serving.targets import llama_cpp
+    from tests.support.services import Service, free_port, start_ray_head, write_config
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+    class EchoModel:
+        """Answers at once, in the LlamaCppModel stream protocol."""
+
+        async def stream(self, kind: str, body: dict[str, Any]):  # type: ignore[no-untyped-def]
+            yield {"text": "echo", "finish_reason": None}
+            yield {"text": "", "finish_reason": "stop", "usage": {"prompt_tokens": 8, "completion_tokens": 1,
+                                                                   "total_tokens": 9}}
+
+    bare_api = FastAPI()
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+    @serve.ingress(bare_api)
+    class Bare:
+        def __init__(self, echo: Any) -> None:
+            self.echo = echo.options(stream=True)
+
+        @bare_api.post("/v1/chat/completions")
+        async def chat(self, request: Request) -> JSONResponse:
+            body = await request.json()
+            text = "".join([p["text"] async for p in self.echo.stream.remote("chat", body)])
+            return JSONResponse({"choices": [{"message": {"role": "assistant", "content": text}}]})
+
+    report: dict[str, Any] = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count()}}
+    with tempfile.TemporaryDirectory(prefix="keel-gw-bench-") as tmp:
+        work = Path(tmp)
+        head = start_ray_head(work / "ray")
+        os.environ.update(head.env)
+        echoes = {}
+        for name in ("echo", "echo2"):
+            port = free_port()
+            echoes[name] = (Service(name, [sys.executable, "-m", "serving.fault_server", "--port", str(port)], {},
+                                    work / f"{name}.log", cwd=ROOT), f"http://127.0.0.1:{port}")
+            echoes[name][0].wait_http(echoes[name][1] + "/v1/models", timeout=30)
+        try:
+            cfg = write_config(work / "cfg")
+            doc = yaml.safe_load(cfg.read_text())
+            gw_port = free_port()
+            doc["ports"]["gateway"] = gw_port
+            doc["gateway"] = {"max_in_flight_per_replica": 256, "max_in_flight_per_target": 256,
+                              "breaker_failures": 3, "breaker_cooldown_s": 30}
+            ext = {"kind": "openai", "zone": "us", "price_per_1k_input": 0.0, "price_per_1k_output": 0.0,
+                   "tier": "small", "max_context": 8192}
+            doc["policy"]["targets"] = [
+                {"name": "echo", **ext, "options": {"base_url": echoes["echo"][1] + "/v1"}},
+                {"name": "echo2", **ext, "options": {"base_url": echoes["echo2"][1] + "/v1"}},
+                {"name": "echo-handle", **ext, "kind": "llama_cpp", "tier": "large"},
+                {"name": "smollm2", **ext, "kind": "llama_cpp", "tier": "large", "max_context": 2048,
+                 "options": {"n_threads": 2, "n_ctx": 2048}},
+            ]
+            cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+            settings = load_settings(cfg)
+            key, _ = KeyStore(settings).create("demo", "bench")
+            auth = {"Authorization": f"Bearer {key}"}
+            ray.init(address=head.gcs, logging_level=logging.WARNING, log_to_driver=False)
+            serve.start(http_options={"host": "127.0.0.1", "port": gw_port})
+            echo_dep = EchoModel.bind()
+            llama = llama_cpp.deployment(settings.policy.targets[3])
+            serve.run(Gateway.options(max_ongoing_requests=300).bind(settings, {"echo-handle": echo_dep, "smollm2": llama}),
+                      name="keel", route_prefix="/")
+            serve.run(Bare.bind(EchoModel.options(name="EchoBare").bind()), name="bare", route_prefix="/bare")
+            base = f"http://127.0.0.1:{gw_port}"
+            keel_url, echo_url = f"{base}/v1/chat/completions", echoes["echo"][1] + "/v1/chat/completions"
+            handle_body = {**BODY, "model": "echo-handle"}
+            for url, body in ((keel_url, BODY), (echo_url, BODY), (keel_url, handle_body), (f"{base}/bare/v1/chat/completions", BODY)):
+                sequential(url, body, 50, auth)  # warm up every path
+            samples: dict[str, list[float]] = {"direct": [], "keel": [], "keel_handle": [], "bare_handle": []}
+            for _ in range(a.rounds):
+                samples["direct"] += sequential(echo_url, BODY, a.requests, {})
+                samples["keel"] += sequential(keel_url, BODY, a.requests, auth)
+                samples["bare_handle"] += sequential(f"{base}/bare/v1/chat/completions", BODY, a.requests, {})
+                samples["keel_handle"] += sequential(keel_url, handle_body, a.requests, auth)
+            lat = {k: {"p50_ms": ms(statistics.median(v)), "p99_ms": ms(pct(v, 99)), "n": len(v)} for k, v in samples.items()}
+            report["latency"] = lat
+            report["overhead_ms"] = {"p50": round(lat["keel"]["p50_ms"] - lat["direct"]["p50_ms"], 2),
+                                     "p99": round(lat["keel"]["p99_ms"] - lat["direct"]["p99_ms"], 2)}
+            report["routing_cost_ms"] = {"p50": round(lat["keel_handle"]["p50_ms"] - lat["bare_handle"]["p50_ms"], 2),
+                                         "p99": round(lat["keel_handle"]["p99_ms"] - lat["bare_handle"]["p99_ms"], 2)}
+            report["routing_microbench_us"] = round(routing_microbench(settings), 1)
+            print(json.dumps(report, indent=1), flush=True)
+            report["throughput"] = {
+                "keel": throughput(keel_url, BODY, auth, a.load_seconds, a.concurrency),
+                "direct": throughput(echo_url, BODY, {}, a.load_seconds, a.concurrency),
+            }
+            print(json.dumps(report["throughput"]), flush=True)
+
+            # 3. breaker: kill `echo` under steady traffic and time its breaker opening.
+            errors, done = [0], threading.Event()
+
+            def traffic() -> None:
+                with httpx.Client(timeout=30, headers=auth) as c:
+                    while not done.is_set():
+                        if c.post(keel_url, json=BODY).status_code != 200:
+                            errors[0] += 1
+
+            t = threading.Thread(target=traffic)
+            t.start()
+            time.sleep(1.0)
+            os.killpg(echoes["echo"][0].proc.pid, signal.SIGKILL)
+            killed = time.perf_counter()
+            opened = None
+            with httpx.Client(timeout=5) as c:
+                while time.perf_counter() - killed < 30:
+                    if c.get(f"{base}/healthz").json()["targets"]["echo"]["breaker"] == "open":
+                        opened = time.perf_counter()
+                        break
+                    time.sleep(0.002)
+            time.sleep(1.0)
+            done.set()
+            t.join()
+            report["breaker"] = {"death_to_open_ms": ms(opened - killed) if opened else None, "client_errors": errors[0]}
+            print(json.dumps(report["breaker"]), flush=True)
+
+            # 4. tokens/s: llama.cpp through the gateway vs alone (the Serve replica idles meanwhile).
+            gw_rate = statistics.median(llama_gateway(base, auth, a.max_tokens) for _ in range(3))
+            alone = statistics.median(llama_alone(2, a.max_tokens) for _ in range(3))
+            report["tokens_per_s"] = {"gateway": round(gw_rate, 1), "llama_alone": round(alone, 1),
+                                      "ratio": round(gw_rate / alone, 3)}
+        finally:
+            try:
+                serve.shutdown()
+            except Exception:  # noqa: BLE001 - best effort; the head goes next
+                pass
+            ray.shutdown()
+            head.stop()
+            for svc, _ in echoes.values():
+                svc.stop()
+    lat, o, r = report["latency"], report["overhead_ms"], report["routing_cost_ms"]
+    rows = [
+        ("straight to the echo server, p50 / p99 ms", f"{lat['direct']['p50_ms']} / {lat['direct']['p99_ms']}"),
+        ("through Keel to the echo server, p50 / p99 ms", f"{lat['keel']['p50_ms']} / {lat['keel']['p99_ms']}"),
+        ("  overhead p50 / p99 ms (goal <= 10 / 25)", f"{o['p50']} / {o['p99']}"),
+        ("max req/s through Keel (goal >= 150)", f"{report['throughput']['keel']['req_per_s']}"),
+        ("  max req/s straight to the echo server", f"{report['throughput']['direct']['req_per_s']}"),
+        ("bare Serve ingress + handle hop, p50 / p99 ms", f"{lat['bare_handle']['p50_ms']} / {lat['bare_handle']['p99_ms']}"),
+        ("Keel ingress + handle hop, p50 / p99 ms", f"{lat['keel_handle']['p50_ms']} / {lat['keel_handle']['p99_ms']}"),
+        ("  routing cost p50 / p99 ms (goal p50 <= 0.5)", f"{r['p50']} / {r['p99']}"),
+        ("  pure per-request path in process, us", f"{report['routing_microbench_us']}"),
+        ("target death -> breaker open, ms", f"{report['breaker']['death_to_open_ms']}"),
+        ("  client errors meanwhile (goal 0)", f"{report['breaker']['client_errors']}"),
+        ("tokens/s through the gateway / llama.cpp alone", f"{report['tokens_per_s']['gateway']} / {report['tokens_per_s']['llama_alone']}"),
+        ("  ratio (goal >= 0.9)", f"{report['tokens_per_s']['ratio']}"),
+    ]
+    print(f"\nKeel gateway, {os.cpu_count()} CPUs")
+    for name, v in rows:
+        print(f"  {name:<52} {v:>16}")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

