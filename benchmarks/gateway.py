@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import signal
 import statistics
 import sys
@@ -38,6 +39,8 @@ from typing import Any
 
 import httpx
 import yaml
+from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations here
+from fastapi.responses import JSONResponse
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -147,16 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.disable(logging.WARNING)
 
+    from tests.support.services import Service, free_port, start_ray_head, write_config
+
+    work = Path(tempfile.mkdtemp(prefix="keel-gw-bench-"))
+    head = start_ray_head(work / "ray")
+    os.environ.update(head.env)  # before Ray is imported: it reads its auth mode once
+
     import ray
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
     from ray import serve
 
     from keel.keys import KeyStore
     from keel.settings import load_settings
     from serving.gateway import Gateway
     from serving.targets import llama_cpp
-    from tests.support.services import Service, free_port, start_ray_head, write_config
 
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
     class EchoModel:
@@ -182,109 +188,106 @@ def main(argv: list[str] | None = None) -> int:
             return JSONResponse({"choices": [{"message": {"role": "assistant", "content": text}}]})
 
     report: dict[str, Any] = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count()}}
-    with tempfile.TemporaryDirectory(prefix="keel-gw-bench-") as tmp:
-        work = Path(tmp)
-        head = start_ray_head(work / "ray")
-        os.environ.update(head.env)
-        echoes = {}
-        for name in ("echo", "echo2"):
-            port = free_port()
-            echoes[name] = (Service(name, [sys.executable, "-m", "serving.fault_server", "--port", str(port)], {},
-                                    work / f"{name}.log", cwd=ROOT), f"http://127.0.0.1:{port}")
-            echoes[name][0].wait_http(echoes[name][1] + "/v1/models", timeout=30)
+    echoes = {}
+    for name in ("echo", "echo2"):
+        port = free_port()
+        echoes[name] = (Service(name, [sys.executable, "-m", "serving.fault_server", "--port", str(port)], {},
+                                work / f"{name}.log", cwd=ROOT), f"http://127.0.0.1:{port}")
+        echoes[name][0].wait_http(echoes[name][1] + "/v1/models", timeout=30)
+    try:
+        cfg = write_config(work / "cfg")
+        doc = yaml.safe_load(cfg.read_text())
+        gw_port = free_port()
+        doc["ports"]["gateway"] = gw_port
+        doc["gateway"] = {"max_in_flight_per_replica": 256, "max_in_flight_per_target": 256,
+                          "breaker_failures": 3, "breaker_cooldown_s": 30}
+        ext = {"kind": "openai", "zone": "us", "price_per_1k_input": 0.0, "price_per_1k_output": 0.0,
+               "tier": "small", "max_context": 8192}
+        doc["policy"]["targets"] = [
+            {"name": "echo", **ext, "options": {"base_url": echoes["echo"][1] + "/v1"}},
+            {"name": "echo2", **ext, "options": {"base_url": echoes["echo2"][1] + "/v1"}},
+            {"name": "echo-handle", **ext, "kind": "llama_cpp", "tier": "large"},
+            {"name": "smollm2", **ext, "kind": "llama_cpp", "tier": "large", "max_context": 2048,
+             "options": {"n_threads": 2, "n_ctx": 2048}},
+        ]
+        cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+        settings = load_settings(cfg)
+        key, _ = KeyStore(settings).create("demo", "bench")
+        auth = {"Authorization": f"Bearer {key}"}
+        ray.init(address=head.gcs, logging_level=logging.WARNING, log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": gw_port})
+        echo_dep = EchoModel.bind()
+        llama = llama_cpp.deployment(settings.policy.targets[3])
+        serve.run(Gateway.options(max_ongoing_requests=300).bind(settings, {"echo-handle": echo_dep, "smollm2": llama}),
+                  name="keel", route_prefix="/")
+        serve.run(Bare.bind(EchoModel.options(name="EchoBare").bind()), name="bare", route_prefix="/bare")
+        base = f"http://127.0.0.1:{gw_port}"
+        keel_url, echo_url = f"{base}/v1/chat/completions", echoes["echo"][1] + "/v1/chat/completions"
+        handle_body = {**BODY, "model": "echo-handle"}
+        for url, body in ((keel_url, BODY), (echo_url, BODY), (keel_url, handle_body), (f"{base}/bare/v1/chat/completions", BODY)):
+            sequential(url, body, 50, auth)  # warm up every path
+        samples: dict[str, list[float]] = {"direct": [], "keel": [], "keel_handle": [], "bare_handle": []}
+        for _ in range(a.rounds):
+            samples["direct"] += sequential(echo_url, BODY, a.requests, {})
+            samples["keel"] += sequential(keel_url, BODY, a.requests, auth)
+            samples["bare_handle"] += sequential(f"{base}/bare/v1/chat/completions", BODY, a.requests, {})
+            samples["keel_handle"] += sequential(keel_url, handle_body, a.requests, auth)
+        lat = {k: {"p50_ms": ms(statistics.median(v)), "p99_ms": ms(pct(v, 99)), "n": len(v)} for k, v in samples.items()}
+        report["latency"] = lat
+        report["overhead_ms"] = {"p50": round(lat["keel"]["p50_ms"] - lat["direct"]["p50_ms"], 2),
+                                 "p99": round(lat["keel"]["p99_ms"] - lat["direct"]["p99_ms"], 2)}
+        report["routing_cost_ms"] = {"p50": round(lat["keel_handle"]["p50_ms"] - lat["bare_handle"]["p50_ms"], 2),
+                                     "p99": round(lat["keel_handle"]["p99_ms"] - lat["bare_handle"]["p99_ms"], 2)}
+        report["routing_microbench_us"] = round(routing_microbench(settings), 1)
+        print(json.dumps(report, indent=1), flush=True)
+        report["throughput"] = {
+            "keel": throughput(keel_url, BODY, auth, a.load_seconds, a.concurrency),
+            "direct": throughput(echo_url, BODY, {}, a.load_seconds, a.concurrency),
+        }
+        print(json.dumps(report["throughput"]), flush=True)
+
+        # 3. breaker: kill `echo` under steady traffic and time its breaker opening.
+        errors, done = [0], threading.Event()
+
+        def traffic() -> None:
+            with httpx.Client(timeout=30, headers=auth) as c:
+                while not done.is_set():
+                    if c.post(keel_url, json=BODY).status_code != 200:
+                        errors[0] += 1
+
+        t = threading.Thread(target=traffic)
+        t.start()
+        time.sleep(1.0)
+        os.killpg(echoes["echo"][0].proc.pid, signal.SIGKILL)
+        killed = time.perf_counter()
+        opened = None
+        with httpx.Client(timeout=5) as c:
+            while time.perf_counter() - killed < 30:
+                if c.get(f"{base}/healthz").json()["targets"]["echo"]["breaker"] == "open":
+                    opened = time.perf_counter()
+                    break
+                time.sleep(0.002)
+        time.sleep(1.0)
+        done.set()
+        t.join()
+        report["breaker"] = {"death_to_open_ms": ms(opened - killed) if opened else None, "client_errors": errors[0]}
+        print(json.dumps(report["breaker"]), flush=True)
+
+        # 4. tokens/s: llama.cpp through the gateway vs alone (the Serve replica idles meanwhile).
+        gw_rate = statistics.median(llama_gateway(base, auth, a.max_tokens) for _ in range(3))
+        alone = statistics.median(llama_alone(2, a.max_tokens) for _ in range(3))
+        report["tokens_per_s"] = {"gateway": round(gw_rate, 1), "llama_alone": round(alone, 1),
+                                  "ratio": round(gw_rate / alone, 3)}
+    finally:
         try:
-            cfg = write_config(work / "cfg")
-            doc = yaml.safe_load(cfg.read_text())
-            gw_port = free_port()
-            doc["ports"]["gateway"] = gw_port
-            doc["gateway"] = {"max_in_flight_per_replica": 256, "max_in_flight_per_target": 256,
-                              "breaker_failures": 3, "breaker_cooldown_s": 30}
-            ext = {"kind": "openai", "zone": "us", "price_per_1k_input": 0.0, "price_per_1k_output": 0.0,
-                   "tier": "small", "max_context": 8192}
-            doc["policy"]["targets"] = [
-                {"name": "echo", **ext, "options": {"base_url": echoes["echo"][1] + "/v1"}},
-                {"name": "echo2", **ext, "options": {"base_url": echoes["echo2"][1] + "/v1"}},
-                {"name": "echo-handle", **ext, "kind": "llama_cpp", "tier": "large"},
-                {"name": "smollm2", **ext, "kind": "llama_cpp", "tier": "large", "max_context": 2048,
-                 "options": {"n_threads": 2, "n_ctx": 2048}},
-            ]
-            cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
-            settings = load_settings(cfg)
-            key, _ = KeyStore(settings).create("demo", "bench")
-            auth = {"Authorization": f"Bearer {key}"}
-            ray.init(address=head.gcs, logging_level=logging.WARNING, log_to_driver=False)
-            serve.start(http_options={"host": "127.0.0.1", "port": gw_port})
-            echo_dep = EchoModel.bind()
-            llama = llama_cpp.deployment(settings.policy.targets[3])
-            serve.run(Gateway.options(max_ongoing_requests=300).bind(settings, {"echo-handle": echo_dep, "smollm2": llama}),
-                      name="keel", route_prefix="/")
-            serve.run(Bare.bind(EchoModel.options(name="EchoBare").bind()), name="bare", route_prefix="/bare")
-            base = f"http://127.0.0.1:{gw_port}"
-            keel_url, echo_url = f"{base}/v1/chat/completions", echoes["echo"][1] + "/v1/chat/completions"
-            handle_body = {**BODY, "model": "echo-handle"}
-            for url, body in ((keel_url, BODY), (echo_url, BODY), (keel_url, handle_body), (f"{base}/bare/v1/chat/completions", BODY)):
-                sequential(url, body, 50, auth)  # warm up every path
-            samples: dict[str, list[float]] = {"direct": [], "keel": [], "keel_handle": [], "bare_handle": []}
-            for _ in range(a.rounds):
-                samples["direct"] += sequential(echo_url, BODY, a.requests, {})
-                samples["keel"] += sequential(keel_url, BODY, a.requests, auth)
-                samples["bare_handle"] += sequential(f"{base}/bare/v1/chat/completions", BODY, a.requests, {})
-                samples["keel_handle"] += sequential(keel_url, handle_body, a.requests, auth)
-            lat = {k: {"p50_ms": ms(statistics.median(v)), "p99_ms": ms(pct(v, 99)), "n": len(v)} for k, v in samples.items()}
-            report["latency"] = lat
-            report["overhead_ms"] = {"p50": round(lat["keel"]["p50_ms"] - lat["direct"]["p50_ms"], 2),
-                                     "p99": round(lat["keel"]["p99_ms"] - lat["direct"]["p99_ms"], 2)}
-            report["routing_cost_ms"] = {"p50": round(lat["keel_handle"]["p50_ms"] - lat["bare_handle"]["p50_ms"], 2),
-                                         "p99": round(lat["keel_handle"]["p99_ms"] - lat["bare_handle"]["p99_ms"], 2)}
-            report["routing_microbench_us"] = round(routing_microbench(settings), 1)
-            print(json.dumps(report, indent=1), flush=True)
-            report["throughput"] = {
-                "keel": throughput(keel_url, BODY, auth, a.load_seconds, a.concurrency),
-                "direct": throughput(echo_url, BODY, {}, a.load_seconds, a.concurrency),
-            }
-            print(json.dumps(report["throughput"]), flush=True)
-
-            # 3. breaker: kill `echo` under steady traffic and time its breaker opening.
-            errors, done = [0], threading.Event()
-
-            def traffic() -> None:
-                with httpx.Client(timeout=30, headers=auth) as c:
-                    while not done.is_set():
-                        if c.post(keel_url, json=BODY).status_code != 200:
-                            errors[0] += 1
-
-            t = threading.Thread(target=traffic)
-            t.start()
-            time.sleep(1.0)
-            os.killpg(echoes["echo"][0].proc.pid, signal.SIGKILL)
-            killed = time.perf_counter()
-            opened = None
-            with httpx.Client(timeout=5) as c:
-                while time.perf_counter() - killed < 30:
-                    if c.get(f"{base}/healthz").json()["targets"]["echo"]["breaker"] == "open":
-                        opened = time.perf_counter()
-                        break
-                    time.sleep(0.002)
-            time.sleep(1.0)
-            done.set()
-            t.join()
-            report["breaker"] = {"death_to_open_ms": ms(opened - killed) if opened else None, "client_errors": errors[0]}
-            print(json.dumps(report["breaker"]), flush=True)
-
-            # 4. tokens/s: llama.cpp through the gateway vs alone (the Serve replica idles meanwhile).
-            gw_rate = statistics.median(llama_gateway(base, auth, a.max_tokens) for _ in range(3))
-            alone = statistics.median(llama_alone(2, a.max_tokens) for _ in range(3))
-            report["tokens_per_s"] = {"gateway": round(gw_rate, 1), "llama_alone": round(alone, 1),
-                                      "ratio": round(gw_rate / alone, 3)}
-        finally:
-            try:
-                serve.shutdown()
-            except Exception:  # noqa: BLE001 - best effort; the head goes next
-                pass
-            ray.shutdown()
-            head.stop()
-            for svc, _ in echoes.values():
-                svc.stop()
+            serve.shutdown()
+        except Exception:  # noqa: BLE001 - best effort; the head goes next
+            pass
+        ray.shutdown()
+        head.stop()
+        for svc, _ in echoes.values():
+            svc.stop()
+        shutil.rmtree(work, ignore_errors=True)
     lat, o, r = report["latency"], report["overhead_ms"], report["routing_cost_ms"]
     rows = [
         ("straight to the echo server, p50 / p99 ms", f"{lat['direct']['p50_ms']} / {lat['direct']['p99_ms']}"),

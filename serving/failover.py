@@ -151,7 +151,8 @@ class _Overlap:
         if len(self.buf) < self.window and not final:
             return ""
         buf, self.buf = self.buf, None
-        for m in range(min(len(buf), self.window), MIN_OVERLAP - 1, -1):
-            if self.sent.endswith(buf[:m]):
+        for m in range(min(len(buf), self.window), 0, -1):
+            # A long repeat of the tail is trimmed; so is a restart that repeats everything sent.
+            if (m >= MIN_OVERLAP or m == len(self.sent)) and self.sent.endswith(buf[:m]):
                 return buf[m:]
         return buf

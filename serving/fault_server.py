@@ -144,7 +144,7 @@ class FaultServer:
                 if c["mode"] in ("stall", "cut") and i == c["after_tokens"]:
                     if c["mode"] == "stall":
                         await asyncio.sleep(3600)
-                    request.transport.abort()  # type: ignore[union-attr]
+                    request.transport.close()  # type: ignore[union-attr]  # flushes what was sent, then drops
                     return resp
                 if c["delay_s"]:
                     await asyncio.sleep(c["delay_s"])

@@ -194,7 +194,7 @@ def test_failover_before_the_first_token_is_invisible(gw, faults, mode):
     assert text == expected("streamed") and final["route"]["target"] == "backup"
 
 
-@pytest.mark.parametrize("overlap", [0, 40])
+@pytest.mark.parametrize("overlap", [0, 20, 40])
 def test_mid_stream_cut_continues_on_the_backup_without_gap_or_repeat(gw, faults, overlap):
     primary, backup = faults
     primary.control(mode="cut", after_tokens=7)
