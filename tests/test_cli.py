@@ -98,3 +98,25 @@ def test_ten_megabyte_text_is_processed_in_chunks(tmp_path):
     assert "error" not in out[0]
     assert "415-555-0133" not in out[0]["text"] and "Maria Lopez" not in out[0]["text"]
     assert out[0]["text"].count("[PHONE_NUMBER]") == text.count("415-555-0133")
+
+
+def test_keys_create_list_revoke(tmp_path):
+    import json
+
+    from tests.support.services import write_config
+
+    cfg = str(write_config(tmp_path))
+    made = run_keel("keys", "create", "--tenant", "demo", "--name", "ci", "-c", cfg)
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.decode().strip()
+    assert key.startswith("keel-") and b"cannot be shown again" in made.stderr
+    stored = (tmp_path / "state" / "api_keys.json").read_text()
+    assert key not in stored and json.loads(stored)["keys"][0]["tenant"] == "demo"
+    key_id = json.loads(stored)["keys"][0]["id"]
+    listed = run_keel("keys", "list", "-c", cfg).stdout.decode()
+    assert key_id in listed and "active" in listed and key not in listed
+    assert run_keel("keys", "revoke", key_id, "-c", cfg).returncode == 0
+    assert "revoked" in run_keel("keys", "list", "-c", cfg).stdout.decode()
+    assert run_keel("keys", "revoke", key_id, "-c", cfg).returncode == 1
+    bad = run_keel("keys", "create", "--tenant", "nobody", "-c", cfg)
+    assert bad.returncode == 2 and b"unknown tenant" in bad.stderr

@@ -363,3 +363,66 @@ def test_llama_cpp_continues_a_cut_answer_from_the_prefilled_text():
     # It goes on from the prefix instead of starting over (the words may differ from the first
     # run: the prefix is re-tokenized, and a 135M model's greedy path is sensitive to that).
     assert rest.strip() and not rest.lstrip().startswith(sent.strip()[:12])
+
+
+def test_rag_grounds_the_prompt_in_the_index_and_cites_its_chunks(gw, faults):
+    """keel/rag (here the `rag` request field on a named target) retrieves from the zone's current index."""
+    import pyarrow as pa
+
+    from keel.pipeline import index
+    from keel.pipeline.embedding import Embedder
+    from keel.pipeline.snapshots import SnapshotStore
+    from keel.storage import ZoneStorage
+
+    settings = gw["settings"]
+    texts = ["Refunds: annual plans can be refunded in full within 30 days of purchase.",
+             "To reset the router, hold the button for ten seconds.",
+             "Our offices are closed on public holidays."]
+    vectors = Embedder("onnx", index.model_cache(settings)).encode(texts)
+    chunks = pa.table({"chunk_id": [f"c{i}" for i in range(3)], "doc_id": [f"d{i}" for i in range(3)],
+                       "seq": pa.array([0, 0, 0], pa.int32()), "source": ["policy.md", "router.md", "offices.md"],
+                       "title": ["Refund policy", "Router", "Offices"], "data_class": ["public"] * 3, "text": texts,
+                       "vector": pa.array(vectors.tolist(), index.CHUNKS_SCHEMA.field("vector").type)})
+    storage = ZoneStorage.for_zone(settings, "us")
+    store = SnapshotStore(storage, "index")
+    staging = store.begin("rag-test")
+    index.write_table(storage.uri(staging.path, "lance"), chunks, storage)
+    store.commit(staging, {"counts": {"chunks": 3}})
+
+    r = chat(gw, "How long do I have to get a refund on an annual plan?", extra_body={"rag": True})
+    citations = r.model_extra["keel"]["citations"]
+    assert citations[0]["doc_id"] == "d0" and citations[0]["source"] == "policy.md"
+    system = faults[0].requests()[-1]["messages"][0]
+    assert system["role"] == "system" and texts[0] in system["content"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU")
+def test_vllm_target_through_the_gateway(gw, tmp_path):
+    """A vLLM target (Ray Serve LLM's LLMServer) behind the gateway; KEEL_TEST_VLLM_MODEL names the model."""
+    import os
+
+    pytest.importorskip("vllm")
+    from ray import serve
+
+    from keel.keys import KeyStore
+    from keel.settings import load_settings
+    from serving.app import build
+
+    cfg = write_config(tmp_path)
+    doc = yaml.safe_load(cfg.read_text())
+    doc["policy"]["targets"] = [{"name": "vllm-small", "kind": "vllm", "zone": "us", "price_per_1k_input": 0.0,
+                                 "price_per_1k_output": 0.0, "tier": "small", "max_context": 2048,
+                                 "options": {"model": os.environ.get("KEEL_TEST_VLLM_MODEL",
+                                                                     "HuggingFaceTB/SmolLM2-135M-Instruct"),
+                                             "engine_kwargs": {"max_model_len": 2048}}}]
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    settings = load_settings(cfg)
+    key, _ = KeyStore(settings).create("demo")
+    serve.run(build(settings), name="keel-vllm", route_prefix="/vllm")  # beside the module's app, same port
+    from openai import OpenAI
+
+    c = OpenAI(base_url=gw["base"] + "/vllm/v1", api_key=key, max_retries=0)
+    r = c.chat.completions.create(model="vllm-small", messages=[{"role": "user", "content": "Say hi."}], max_tokens=8)
+    assert r.choices[0].message.content and r.model_extra["keel"]["route"]["target"] == "vllm-small"
+    serve.delete("keel-vllm")
