@@ -91,7 +91,7 @@ async def run(
                 while True:
                     wait = limits.first_token_timeout_s if first is None else limits.stall_timeout_s
                     try:
-                        chunk = await asyncio.wait_for(anext(stream), max(0.001, min(wait, deadline - time.monotonic())))
+                        chunk = await _next(stream, max(0.001, min(wait, deadline - time.monotonic())))
                     except StopAsyncIteration:
                         break
                     except TimeoutError:
@@ -134,6 +134,12 @@ async def run(
                 st.breaker.release()  # the caller went away mid-request: no verdict on the target
     outcome.target = None
     raise NoTargetLeft(outcome, last, busy and last is None)
+
+
+async def _next(stream: AsyncIterator[Chunk], seconds: float) -> Chunk:
+    # asyncio.timeout arms one timer on this task; wait_for would also spawn a task per chunk.
+    async with asyncio.timeout(seconds):
+        return await anext(stream)
 
 
 class _Overlap:
