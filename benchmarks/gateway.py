@@ -277,8 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report["breaker"]), flush=True)
 
         # 4. tokens/s: llama.cpp through the gateway vs alone (the Serve replica idles meanwhile).
-        gw_rate = statistics.median(llama_gateway(base, auth, a.max_tokens) for _ in range(3))
-        alone = statistics.median(llama_alone(2, a.max_tokens) for _ in range(3))
+        gw_runs, alone_runs = [], []
+        for _ in range(3):  # interleaved, so machine noise hits both sides alike
+            gw_runs.append(llama_gateway(base, auth, a.max_tokens))
+            alone_runs.append(llama_alone(2, a.max_tokens))
+        gw_rate, alone = statistics.median(gw_runs), statistics.median(alone_runs)
         report["tokens_per_s"] = {"gateway": round(gw_rate, 1), "llama_alone": round(alone, 1),
                                   "ratio": round(gw_rate / alone, 3)}
     finally:
