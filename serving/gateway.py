@@ -12,12 +12,13 @@ import base64
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from ray import serve
 
 from keel.breaker import CircuitBreaker
@@ -136,7 +137,6 @@ class Gateway:
         except APIError as e:
             self.metrics.request(endpoint, e.status)
             return e.response(headers)
-        headers["x-keel-route"] = api.route_header(route.ranked[0], route)
         self.in_flight += 1
         outcome = Outcome()
         stream = failover.run(self.states, route.ranked, kind, body, self.limits, outcome)
@@ -155,9 +155,21 @@ class Gateway:
         headers["x-keel-route"] = api.route_header(outcome.target, route)
         meta = {"id": rid, "created": int(time.time()), "model": req.model}
         if req.stream:
+            done = False
+
+            async def release(status: int = 499) -> None:
+                """Once per request: from the stream's end, or (a client gone before it began) Starlette's background."""
+                nonlocal done
+                if not done:
+                    done = True
+                    self.in_flight -= 1
+                    await stream.aclose()  # type: ignore[attr-defined]
+                    self.metrics.finish(endpoint, status, outcome, time.monotonic() - started)
+
             return StreamingResponse(
-                self._sse(kind, meta, first, stream, outcome, route, citations, endpoint, started),
+                self._sse(kind, meta, first, stream, outcome, route, citations, release),
                 media_type="text/event-stream", headers=headers | {"cache-control": "no-cache"},
+                background=BackgroundTask(release),
             )
         chunks = [first]
         try:
@@ -174,22 +186,21 @@ class Gateway:
                             headers=headers)
 
     async def _sse(self, kind: Kind, meta: dict[str, Any], first: Chunk, stream: AsyncIterator[Chunk],
-                   outcome: Outcome, route: Route, citations: list[dict[str, Any]] | None, endpoint: str,
-                   started: float) -> AsyncIterator[str]:
-        status = 200
+                   outcome: Outcome, route: Route, citations: list[dict[str, Any]] | None,
+                   release: Callable[[int], Awaitable[None]]) -> AsyncIterator[str]:
+        status = 499  # until the stream ends: a caller gone mid-stream
         try:
             yield api.sse_chunk(kind, meta, first, role=True)
             async for chunk in stream:
                 if chunk.text or chunk.tool_calls or chunk.finish_reason:
                     yield api.sse_chunk(kind, meta, chunk)
+            status = 200
         except (NoTargetLeft, TargetError) as e:
             err = self._failure(e)
             status = err.status
             yield f"data: {json.dumps(err.body())}\n\n"
         finally:
-            self.in_flight -= 1
-            await stream.aclose()  # type: ignore[attr-defined]
-            self.metrics.finish(endpoint, status, outcome, time.monotonic() - started)
+            await release(status)
         # The route can change after the headers went out (a mid-stream failover): the final event holds it.
         final = {**meta, "object": "chat.completion.chunk" if kind == "chat" else "text_completion", "choices": [],
                  "usage": outcome.usage, "keel": api.keel_field(meta["id"], route, outcome, citations)}

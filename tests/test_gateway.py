@@ -426,3 +426,18 @@ def test_vllm_target_through_the_gateway(gw, tmp_path):
     r = c.chat.completions.create(model="vllm-small", messages=[{"role": "user", "content": "Say hi."}], max_tokens=8)
     assert r.choices[0].message.content and r.model_extra["keel"]["route"]["target"] == "vllm-small"
     serve.delete("keel-vllm")
+
+
+def test_a_caller_leaving_mid_stream_frees_its_slots(gw, faults):
+    faults[0].control(delay_s=0.1)
+    with httpx.stream("POST", gw["base"] + "/v1/chat/completions", headers={"Authorization": f"Bearer {gw['key']}"},
+                      json={"model": "primary", "stream": True, "messages": MSG}) as r:
+        next(r.iter_lines())  # the first event, then hang up
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        h = httpx.get(gw["base"] + "/healthz").json()
+        if h["in_flight"] == 0 and h["targets"]["primary"]["in_flight"] == 0:
+            break
+        time.sleep(0.2)
+    assert h["in_flight"] == 0 and h["targets"]["primary"]["in_flight"] == 0
+    assert h["targets"]["primary"]["breaker"] == "closed"  # a caller leaving is no verdict on the target
