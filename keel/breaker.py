@@ -28,7 +28,7 @@ class CircuitBreaker:
 
     def allow(self) -> bool:
         """May a request go to this target now? (In half-open, only one probe at a time.)"""
-        if self.state == "open" and self.clock() - (self.opened_at or 0.0) >= self.cooldown_s:
+        if self.state == "open" and not self.probe_in():
             self._to("half_open")
         if self.state == "closed":
             return True
@@ -41,8 +41,14 @@ class CircuitBreaker:
     def available(self) -> bool:
         """Would allow() let a request through? (Routing asks this without taking the probe.)"""
         if self.state == "open":
-            return self.clock() - (self.opened_at or 0.0) >= self.cooldown_s
+            return not self.probe_in()
         return self.state == "closed" or not self.probing
+
+    def probe_in(self) -> float:
+        """Seconds until an open breaker lets a probe through (0 when it is not open or has cooled down)."""
+        if self.state != "open":
+            return 0.0
+        return max(0.0, self.cooldown_s - (self.clock() - (self.opened_at or 0.0)))
 
     @property
     def status(self) -> State:

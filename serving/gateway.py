@@ -255,8 +255,7 @@ class Gateway:
                         retry_after=self._retry_after())
 
     def _retry_after(self) -> int:
-        waits = [s.breaker.cooldown_s - (time.monotonic() - s.breaker.opened_at)
-                 for s in self.states.values() if s.breaker.state == "open" and s.breaker.opened_at is not None]
+        waits = [s.breaker.probe_in() for s in self.states.values() if s.breaker.state == "open"]
         return max(self.g.retry_after_s, math.ceil(min(waits))) if waits else self.g.retry_after_s
 
     def _auth(self, request: Request) -> str:
