@@ -63,3 +63,17 @@ def instructed_continuation(kind: Kind, body: dict[str, Any], sent: str) -> dict
         return {**body, "prompt": body["prompt"] + sent}
     messages = [*body["messages"], {"role": "assistant", "content": sent}, {"role": "user", "content": CONTINUE_INSTRUCTION}]
     return {**body, "messages": messages}
+
+
+def chunk_from_event(kind: Kind, event: dict[str, Any]) -> Chunk:
+    """One OpenAI stream event (chat.completion.chunk or text_completion) as a Chunk."""
+    choices = event.get("choices") or []
+    usage = event.get("usage")
+    if not choices:
+        return Chunk(usage=usage)
+    c = choices[0]
+    if kind == "completion":
+        return Chunk(text=c.get("text") or "", finish_reason=c.get("finish_reason"), usage=usage)
+    delta = c.get("delta") or {}
+    return Chunk(text=delta.get("content") or "", tool_calls=delta.get("tool_calls"),
+                 finish_reason=c.get("finish_reason"), usage=usage)

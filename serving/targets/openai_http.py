@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 
 from keel.policy import ModelTarget
-from serving.targets.base import Chunk, Kind, TargetError, instructed_continuation
+from serving.targets.base import Chunk, Kind, TargetError, chunk_from_event, instructed_continuation
 
 
 class OpenAIHTTPTarget:
@@ -68,7 +68,7 @@ class OpenAIHTTPTarget:
                     event = json.loads(data)
                     if "error" in event:
                         raise TargetError("server", f"upstream error event: {event['error']}")
-                    chunk = _chunk(kind, event)
+                    chunk = chunk_from_event(kind, event)
                     finished = finished or chunk.finish_reason is not None
                     yield chunk
         except aiohttp.ClientConnectorError as e:
@@ -83,19 +83,6 @@ class OpenAIHTTPTarget:
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
-
-
-def _chunk(kind: Kind, event: dict[str, Any]) -> Chunk:
-    choices = event.get("choices") or []
-    usage = event.get("usage")
-    if not choices:
-        return Chunk(usage=usage)
-    c = choices[0]
-    if kind == "completion":
-        return Chunk(text=c.get("text") or "", finish_reason=c.get("finish_reason"), usage=usage)
-    delta = c.get("delta") or {}
-    return Chunk(text=delta.get("content") or "", tool_calls=delta.get("tool_calls"),
-                 finish_reason=c.get("finish_reason"), usage=usage)
 
 
 def _status_error(status: int, raw: bytes, retry_after: str | None) -> TargetError:

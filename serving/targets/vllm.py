@@ -17,7 +17,7 @@ from typing import Any
 from ray import serve
 
 from keel.policy import ModelTarget
-from serving.targets.base import Chunk, Kind, TargetError
+from serving.targets.base import Chunk, Kind, TargetError, chunk_from_event
 
 
 def deployment(config: ModelTarget) -> serve.Application:
@@ -63,11 +63,7 @@ class VLLMTarget:
                         status = int(event["error"].get("code") or 500)
                         raise TargetError("client" if 400 <= status < 500 and status != 429 else "server",
                                           str(event["error"].get("message")), status=status, body=event)
-                    choices = event.get("choices") or [{}]
-                    c = choices[0]
-                    text = (c.get("delta") or {}).get("content") if kind == "chat" else c.get("text")
-                    yield Chunk(text=text or "", tool_calls=(c.get("delta") or {}).get("tool_calls"),
-                                finish_reason=c.get("finish_reason"), usage=event.get("usage"))
+                    yield chunk_from_event(kind, event)
                 if not isinstance(part, str) and getattr(part, "error", None):
                     raise TargetError("server", str(part.error))
         except TargetError:
