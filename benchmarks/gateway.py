@@ -7,7 +7,8 @@ On a local Ray head, one Serve application holds the Keel gateway with four targ
 and a second application, /bare, is the baseline for the routing cost: a bare FastAPI ingress
 that forwards the same body to the same echo deployment through a handle and returns its answer.
 
-Measured (medians and p99 of sequential requests, rounds interleaved so drift hits both sides):
+Measured (medians and p99 of sequential requests, the two sides of each comparison alternating
+request by request so that drift hits both alike; also the median of the paired differences):
   1. overhead: through Keel to `echo` minus straight to the echo server; and max req/s through Keel
   2. routing cost: Keel to `echo-handle` minus /bare; plus an in-process microbenchmark of the
      per-request pure path (parse, complexity, routing)
@@ -71,6 +72,21 @@ def sequential(url: str, body: dict[str, Any], n: int, headers: dict[str, str]) 
     return out
 
 
+def paired(a: tuple[str, dict[str, Any], dict[str, str]], b: tuple[str, dict[str, Any], dict[str, str]],
+           n: int) -> tuple[list[float], list[float]]:
+    """n requests to each side, alternating A B / B A, so that machine drift hits both alike."""
+    out: tuple[list[float], list[float]] = ([], [])
+    with httpx.Client(timeout=30, headers=a[2]) as ca, httpx.Client(timeout=30, headers=b[2]) as cb:
+        sides = ((ca, a, out[0]), (cb, b, out[1]))
+        for i in range(n):
+            for c, (url, body, _), xs in sides if i % 2 == 0 else sides[::-1]:
+                t0 = time.perf_counter()
+                r = c.post(url, json=body)
+                xs.append(time.perf_counter() - t0)
+                r.raise_for_status()
+    return out
+
+
 def throughput(url: str, body: dict[str, Any], headers: dict[str, str], seconds: float, concurrency: int) -> dict[str, Any]:
     """Closed-loop load from `concurrency` workers on aiohttp (a lighter client leaves the 2 cores to the server)."""
     import aiohttp
@@ -93,20 +109,24 @@ def throughput(url: str, body: dict[str, Any], headers: dict[str, str], seconds:
     return {"req_per_s": round(ok / (time.perf_counter() - t0), 1), "errors": err, "concurrency": concurrency}
 
 
-def routing_microbench(settings: Any, n: int = 20000) -> float:
-    """Per-request pure work of the gateway: parse + target body + complexity + plan, in µs."""
-    from keel.routing import Candidate, LatencyStats, RouteRequest, complexity_score, estimate_tokens, plan
+def routing_microbench(settings: Any, model: str, n: int = 20000) -> float:
+    """Per-request pure work of the gateway: parse + target body + complexity (when used) + plan, in µs."""
+    from keel.routing import ALIASES, Candidate, LatencyStats, RouteRequest, Weights, complexity_score, estimate_tokens, plan, \
+        uses_complexity
     from serving import api
     from serving.api import target_body
 
-    raw = json.dumps(BODY).encode()
+    raw = json.dumps({**BODY, "model": model}).encode()
     cands = [Candidate(t, True, LatencyStats()) for t in settings.policy.targets]
+    weights = Weights()
     t0 = time.perf_counter()
     for _ in range(n):
         req = api.parse(raw, api.ChatRequest)
         body, text, ask = target_body("chat", req)
-        rr = RouteRequest(estimate_tokens(text), req.max_tokens or 512, frozenset(), None, complexity_score(ask))
-        plan(cands, rr, "blend", pinned=req.model)
+        strategy, pinned = (ALIASES[req.model] or "blend", None) if req.model in ALIASES else ("blend", req.model)
+        score = complexity_score(ask) if uses_complexity(strategy, pinned, weights) else 0.0
+        rr = RouteRequest(estimate_tokens(text), req.max_tokens or 512, frozenset(), None, score)
+        plan(cands, rr, strategy, pinned=pinned, weights=weights)
     return (time.perf_counter() - t0) / n * 1e6
 
 
@@ -230,18 +250,25 @@ def main(argv: list[str] | None = None) -> int:
         for url, body in ((keel_url, BODY), (echo_url, BODY), (keel_url, handle_body), (f"{base}/bare/v1/chat/completions", BODY)):
             sequential(url, body, 50, auth)  # warm up every path
         samples: dict[str, list[float]] = {"direct": [], "keel": [], "keel_handle": [], "bare_handle": []}
+        diffs: dict[str, list[float]] = {"overhead": [], "routing": []}  # paired: request i of one side minus of the other
         for _ in range(a.rounds):
-            samples["direct"] += sequential(echo_url, BODY, a.requests, {})
-            samples["keel"] += sequential(keel_url, BODY, a.requests, auth)
-            samples["bare_handle"] += sequential(f"{base}/bare/v1/chat/completions", BODY, a.requests, {})
-            samples["keel_handle"] += sequential(keel_url, handle_body, a.requests, auth)
+            direct, keel = paired((echo_url, BODY, {}), (keel_url, BODY, auth), a.requests)
+            bare, keel_handle = paired((f"{base}/bare/v1/chat/completions", BODY, {}), (keel_url, handle_body, auth),
+                                       a.requests)
+            for k, v in (("direct", direct), ("keel", keel), ("bare_handle", bare), ("keel_handle", keel_handle)):
+                samples[k] += v
+            diffs["overhead"] += [k - d for k, d in zip(keel, direct)]
+            diffs["routing"] += [k - b for k, b in zip(keel_handle, bare)]
         lat = {k: {"p50_ms": ms(statistics.median(v)), "p99_ms": ms(pct(v, 99)), "n": len(v)} for k, v in samples.items()}
         report["latency"] = lat
         report["overhead_ms"] = {"p50": round(lat["keel"]["p50_ms"] - lat["direct"]["p50_ms"], 2),
                                  "p99": round(lat["keel"]["p99_ms"] - lat["direct"]["p99_ms"], 2)}
         report["routing_cost_ms"] = {"p50": round(lat["keel_handle"]["p50_ms"] - lat["bare_handle"]["p50_ms"], 2),
-                                     "p99": round(lat["keel_handle"]["p99_ms"] - lat["bare_handle"]["p99_ms"], 2)}
-        report["routing_microbench_us"] = round(routing_microbench(settings), 1)
+                                     "p99": round(lat["keel_handle"]["p99_ms"] - lat["bare_handle"]["p99_ms"], 2),
+                                     "median_of_paired_differences": ms(statistics.median(diffs["routing"]))}
+        report["overhead_ms"]["median_of_paired_differences"] = ms(statistics.median(diffs["overhead"]))
+        report["routing_microbench_us"] = {"named_target": round(routing_microbench(settings, "echo-handle"), 1),
+                                           "keel_auto": round(routing_microbench(settings, "keel/auto"), 1)}
         print(json.dumps(report, indent=1), flush=True)
         report["throughput"] = {
             "keel": throughput(keel_url, BODY, auth, a.load_seconds, a.concurrency),
@@ -299,12 +326,15 @@ def main(argv: list[str] | None = None) -> int:
         ("straight to the echo server, p50 / p99 ms", f"{lat['direct']['p50_ms']} / {lat['direct']['p99_ms']}"),
         ("through Keel to the echo server, p50 / p99 ms", f"{lat['keel']['p50_ms']} / {lat['keel']['p99_ms']}"),
         ("  overhead p50 / p99 ms (goal <= 10 / 25)", f"{o['p50']} / {o['p99']}"),
+        ("  overhead, median of paired differences, ms", f"{o['median_of_paired_differences']}"),
         ("max req/s through Keel (goal >= 150)", f"{report['throughput']['keel']['req_per_s']}"),
         ("  max req/s straight to the echo server", f"{report['throughput']['direct']['req_per_s']}"),
         ("bare Serve ingress + handle hop, p50 / p99 ms", f"{lat['bare_handle']['p50_ms']} / {lat['bare_handle']['p99_ms']}"),
         ("Keel ingress + handle hop, p50 / p99 ms", f"{lat['keel_handle']['p50_ms']} / {lat['keel_handle']['p99_ms']}"),
         ("  routing cost p50 / p99 ms (goal p50 <= 0.5)", f"{r['p50']} / {r['p99']}"),
-        ("  pure per-request path in process, us", f"{report['routing_microbench_us']}"),
+        ("  routing cost, median of paired differences, ms", f"{r['median_of_paired_differences']}"),
+        ("  pure per-request path in process, us: named / keel/auto",
+         f"{report['routing_microbench_us']['named_target']} / {report['routing_microbench_us']['keel_auto']}"),
         ("target death -> breaker open, ms", f"{report['breaker']['death_to_open_ms']}"),
         ("  client errors meanwhile (goal 0)", f"{report['breaker']['client_errors']}"),
         ("tokens/s through the gateway / llama.cpp alone", f"{report['tokens_per_s']['gateway']} / {report['tokens_per_s']['llama_alone']}"),

@@ -130,6 +130,12 @@ def plan(
     return Route(tuple(c.target.name for c in ranked), strategy, _why(ranked[0], req, strategy, want_large), excluded)
 
 
+def uses_complexity(strategy: Strategy | str, pinned: str | None, weights: Weights) -> bool:
+    """Whether the prompt's complexity can change the plan: its score costs tens of microseconds
+    a request, so the gateway computes it only then (a named target ranks only its own tier)."""
+    return pinned is None and (strategy == "complexity" or (strategy == "blend" and weights.complexity > 0))
+
+
 def _cost(t: ModelTarget, req: RouteRequest) -> float:
     return (req.prompt_tokens * t.price_per_1k_input + req.max_tokens * t.price_per_1k_output) / 1000
 

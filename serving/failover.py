@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from keel.breaker import CircuitBreaker
 from keel.routing import LatencyStats
 from serving.targets.base import Chunk, Kind, Target, TargetError
 
+T = TypeVar("T")
 MIN_OVERLAP = 16  # shorter repeats of the sent text's tail are kept: they may be genuine text
 
 
@@ -87,11 +88,12 @@ async def run(
         verdict = False
         try:
             stream = st.target.stream(kind, request)
+            limit = _Deadline()
             try:
                 while True:
                     wait = limits.first_token_timeout_s if first is None else limits.stall_timeout_s
                     try:
-                        chunk = await _next(stream, max(0.001, min(wait, deadline - time.monotonic())))
+                        chunk = await limit.run(anext(stream), min(wait, deadline - time.monotonic()))
                     except StopAsyncIteration:
                         break
                     except TimeoutError:
@@ -110,6 +112,7 @@ async def run(
                     if chunk.usage:
                         outcome.usage = chunk.usage
             finally:
+                limit.close()
                 await stream.aclose()
             if outcome.finish_reason is None:
                 raise TargetError("cut", f"{name}: stream ended without a finish_reason")
@@ -136,10 +139,60 @@ async def run(
     raise NoTargetLeft(outcome, last, busy and last is None)
 
 
-async def _next(stream: AsyncIterator[Chunk], seconds: float) -> Chunk:
-    # asyncio.timeout arms one timer on this task; wait_for would also spawn a task per chunk.
-    async with asyncio.timeout(seconds):
-        return await anext(stream)
+class _Deadline:
+    """A time limit on each wait for the next chunk, with one timer per target instead of one per chunk.
+
+    asyncio.timeout around every chunk costs a timer handle and a heap push per token. Here a wait
+    only moves `expires`; the timer, when it fires early (a later wait moved it), re-arms for the
+    new time, and cancels the task only while it is really waiting and `expires` has passed. Time
+    the caller spends elsewhere between chunks (sending to a slow client) never counts.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.task: asyncio.Task[Any] | None = None  # the one waiting now: a stream may move between tasks
+        self.expires = 0.0
+        self.waiting = self.fired = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    async def run(self, step: Awaitable[T], seconds: float) -> T:
+        self.expires = self.loop.time() + max(0.001, seconds)
+        if self.timer is None or self.timer.when() > self.expires:  # (a stall limit shorter than the first-token one)
+            self.close()
+            self.timer = self.loop.call_at(self.expires, self._check)
+        self.task = task = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()
+        self.waiting = True
+        try:
+            return await step
+        except asyncio.CancelledError:
+            if self._took_back(cancelling):  # our own cancel, not the caller's: a timeout
+                raise TimeoutError from None
+            raise
+        finally:
+            self.waiting = False
+            self._took_back(cancelling)
+
+    def _took_back(self, cancelling: int) -> bool:
+        fired, self.fired = self.fired, False
+        return fired and self.task is not None and self.task.uncancel() <= cancelling
+
+    def _check(self) -> None:
+        self.timer = None
+        if not self.waiting:
+            return  # re-armed by the next wait
+        if self.loop.time() < self.expires:
+            self.timer = self.loop.call_at(self.expires, self._check)
+        else:
+            self.fired = True
+            assert self.task is not None
+            self.task.cancel()
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 class _Overlap:

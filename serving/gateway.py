@@ -23,7 +23,7 @@ from ray import serve
 
 from keel.breaker import CircuitBreaker
 from keel.keys import KeyRing
-from keel.routing import ALIASES, Candidate, LatencyStats, Route, RouteRequest, Weights, complexity_score, estimate_tokens, plan
+from keel.routing import ALIASES, Candidate, LatencyStats, Route, RouteRequest, Weights, complexity_score, estimate_tokens, plan, uses_complexity
 from keel.settings import KeelSettings
 from serving import api, failover
 from serving.api import APIError
@@ -222,7 +222,8 @@ class Gateway:
         if kind == "chat" and req.response_format and req.response_format.get("type") not in (None, "text"):
             needs.add("response_format")
         max_tokens = (getattr(req, "max_completion_tokens", None) or req.max_tokens or DEFAULT_MAX_TOKENS)
-        rr = RouteRequest(estimate_tokens(prompt_text), max_tokens, frozenset(needs), None, complexity_score(ask))
+        complexity = complexity_score(ask) if uses_complexity(strategy, pinned, self.weights) else 0.0
+        rr = RouteRequest(estimate_tokens(prompt_text), max_tokens, frozenset(needs), None, complexity)
         cands = [Candidate(s.target.config, s.breaker.available, s.stats) for s in names.values()]
         route = plan(cands, rr, strategy, pinned=pinned, weights=self.weights,
                      complexity_threshold=self.g.complexity_threshold)

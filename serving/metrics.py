@@ -29,18 +29,26 @@ class Metrics:
         self.breaker = Gauge("keel_gateway_breaker_state", "0 closed, 1 half-open, 2 open", ["target"], registry=r)
         self.in_flight = Gauge("keel_gateway_in_flight", "Requests in flight on this replica", registry=r)
 
+        self._children: dict[tuple[Any, ...], Any] = {}  # labels() takes a lock and builds a key: once per series
+
+    def _series(self, metric: Any, *labels: str) -> Any:
+        key = (metric, *labels)
+        if (child := self._children.get(key)) is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def request(self, endpoint: str, status: int) -> None:
-        self.requests.labels(endpoint, str(status)).inc()
+        self._series(self.requests, endpoint, str(status)).inc()
 
     def finish(self, endpoint: str, status: int, outcome: Any, seconds: float) -> None:
         self.request(endpoint, status)
-        self.latency.labels(endpoint).observe(seconds)
+        self._series(self.latency, endpoint).observe(seconds)
         if outcome.ttft_s is not None:
             self.ttft.observe(outcome.ttft_s)
         for f in outcome.failovers:
-            self.failovers.labels(f["target"], f["error"]).inc()
+            self._series(self.failovers, f["target"], f["error"]).inc()
         if status == 200 and outcome.target:
-            self.served.labels(outcome.target).inc()
+            self._series(self.served, outcome.target).inc()
 
     def render(self, in_flight: int) -> tuple[bytes, str]:
         self.in_flight.set(in_flight)
