@@ -5,10 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.keel-installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install test test-slow test-all bench-pii lock clean help
+.PHONY: install up status down test test-slow test-all bench-pii lock clean help
 .DEFAULT_GOAL := help
 
 help:
+	@echo "make up         install if needed, start the local stack (Ray + gateway, MLflow, Airflow), load the sample"
+	@echo "make status     health, PID, memory and URL of each local service"
+	@echo "make down       stop everything make up started"
 	@echo "make install    create .venv (Python 3.11) and install Keel with its whole default stack"
 	@echo "make test       run the default test suite (slow suites excluded)"
 	@echo "make test-slow  run the suites marked slow"
@@ -25,6 +28,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable ".[dev]"
 	touch $(STAMP)
+
+up: install
+	$(BIN)/keel up
+
+status:
+	@$(BIN)/keel status
+
+down:
+	@if [ -x $(BIN)/keel ]; then $(BIN)/keel down; fi
 
 test: install
 	$(PYTEST) -m "not slow and not gpu"

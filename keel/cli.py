@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -83,8 +85,6 @@ def search(
     config: Path | None = ConfigOpt,
 ) -> None:
     """Top chunks of the scrubbed documents' vector index (the one the gateway uses for retrieval)."""
-    import json
-
     from keel.pipeline import index
     from keel.pipeline.embedding import Embedder
     from keel.storage import ZoneStorage
@@ -166,6 +166,75 @@ def serve(
     settings = _settings(config)
     deploy(settings, address)
     typer.echo(f"keel gateway: http://{settings.host}:{settings.ports.gateway}/v1")
+
+
+@app.command()
+def up(
+    load: bool = typer.Option(True, "--load/--no-load", help="run the sample corpus through the DAG chain"),
+    timeout: float = typer.Option(900, help="seconds to wait for the stack (and the corpus load)"),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Start the local stack (Ray head + gateway, MLflow, Airflow), load the sample corpus, print how to use it."""
+    from keel.stack import LocalStack, StackError
+
+    stack = LocalStack(_settings(config), config)
+    typer.echo(f"keel up: state in {stack.state}")
+    t0 = time.monotonic()
+    try:
+        r = stack.up(lambda line: typer.echo(line), load=load, timeout_s=timeout)
+    except StackError as e:
+        typer.echo(f"keel up failed: {e}", err=True)
+        raise typer.Exit(1) from None
+    if r.loaded:
+        typer.echo(f"  corpus   {r.loaded}")
+    u = r.urls
+    typer.echo(f"""
+ready in {time.monotonic() - t0:.0f} s
+  gateway    {u['gateway']}   (OpenAI API; key below)
+  Airflow    {u['airflow']}   (user {r.airflow_user}, password {r.airflow_password})
+  Ray        {u['ray']}   (dashboard; token in {stack.token})
+  MLflow     {u['mlflow']}
+
+Try it:
+  curl -s {u['gateway']}/chat/completions -H "Authorization: Bearer {r.api_key}" \\
+    -H "Content-Type: application/json" -d '{{"model": "keel/auto", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+
+  from openai import OpenAI
+  client = OpenAI(base_url="{u['gateway']}", api_key="{r.api_key}")
+  print(client.chat.completions.create(model="keel/rag", messages=[{{"role": "user", "content": "What is the refund policy?"}}]).choices[0].message.content)
+
+keel status shows each service; keel down (make down) stops them all.""")
+
+
+@app.command()
+def status(config: Path | None = ConfigOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Health, PID, memory (PSS) and URL of each local service; exits 3 when one is not healthy."""
+    from dataclasses import asdict
+
+    from keel.stack import LocalStack
+
+    rows = LocalStack(_settings(config), config).status()
+    if as_json:
+        typer.echo(json.dumps([asdict(r) for r in rows]))
+    else:
+        for r in rows:
+            mem = f"{r.pss_bytes / 2**20:7.0f} MB" if r.pid else " " * 10
+            typer.echo(f"{r.name:<8} {r.state:<9} {str(r.pid or ''):>7} {mem}  {r.url}  {r.detail if r.pid else ''}")
+        typer.echo(f"{'total':<8} {'':<9} {'':>7} {sum(r.pss_bytes for r in rows) / 2**20:7.0f} MB  (PSS)")
+    if any(r.state != "healthy" for r in rows):
+        raise typer.Exit(3)
+
+
+@app.command()
+def down(config: Path | None = ConfigOpt) -> None:
+    """Stop everything `keel up` started, by PID; the state folder stays."""
+    from keel.stack import LocalStack
+
+    left = LocalStack(_settings(config), config).down(lambda line: typer.echo(line))
+    if left:
+        typer.echo(f"processes still alive after SIGKILL: {left}", err=True)
+        raise typer.Exit(1)
+    typer.echo("no keel process left")
 
 
 def _settings(config: Path | None):  # noqa: ANN202

@@ -36,6 +36,7 @@ class Ports(BaseModel):
     model_config = ConfigDict(extra="forbid")
     gateway: int = Field(8000, ge=1, le=65535, description="Ray Serve HTTP (OpenAI-compatible gateway)")
     ray_dashboard: int = Field(8265, ge=1, le=65535, description="Ray dashboard and Jobs API")
+    ray: int = Field(6379, ge=1, le=65535, description="Ray head (GCS) of the local stack")
     mlflow: int = Field(5000, ge=1, le=65535)
     airflow: int = Field(8080, ge=1, le=65535)
 

@@ -45,6 +45,15 @@ def init_ray() -> None:
         DataContext.get_current().enable_progress_bars = True
 
 
+def free_resources() -> dict[str, float]:
+    """What the cluster has free now, to size actor pools by. Not its total: Serve replicas (the
+    llama.cpp target holds a CPU) keep theirs, and a pool larger than the free CPUs waits forever."""
+    import ray
+
+    free = ray.available_resources()
+    return {k: free.get(k, 0.0) for k in ("CPU", "GPU")}
+
+
 def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--zone", required=True, help="the zone whose storage this job reads and writes")

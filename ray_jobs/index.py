@@ -19,7 +19,7 @@ from keel.pipeline.snapshots import SnapshotStore, manifest_hash, read_parts, sn
 from keel.settings import KeelSettings, get_settings, load_settings
 from keel.storage import ZoneStorage
 from ray_jobs import validate
-from ray_jobs._job import Timer, emit, init_ray, parse_args
+from ray_jobs._job import Timer, emit, free_resources, init_ray, parse_args
 
 
 def run(zone: str, scrubbed_key: str | None = None, config: str | None = None) -> dict[str, Any]:
@@ -68,7 +68,7 @@ def _chunk_embed(settings: KeelSettings, docs: pa.Table, known: frozenset[str]) 
 
     if not docs.num_rows:
         return index.CHUNKS_SCHEMA.empty_table()
-    device, actors, batch, per_actor = placement(settings, ray.cluster_resources())
+    device, actors, batch, per_actor = placement(settings, free_resources())
     if device == "cpu" and settings.pipeline.embedding_runtime == "onnx":
         from keel.pipeline.embedding import ensure_exported
 

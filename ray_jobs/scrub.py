@@ -17,7 +17,7 @@ from keel.pipeline import scrub
 from keel.pipeline.snapshots import SnapshotStore, manifest_hash, read_parts, snapshot_key, write_parts
 from keel.settings import KeelSettings, get_settings, load_settings
 from keel.storage import ZoneStorage
-from ray_jobs._job import Timer, emit, init_ray, parse_args
+from ray_jobs._job import Timer, emit, free_resources, init_ray, parse_args
 
 
 def run(zone: str, raw_key: str | None = None, config: str | None = None) -> dict[str, Any]:
@@ -81,7 +81,7 @@ def _scrub(settings: KeelSettings, raw_store: SnapshotStore, raw: dict[str, Any]
         return scrub.SCRUB_OUT_SCHEMA.empty_table()
     # The plan holds only the actor stage: with every CPU given to scrub actors, a separate read or
     # filter task could never be scheduled (measured: a 2-CPU node deadlocks on 2 actors + a read).
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    cpus = max(1, int(free_resources()["CPU"]))
     actors = min(settings.pipeline.scrub_actors, cpus)
     step = max(settings.pipeline.scrub_batch_size, -(-table.num_rows // (4 * actors)))
     blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)]  # enough blocks for every actor

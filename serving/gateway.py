@@ -70,7 +70,6 @@ class Gateway:
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> Response:
-        rid = api.request_id()
         try:
             self._auth(request)
             req = api.parse(await request.body(), api.EmbeddingRequest)

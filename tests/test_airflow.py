@@ -8,12 +8,11 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from keel.stack import AirflowAPI, airflow_credentials
 from tests.support.services import BIN, ROOT, Service, airflow_env, free_port, start_mlflow, write_config
 
 AIRFLOW = str(BIN / "airflow")
@@ -109,15 +108,15 @@ def test_scheduler_fires_the_asset_chain_and_logs_to_mlflow(ray_head, shared_sta
     base = f"http://127.0.0.1:{port}"
     try:
         af.wait_http(f"{base}/api/v2/monitor/health", timeout=240)
-        token = _token(base, home)
-        api = _Api(base, token)
+        api = AirflowAPI(base, *airflow_credentials(home))
+        deadline = time.monotonic() + 900
         for dag in ("keel_ingest", "keel_scrub_us", "keel_index_us"):
-            api.wait_for_dag(dag)
+            api.wait_for_dag(dag, deadline)
             api.call("PATCH", f"/api/v2/dags/{dag}", {"is_paused": False})
-        run = api.call("POST", "/api/v2/dags/keel_ingest/dagRuns", {"logical_date": None})
-        api.wait_run("keel_ingest", run["dag_run_id"])
+        run = api.trigger("keel_ingest")
+        api.wait_run("keel_ingest", run["dag_run_id"], deadline)
         for dag in ("keel_scrub_us", "keel_index_us"):
-            runs = api.wait_any_run(dag)
+            runs = api.wait_any_run(dag, deadline)
             assert runs["run_type"] == "asset_triggered", runs
             assert runs["state"] == "success", runs
         from mlflow.tracking import MlflowClient
@@ -133,56 +132,3 @@ def test_scheduler_fires_the_asset_chain_and_logs_to_mlflow(ray_head, shared_sta
         af.stop()
         mlflow.stop()
 
-
-def _token(base: str, home: Path) -> str:
-    deadline = time.monotonic() + 60
-    pw_file = home / "simple_auth_manager_passwords.json.generated"
-    while not pw_file.exists() and time.monotonic() < deadline:
-        time.sleep(1)
-    user, password = next(iter(json.loads(pw_file.read_text()).items()))
-    req = urllib.request.Request(f"{base}/auth/token", json.dumps({"username": user, "password": password}).encode(),
-                                 {"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())["access_token"]
-
-
-class _Api:
-    def __init__(self, base: str, token: str) -> None:
-        self.base, self.token = base, token
-
-    def call(self, method: str, path: str, body: dict | None = None) -> dict:
-        req = urllib.request.Request(self.base + path, json.dumps(body).encode() if body is not None else None,
-                                     {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
-                                     method=method)
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read() or b"{}")
-
-    def wait_for_dag(self, dag: str, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                self.call("GET", f"/api/v2/dags/{dag}")
-                return
-            except urllib.error.HTTPError:
-                time.sleep(2)
-        raise AssertionError(f"DAG {dag} never parsed")
-
-    def wait_run(self, dag: str, run_id: str, timeout: float = 600) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            run = self.call("GET", f"/api/v2/dags/{dag}/dagRuns/{run_id}")
-            if run["state"] in ("success", "failed"):
-                assert run["state"] == "success", run
-                return run
-            time.sleep(3)
-        raise AssertionError(f"{dag} {run_id} did not finish")
-
-    def wait_any_run(self, dag: str, timeout: float = 600) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            runs = self.call("GET", f"/api/v2/dags/{dag}/dagRuns")["dag_runs"]
-            done = [r for r in runs if r["state"] in ("success", "failed")]
-            if done:
-                return done[0]
-            time.sleep(3)
-        raise AssertionError(f"no run of {dag} finished")

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +11,12 @@ from pathlib import Path
 
 import yaml
 
+from keel import stack
+from keel.stack import RAY_ENV, free_port, ray_head_command, ray_token
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["free_port"]  # re-exported for the tests and benchmarks that import it from here
 
 
 @dataclass
@@ -32,33 +27,16 @@ class RayHead:
     proc: subprocess.Popen
 
     def stop(self) -> None:
-        """Stop this head by its process group: `ray stop` would kill every Ray on the machine."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """Stop this head by its session: `ray stop` would kill every Ray on the machine."""
+        stack.stop_session(self.proc.pid)
+        self.proc.wait(10)
 
 
 def start_ray_head(root: Path, num_cpus: int = 2) -> RayHead:
-    root.mkdir(parents=True, exist_ok=True)
-    token = root / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0",
-           # Serve's own throughput mode: user code and router on the replica's event loop, buffered
-           # access logs, direct ingress (the ingress replica serves HTTP itself, no proxy hop).
-           "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    token = ray_token(root / "auth_token")
+    env = {**RAY_ENV, "RAY_AUTH_TOKEN_PATH": str(token)}
     gcs, dash = free_port(), free_port()
-    cmd = [
-        str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", str(num_cpus), "--node-ip-address", "127.0.0.1",
-        "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-        "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-        "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
-        "--temp-dir", str(root / "t"), "--disable-usage-stats",
-    ]
+    cmd = ray_head_command("127.0.0.1", gcs, dash, num_cpus, root / "t")
     log = open(root / "ray-head.log", "wb")  # noqa: SIM115 - lives as long as the head
     proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     head = RayHead(f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", env, proc)
@@ -126,15 +104,8 @@ class Service:
         raise RuntimeError(f"{self.name} not healthy in {timeout} s: {self.log.read_text(errors='replace')[-3000:]}")
 
     def stop(self) -> None:
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.proc.pid, sig)
-                self.proc.wait(wait)
-                return
-            except ProcessLookupError:
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        stack.stop_session(self.proc.pid)
+        self.proc.wait(10)
         self._log.close()
 
 
@@ -156,21 +127,4 @@ def start_mlflow(root: Path) -> tuple[Service, str]:
 
 
 def airflow_env(home: Path, cfg: Path, port: int | None = None) -> dict[str, str]:
-    env = {
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__PARALLELISM": "4",
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__WORKERS": "1",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-        "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
-        "KEEL_CONFIG": str(cfg),
-        "KEEL_HOME": str(ROOT),
-        # `airflow standalone` starts its parts as plain `airflow ...`: the venv's bin must come first.
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    if port:
-        env["AIRFLOW__API__PORT"] = str(port)
-        env["AIRFLOW__API__BASE_URL"] = f"http://127.0.0.1:{port}"
-    return env
+    return stack.airflow_env(home, cfg, ROOT, port)

@@ -1,0 +1,513 @@
+"""The local stack behind `keel up | status | down`: a Ray head with the Serve gateway, MLflow, Airflow.
+
+Each service is a process started in a session of its own (its PID file in <state>/run/, its log
+in <state>/logs/), so `keel down` stops exactly what `keel up` started, with everything those
+processes started in turn, and nothing else: never `ray stop`, which kills every Ray on the machine.
+A PID file also records the process's start time, so a PID the kernel has since reused is never
+mistaken for ours. The gateway lives inside the Ray head (Serve applications are detached), so it
+stops with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from keel.settings import KeelSettings, config_path
+
+BIN = Path(sys.executable).parent
+# Serve's throughput mode: user code and router on the replica's event loop, buffered access logs,
+# direct ingress (the ingress replica serves HTTP itself). Measured in benchmarks/gateway.py.
+RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+SERVICES = ("ray", "mlflow", "airflow")  # processes; the gateway is an application inside ray
+
+
+class StackError(RuntimeError):
+    """A service that would not start; the message names it and its log."""
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2:].split()  # fields after the command name, from field 3 (state)
+
+
+def start_time(pid: int) -> int | None:
+    st = _stat(pid)
+    return int(st[19]) if st and st[0] != "Z" else None  # field 22: start time; a zombie counts as gone
+
+
+def session_members(sid: int) -> list[int]:
+    """Every live process of a session: the leader and all it started, however deep."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (st := _stat(int(entry.name))) and st[0] != "Z" and int(st[3]) == sid:
+            out.append(int(entry.name))
+    return out
+
+
+def processes_naming(*folders: Path) -> list[int]:
+    """Live processes whose command line names one of these folders: ours even if one left its session."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and start_time(int(entry.name)) is not None:
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if any(str(f) in cmd for f in folders):
+                out.append(int(entry.name))
+    return out
+
+
+def pss_bytes(pids: list[int]) -> int:
+    """Proportional set size: shared pages split between their users, so a sum over processes is
+    the real footprint (summed RSS counts a shared library once per process)."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            continue
+    return total
+
+
+def signal_session(sid: int, sig: int) -> None:
+    for pid in session_members(sid):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def stop_session(sid: int, grace_s: float = 20) -> None:
+    signal_session(sid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while session_members(sid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    signal_session(sid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while session_members(sid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def spawn(cmd: list[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start a process as the leader of a new session, its output appended to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
+
+
+def http_ok(url: str, headers: dict[str, str] | None = None, timeout: float = 3) -> bool:
+    """The server answers, with anything but a 5xx."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as r:
+            return bool(r.status < 500)
+    except urllib.error.HTTPError as e:
+        return e.code < 500
+    except (OSError, ValueError):
+        return False
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# -- Ray ----------------------------------------------------------------------------------------
+
+
+def ray_head_command(host: str, gcs_port: int, dashboard_port: int, num_cpus: int, temp_dir: Path) -> list[str]:
+    """`ray start --head --block`: the head stays in the foreground of its own session, stoppable by PID.
+    Its internal ports are picked free, so it never collides with another Ray on the machine."""
+    return [
+        str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", str(num_cpus), "--node-ip-address", host,
+        "--port", str(gcs_port), "--dashboard-host", host, "--dashboard-port", str(dashboard_port),
+        "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+        "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+        "--temp-dir", str(temp_dir), "--disable-usage-stats",
+    ]
+
+
+def ray_temp_dir(preferred: Path) -> Path:
+    """Ray's session folder: `preferred`, unless its socket paths would pass the kernel's 107-byte limit
+    for AF_UNIX sockets (a deep project folder), then a short folder in /tmp named after it."""
+    if len(str(preferred)) <= 30:  # + "/session_<date>_<time>_<pid>/sockets/plasma_store" (about 75 bytes)
+        return preferred
+    return Path(tempfile.gettempdir()) / f"keel-ray-{hashlib.sha256(str(preferred).encode()).hexdigest()[:10]}"
+
+
+def ray_token(path: Path) -> Path:
+    """The cluster's auth token, made once (0600). Clients find it through RAY_AUTH_TOKEN_PATH."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
+    return path
+
+
+def airflow_env(home: Path, keel_config: Path, keel_home: Path, port: int | None = None,
+                host: str = "127.0.0.1") -> dict[str, str]:
+    """Airflow 3, small: DAGs from dags/, low parallelism, one API worker, bound to `host`."""
+    env = {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(keel_home / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__API__HOST": host,
+        "AIRFLOW__API__WORKERS": "1",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
+        "KEEL_CONFIG": str(keel_config),
+        "KEEL_HOME": str(keel_home),
+        # `airflow standalone` starts its parts as plain `airflow ...`: the venv's bin must come first.
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    if port:
+        env["AIRFLOW__API__PORT"] = str(port)
+        env["AIRFLOW__API__BASE_URL"] = f"http://{host}:{port}"
+    return env
+
+
+# -- the stack ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServiceStatus:
+    name: str
+    state: str  # healthy | unhealthy | stopped
+    url: str
+    pid: int | None = None
+    pss_bytes: int = 0
+    detail: str = ""
+
+
+@dataclass
+class UpResult:
+    urls: dict[str, str]
+    api_key: str
+    airflow_user: str
+    airflow_password: str
+    started: list[str] = field(default_factory=list)
+    loaded: str = ""
+
+
+class LocalStack:
+    def __init__(self, settings: KeelSettings, config: Path | None = None) -> None:
+        self.s = settings
+        self.config = (config or config_path()).resolve()
+        self.state = Path(settings.resolve(settings.state_dir))
+        self.run_dir, self.logs = self.state / "run", self.state / "logs"
+        self.token = self.state / "ray" / "auth_token"
+        self.ray_temp = ray_temp_dir(self.state / "ray")
+        self.airflow_home = self.state / "airflow"
+        h, p = settings.host, settings.ports
+        self.urls = {
+            "gateway": f"http://{h}:{p.gateway}/v1",
+            "ray": f"http://{h}:{p.ray_dashboard}",
+            "mlflow": f"http://{h}:{p.mlflow}",
+            "airflow": f"http://{h}:{p.airflow}",
+        }
+
+    # Environment every Keel process of this stack needs: the Ray token, the config, the MLflow server.
+    def env(self) -> dict[str, str]:
+        env = {**RAY_ENV, "RAY_AUTH_TOKEN_PATH": str(self.token), "KEEL_CONFIG": str(self.config),
+               "KEEL_HOME": str(self.s.home)}
+        if not self.s.pipeline.mlflow_tracking_uri:
+            env["KEEL_PIPELINE__MLFLOW_TRACKING_URI"] = self.urls["mlflow"]
+        return env
+
+    def _health(self, name: str) -> tuple[str, dict[str, str]]:
+        u = self.urls
+        return {
+            "ray": (f"{u['ray']}/api/version", {"Authorization": f"Bearer {self._token_text()}"}),
+            "mlflow": (f"{u['mlflow']}/health", {}),
+            "airflow": (f"{u['airflow']}/api/v2/monitor/health", {}),
+            "gateway": (f"http://{self.s.host}:{self.s.ports.gateway}/healthz", {}),
+        }[name]
+
+    def _token_text(self) -> str:
+        try:
+            return self.token.read_text().strip()
+        except OSError:
+            return ""
+
+    def healthy(self, name: str) -> bool:
+        url, headers = self._health(name)
+        return http_ok(url, headers)
+
+    # -- PID files --
+
+    def _pidfile(self, name: str) -> Path:
+        return self.run_dir / f"{name}.pid"
+
+    def _record(self, name: str) -> dict[str, Any] | None:
+        try:
+            return dict(json.loads(self._pidfile(name).read_text()))
+        except (OSError, ValueError):
+            return None
+
+    def pid(self, name: str) -> int | None:
+        """The service's live session leader, or None."""
+        rec = self._record(name)
+        return int(rec["pid"]) if rec and start_time(rec["pid"]) == rec["start"] else None
+
+    def _clear_stale(self, name: str) -> bool:
+        """After a crash: stop what the dead leader left in its session (a raylet, a gunicorn worker)
+        and drop its PID file."""
+        rec = self._record(name)
+        if rec is None or self.pid(name) is not None:
+            return False
+        stop_session(rec["pid"], grace_s=5)
+        self._pidfile(name).unlink(missing_ok=True)
+        return True
+
+    def _start(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
+        port = {"ray": self.s.ports.ray, "mlflow": self.s.ports.mlflow, "airflow": self.s.ports.airflow}[name]
+        if port_in_use(self.s.host, port):
+            raise StackError(f"{name}: port {port} on {self.s.host} is taken by a process keel did not start; "
+                             f"stop it or set ports.{name} in keel.yaml (or KEEL_PORTS__{name.upper()})")
+        proc = spawn(cmd, env, self.logs / f"{name}.log", cwd=self.s.home)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._pidfile(name).write_text(json.dumps({"pid": proc.pid, "start": start_time(proc.pid), "cmd": cmd[:3]}))
+
+    def _commands(self) -> dict[str, tuple[list[str], dict[str, str]]]:
+        s, env = self.s, self.env()
+        mlflow = self.state / "mlflow"
+        mlflow.mkdir(parents=True, exist_ok=True)
+        return {
+            "ray": (ray_head_command(s.host, s.ports.ray, s.ports.ray_dashboard, os.cpu_count() or 2, self.ray_temp), env),
+            "mlflow": ([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{mlflow}/mlflow.db",
+                        "--default-artifact-root", str(mlflow / "artifacts"), "--host", s.host,
+                        "--port", str(s.ports.mlflow), "--workers", "1"],
+                       {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),
+            "airflow": ([str(BIN / "airflow"), "standalone"],
+                        {**env, **airflow_env(self.airflow_home, self.config, s.home, s.ports.airflow, s.host),
+                         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False"}),
+        }
+
+    # -- up --
+
+    def up(self, say: Callable[[str], None] = print, load: bool = True, timeout_s: float = 600) -> UpResult:
+        ray_token(self.token)
+        result = UpResult(self.urls, self.quickstart_key(), "", "")
+        commands = self._commands()
+        pending = set(SERVICES) | {"gateway"}
+        for name in SERVICES:
+            if self._clear_stale(name):
+                say(f"  {name:<8} was not stopped cleanly: cleared its stale PID file and leftovers")
+            if (pid := self.pid(name)) is not None:
+                say(f"  {name:<8} already running (pid {pid})")
+            else:
+                self._start(name, *commands[name])
+                result.started.append(name)
+                say(f"  {name:<8} starting  (log {self.logs / (name + '.log')})")
+        deploy: subprocess.Popen[bytes] | None = None
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise StackError(f"not healthy after {timeout_s:.0f} s: {', '.join(sorted(pending))}; logs in {self.logs}")
+            for name in sorted(pending):
+                if name == "gateway":
+                    if "ray" in pending:
+                        continue
+                    if deploy is None:
+                        if "ray" not in result.started and self.healthy("gateway"):
+                            pending.discard(name)
+                            say(f"  {'gateway':<8} healthy   {self.urls['gateway']}")
+                            continue
+                        deploy = self._deploy_gateway()
+                        say(f"  {'gateway':<8} deploying (log {self.logs / 'gateway.log'})")
+                    if deploy.poll() not in (None, 0):
+                        raise StackError(f"gateway: deployment failed; log {self.logs / 'gateway.log'}:\n"
+                                         f"{tail(self.logs / 'gateway.log')}")
+                    if deploy.poll() == 0 and self.healthy("gateway"):
+                        pending.discard(name)
+                        say(f"  {'gateway':<8} healthy   {self.urls['gateway']}")
+                    continue
+                if self.pid(name) is None:
+                    log = self.logs / f"{name}.log"
+                    raise StackError(f"{name}: exited while starting; log {log}:\n{tail(log)}")
+                if self.healthy(name):
+                    pending.discard(name)
+                    say(f"  {name:<8} healthy   {self.urls[name]}")
+            time.sleep(0.5)
+        result.airflow_user, result.airflow_password = airflow_credentials(self.airflow_home)
+        if load:
+            result.loaded = self.load_sample(say, deadline=time.monotonic() + timeout_s)
+        return result
+
+    def _deploy_gateway(self) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "serving.app", "--config", str(self.config), "--address", f"{self.s.host}:{self.s.ports.ray}"]
+        return spawn(cmd, self.env(), self.logs / "gateway.log", cwd=self.s.home)
+
+    def quickstart_key(self) -> str:
+        """A working key for the printed examples, kept (0600) beside the key store so a second `keel up`
+        prints the same one; `keel keys revoke` retires it like any other."""
+        from keel.keys import KeyRing, KeyStore
+
+        f = self.state / "quickstart_api_key"
+        if f.exists() and KeyRing(self.s).tenant(key := f.read_text().strip()) is not None:
+            return key
+        if not self.s.policy.tenants:
+            raise StackError("policy.tenants is empty: the gateway needs a tenant to issue an API key to")
+        key, _ = KeyStore(self.s).create(self.s.policy.tenants[0].name, "quickstart")
+        f.touch(mode=0o600)
+        f.write_text(key + "\n")
+        return key
+
+    def airflow(self) -> AirflowAPI:
+        return AirflowAPI(self.urls["airflow"], *airflow_credentials(self.airflow_home))
+
+    def load_sample(self, say: Callable[[str], None], deadline: float) -> str:
+        """The configured landing sources through the DAG chain: ingest, then the asset-triggered scrub
+        and index DAGs of every zone. Skipped when an ingest run has already succeeded."""
+        from keel.orchestration.stages import zones_with_sources
+
+        api = self.airflow()
+        dags = ["keel_ingest"] + [f"keel_{stage}_{z}" for z in zones_with_sources(self.s) for stage in ("scrub", "index")]
+        for dag in dags:
+            api.wait_for_dag(dag, deadline)
+        if any(r["state"] == "success" for r in api.runs("keel_ingest")):
+            return "already loaded (trigger keel_ingest in the Airflow UI to load again)"
+        runs = api.runs("keel_ingest")
+        run = runs[0] if runs else api.trigger("keel_ingest")  # the daily schedule may have queued one
+        say(f"  loading  the sample corpus: keel_ingest run {run['dag_run_id']}")
+        api.wait_run("keel_ingest", run["dag_run_id"], deadline)
+        for dag in dags[1:]:
+            done = api.wait_any_run(dag, deadline)
+            say(f"  loading  {dag}: {done['state']} ({done['run_type']})")
+            if done["state"] != "success":
+                raise StackError(f"{dag} failed: see the Airflow UI, {self.urls['airflow']}/dags/{dag}")
+        return f"loaded by keel_ingest run {run['dag_run_id']}"
+
+    # -- status and down --
+
+    def status(self) -> list[ServiceStatus]:
+        out = []
+        for name in SERVICES:
+            pid = self.pid(name)
+            members = session_members(pid) if pid else []
+            state = "stopped" if pid is None else ("healthy" if self.healthy(name) else "unhealthy")
+            out.append(ServiceStatus(name, state, self.urls[name], pid, pss_bytes(members), f"{len(members)} processes"))
+            if name == "ray":
+                gw = "stopped" if pid is None else ("healthy" if self.healthy("gateway") else "unhealthy")
+                out.append(ServiceStatus("gateway", gw, self.urls["gateway"], None, 0, "a Serve application in ray"))
+        return out
+
+    def down(self, say: Callable[[str], None] = print) -> list[int]:
+        """Stop every service by its session; returns the PIDs still alive afterwards (none, normally)."""
+        sessions = []
+        for name in reversed(SERVICES):
+            self._clear_stale(name)
+            pid = self.pid(name)
+            if pid is None:
+                say(f"  {name:<8} not running")
+                continue
+            sessions.append(pid)
+            stop_session(pid)
+            self._pidfile(name).unlink(missing_ok=True)
+            say(f"  {name:<8} stopped (pid {pid})")
+        # Anything still alive in those sessions, and any Ray process that left its session (none is
+        # known to): reported, not killed, since a person's `tail -f` of a Ray log names the folder too.
+        return sorted({*(p for sid in sessions for p in session_members(sid)), *processes_naming(self.ray_temp)})
+
+
+def airflow_credentials(home: Path, timeout_s: float = 60) -> tuple[str, str]:
+    """The admin user and password Airflow standalone generates (SimpleAuthManager), once written."""
+    f = home / "simple_auth_manager_passwords.json.generated"
+    deadline = time.monotonic() + timeout_s
+    while not f.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    user, password = next(iter(json.loads(f.read_text()).items()))
+    return str(user), str(password)
+
+
+class AirflowAPI:
+    """The few Airflow 3 REST calls `keel up` and its test make (JWT from /auth/token)."""
+
+    def __init__(self, base: str, user: str, password: str) -> None:
+        self.base = base
+        body = json.dumps({"username": user, "password": password}).encode()
+        req = urllib.request.Request(f"{base}/auth/token", body, {"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            self.token = json.loads(r.read())["access_token"]
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        req = urllib.request.Request(self.base + path, json.dumps(body).encode() if body is not None else None,
+                                     {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+                                     method=method)
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read() or b"{}")
+
+    def trigger(self, dag: str) -> dict[str, Any]:
+        return dict(self.call("POST", f"/api/v2/dags/{dag}/dagRuns", {"logical_date": None}))
+
+    def runs(self, dag: str) -> list[dict[str, Any]]:
+        return list(self.call("GET", f"/api/v2/dags/{dag}/dagRuns?order_by=-run_after")["dag_runs"])
+
+    def wait_for_dag(self, dag: str, deadline: float) -> None:
+        while True:
+            try:
+                self.call("GET", f"/api/v2/dags/{dag}")
+                return
+            except urllib.error.HTTPError:
+                if time.monotonic() > deadline:
+                    raise StackError(f"Airflow never parsed DAG {dag}: see its import errors in the UI") from None
+                time.sleep(2)
+
+    def wait_run(self, dag: str, run_id: str, deadline: float) -> dict[str, Any]:
+        while time.monotonic() < deadline:
+            run = self.call("GET", f"/api/v2/dags/{dag}/dagRuns/{run_id}")
+            if run["state"] in ("success", "failed"):
+                if run["state"] != "success":
+                    raise StackError(f"{dag} run {run_id} failed: see the Airflow UI, {self.base}/dags/{dag}")
+                return dict(run)
+            time.sleep(3)
+        raise StackError(f"{dag} run {run_id} did not finish in time")
+
+    def wait_any_run(self, dag: str, deadline: float, after: int = 0) -> dict[str, Any]:
+        """The newest finished run once more than `after` runs have finished."""
+        while time.monotonic() < deadline:
+            done = [r for r in self.runs(dag) if r["state"] in ("success", "failed")]
+            if len(done) > after:
+                return done[0]
+            time.sleep(3)
+        raise StackError(f"no run of {dag} finished in time")

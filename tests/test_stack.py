@@ -1,0 +1,151 @@
+"""`keel up | status | down`: the process rules on their own (fast), then the whole local stack (slow):
+a chat through the gateway, the DAG chain through Airflow's REST API, the MLflow run it logged, a fast
+second `keel up`, a clean restart after a crash, and no process left after `keel down`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from keel import stack
+from keel.settings import load_settings
+from tests.conftest import run_keel
+from tests.support.services import free_port, write_config
+
+
+def test_a_session_is_found_whole_and_stopped_whole(tmp_path):
+    # A leader that starts a child which starts a grandchild: all three are in the leader's session.
+    proc = stack.spawn(["sh", "-c", "sh -c 'sleep 300' & sleep 300"], {}, tmp_path / "log")
+    try:
+        deadline = time.monotonic() + 5
+        while len(stack.session_members(proc.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        members = stack.session_members(proc.pid)
+        assert proc.pid in members and len(members) >= 3
+        assert stack.pss_bytes(members) > 0
+        stack.stop_session(proc.pid)
+        assert stack.session_members(proc.pid) == []
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_stale_pid_file_is_cleared_with_what_its_dead_leader_left(tmp_path):
+    cfg = write_config(tmp_path)
+    s = load_settings(cfg)
+    local = stack.LocalStack(s, cfg)
+    # An orphan left in the session of a leader that died: the shape a crashed `ray start` leaves.
+    proc = stack.spawn(["sh", "-c", "sleep 300 & echo $! > orphan; wait"], {}, tmp_path / "log", cwd=tmp_path)
+    deadline = time.monotonic() + 5
+    while not (tmp_path / "orphan").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    orphan = int((tmp_path / "orphan").read_text())
+    local.run_dir.mkdir(parents=True)
+    (local.run_dir / "mlflow.pid").write_text(json.dumps({"pid": proc.pid, "start": stack.start_time(proc.pid)}))
+    assert local.pid("mlflow") == proc.pid
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert local.pid("mlflow") is None and stack.start_time(orphan) is not None
+    assert [r.state for r in local.status() if r.name == "mlflow"] == ["stopped"]
+    assert local._clear_stale("mlflow")
+    assert stack.start_time(orphan) is None and not (local.run_dir / "mlflow.pid").exists()
+
+
+def test_a_port_taken_by_someone_else_is_a_clear_error(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cfg = write_config(tmp_path)
+        doc = yaml.safe_load(cfg.read_text())
+        doc["ports"]["mlflow"] = taken.getsockname()[1]
+        cfg.write_text(yaml.safe_dump(doc))
+        local = stack.LocalStack(load_settings(cfg), cfg)
+        with pytest.raises(stack.StackError, match=r"mlflow: port \d+ .* taken by a process keel did not start"):
+            local._start("mlflow", ["true"], {})
+
+
+def _stack_config(root: Path) -> Path:
+    cfg = write_config(root)
+    doc = yaml.safe_load(cfg.read_text())
+    doc["ports"] = {name: free_port() for name in ("gateway", "ray_dashboard", "ray", "mlflow", "airflow")}
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return cfg
+
+
+@pytest.mark.slow
+def test_keel_up_runs_the_whole_stack_and_keel_down_leaves_nothing(tmp_path):
+    cfg = _stack_config(tmp_path)
+    local = stack.LocalStack(load_settings(cfg), cfg)
+    try:
+        t0 = time.monotonic()
+        up = run_keel("up", "--config", str(cfg), timeout=1200)
+        out = up.stdout.decode()
+        assert up.returncode == 0, out + up.stderr.decode()
+        first_up_s = time.monotonic() - t0
+        key = (local.state / "quickstart_api_key").read_text().strip()
+        assert key in out and local.urls["airflow"] in out and "password" in out and "corpus   loaded" in out
+
+        # A chat through the gateway with the printed key, on the openai SDK.
+        from openai import OpenAI
+
+        client = OpenAI(base_url=local.urls["gateway"], api_key=key)
+        answer = client.chat.completions.create(model="keel/auto", max_tokens=16,
+                                                messages=[{"role": "user", "content": "Say hello."}])
+        assert answer.choices[0].message.content and answer.usage.completion_tokens > 0
+
+        # The DAG chain, triggered through Airflow's REST API, and the MLflow run it logged.
+        api = local.airflow()
+        deadline = time.monotonic() + 900
+        before = {d: len([r for r in api.runs(d) if r["state"] in ("success", "failed")])
+                  for d in ("keel_scrub_us", "keel_index_us")}
+        run = api.trigger("keel_ingest")
+        api.wait_run("keel_ingest", run["dag_run_id"], deadline)
+        for dag, n in before.items():
+            done = api.wait_any_run(dag, deadline, after=n)
+            assert (done["state"], done["run_type"]) == ("success", "asset_triggered"), done
+        from mlflow.tracking import MlflowClient
+
+        mlflow = MlflowClient(local.urls["mlflow"])
+        exp = mlflow.get_experiment_by_name("keel-pipeline")
+        logged = mlflow.search_runs([exp.experiment_id], f"tags.airflow_run_id = '{run['dag_run_id']}'")
+        assert len(logged) == 1 and logged[0].data.tags["airflow_dag_id"] == "keel_ingest"
+
+        # A second `keel up` finds everything up and returns at once.
+        t0 = time.monotonic()
+        again = run_keel("up", "--config", str(cfg), timeout=300)
+        assert again.returncode == 0 and "already running" in again.stdout.decode()
+        assert "already loaded" in again.stdout.decode()
+        assert time.monotonic() - t0 < min(60, first_up_s / 2)
+        status = run_keel("status", "--json", "--config", str(cfg))
+        assert status.returncode == 0, status.stdout
+        rows = {r["name"]: r for r in json.loads(status.stdout)}
+        assert {n: r["state"] for n, r in rows.items()} == dict.fromkeys(("ray", "gateway", "mlflow", "airflow"), "healthy")
+        print(f"first keel up {first_up_s:.0f} s; PSS " + ", ".join(f"{n} {r['pss_bytes'] / 2**20:.0f} MB" for n, r in rows.items()))
+
+        # After a crash (MLflow killed), `keel up` restarts what is gone and keeps the rest.
+        os.kill(rows["mlflow"]["pid"], signal.SIGKILL)
+        time.sleep(1)
+        again = run_keel("up", "--no-load", "--config", str(cfg), timeout=300)
+        text = again.stdout.decode()
+        assert again.returncode == 0 and "mlflow   starting" in text and "ray      already running" in text, text
+    finally:
+        down = run_keel("down", "--config", str(cfg), timeout=300)
+    assert down.returncode == 0, down.stdout.decode() + down.stderr.decode()
+    assert "no keel process left" in down.stdout.decode()
+    assert stack.processes_naming(local.state, local.ray_temp) == []
+    status = run_keel("status", "--config", str(cfg))
+    assert status.returncode == 3 and status.stdout.decode().count("stopped") == 4
+
+
+def test_make_down_without_a_stack_is_harmless(tmp_path):
+    cfg = _stack_config(tmp_path)
+    down = run_keel("down", "--config", str(cfg))
+    assert down.returncode == 0 and "no keel process left" in down.stdout.decode()
