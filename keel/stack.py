@@ -344,30 +344,24 @@ class LocalStack:
         while pending:
             if time.monotonic() > deadline:
                 raise StackError(f"not healthy after {timeout_s:.0f} s: {', '.join(sorted(pending))}; logs in {self.logs}")
-            for name in sorted(pending):
-                if name == "gateway":
-                    if "ray" in pending:
-                        continue
-                    if deploy is None:
-                        if "ray" not in result.started and self.healthy("gateway"):
-                            pending.discard(name)
-                            say(f"  {'gateway':<8} healthy   {self.urls['gateway']}")
-                            continue
-                        deploy = self._deploy_gateway()
-                        say(f"  {'gateway':<8} deploying (log {self.logs / 'gateway.log'})")
-                    if deploy.poll() not in (None, 0):
-                        raise StackError(f"gateway: deployment failed; log {self.logs / 'gateway.log'}:\n"
-                                         f"{tail(self.logs / 'gateway.log')}")
-                    if deploy.poll() == 0 and self.healthy("gateway"):
-                        pending.discard(name)
-                        say(f"  {'gateway':<8} healthy   {self.urls['gateway']}")
-                    continue
+            for name in sorted(pending & set(SERVICES)):
                 if self.pid(name) is None:
                     log = self.logs / f"{name}.log"
                     raise StackError(f"{name}: exited while starting; log {log}:\n{tail(log)}")
                 if self.healthy(name):
                     pending.discard(name)
                     say(f"  {name:<8} healthy   {self.urls[name]}")
+            if "gateway" in pending and "ray" not in pending:
+                # Deployed once Ray answers; a running one is kept (`keel serve` redeploys after a config change).
+                if deploy is None and ("ray" in result.started or not self.healthy("gateway")):
+                    deploy = self._deploy_gateway()
+                    say(f"  {'gateway':<8} deploying (log {self.logs / 'gateway.log'})")
+                if deploy is not None and deploy.poll() not in (None, 0):
+                    log = self.logs / "gateway.log"
+                    raise StackError(f"gateway: deployment failed; log {log}:\n{tail(log)}")
+                if (deploy is None or deploy.poll() == 0) and self.healthy("gateway"):
+                    pending.discard("gateway")
+                    say(f"  {'gateway':<8} healthy   {self.urls['gateway']}")
             time.sleep(0.5)
         result.airflow_user, result.airflow_password = airflow_credentials(self.airflow_home)
         if load:
