@@ -23,7 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +225,6 @@ class UpResult:
     api_key: str
     airflow_user: str
     airflow_password: str
-    started: list[str] = field(default_factory=list)
     loaded: str = ""
 
 
@@ -237,6 +236,7 @@ class LocalStack:
         self.run_dir, self.logs = self.state / "run", self.state / "logs"
         self.token = self.state / "ray" / "auth_token"
         self.ray_temp = ray_temp_dir(self.state / "ray")
+        self.started: dict[str, subprocess.Popen[bytes]] = {}
         self.airflow_home = self.state / "airflow"
         h, p = settings.host, settings.ports
         self.urls = {
@@ -305,6 +305,7 @@ class LocalStack:
             raise StackError(f"{name}: port {port} on {self.s.host} is taken by a process keel did not start; "
                              f"stop it or set ports.{name} in keel.yaml (or KEEL_PORTS__{name.upper()})")
         proc = spawn(cmd, env, self.logs / f"{name}.log", cwd=self.s.home)
+        self.started[name] = proc  # polled while starting: it reaps an early exit, which would linger as a zombie
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._pidfile(name).write_text(json.dumps({"pid": proc.pid, "start": start_time(proc.pid), "cmd": cmd[:3]}))
 
@@ -337,7 +338,6 @@ class LocalStack:
                 say(f"  {name:<8} already running (pid {pid})")
             else:
                 self._start(name, *commands[name])
-                result.started.append(name)
                 say(f"  {name:<8} starting  (log {self.logs / (name + '.log')})")
         deploy: subprocess.Popen[bytes] | None = None
         deadline = time.monotonic() + timeout_s
@@ -345,7 +345,8 @@ class LocalStack:
             if time.monotonic() > deadline:
                 raise StackError(f"not healthy after {timeout_s:.0f} s: {', '.join(sorted(pending))}; logs in {self.logs}")
             for name in sorted(pending & set(SERVICES)):
-                if self.pid(name) is None:
+                proc = self.started.get(name)
+                if (proc is not None and proc.poll() is not None) or self.pid(name) is None:
                     log = self.logs / f"{name}.log"
                     raise StackError(f"{name}: exited while starting; log {log}:\n{tail(log)}")
                 if self.healthy(name):
@@ -353,7 +354,7 @@ class LocalStack:
                     say(f"  {name:<8} healthy   {self.urls[name]}")
             if "gateway" in pending and "ray" not in pending:
                 # Deployed once Ray answers; a running one is kept (`keel serve` redeploys after a config change).
-                if deploy is None and ("ray" in result.started or not self.healthy("gateway")):
+                if deploy is None and ("ray" in self.started or not self.healthy("gateway")):
                     deploy = self._deploy_gateway()
                     say(f"  {'gateway':<8} deploying (log {self.logs / 'gateway.log'})")
                 if deploy is not None and deploy.poll() not in (None, 0):

@@ -72,6 +72,21 @@ def test_a_port_taken_by_someone_else_is_a_clear_error(tmp_path):
             local._start("mlflow", ["true"], {})
 
 
+def test_a_service_that_dies_while_starting_is_named_with_its_log(tmp_path, monkeypatch):
+    cfg = _stack_config(tmp_path)
+    local = stack.LocalStack(load_settings(cfg), cfg)
+    wait = (["sleep", "60"], {})
+    monkeypatch.setattr(local, "_commands", lambda: {"ray": wait, "airflow": wait,
+                                                      "mlflow": (["sh", "-c", "echo 'no such backend' >&2; exit 3"], {})})
+    try:
+        with pytest.raises(stack.StackError) as err:
+            local.up(say=lambda _: None, load=False, timeout_s=60)
+        log = local.logs / "mlflow.log"
+        assert str(err.value).startswith(f"mlflow: exited while starting; log {log}") and "no such backend" in str(err.value)
+    finally:
+        assert local.down(say=lambda _: None) == []
+
+
 def _stack_config(root: Path) -> Path:
     cfg = write_config(root)
     doc = yaml.safe_load(cfg.read_text())
