@@ -16,7 +16,6 @@ from keel.stack import RAY_ENV, free_port, ray_head_command, ray_token
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-__all__ = ["free_port"]  # re-exported for the tests and benchmarks that import it from here
 
 
 @dataclass
