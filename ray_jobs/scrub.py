@@ -88,6 +88,7 @@ def _scrub(settings: KeelSettings, raw_store: SnapshotStore, raw: dict[str, Any]
     ds = ray.data.from_arrow(blocks).map_batches(
         scrub.Scrubber,
         fn_constructor_args=(settings,),
+        fn_constructor_kwargs={"own_process": True},
         batch_size=settings.pipeline.scrub_batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors),
