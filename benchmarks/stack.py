@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler.stop.set()
         peak_t, peak = max(sampler.samples, key=lambda s: sum(s[1].values()))
         report["seconds_from_clone"] = {k: round(v, 1) for k, v in marks.items()}
-        report["pss_mb"] = {
+        report["pss_mib"] = {
             "peak_total": round(sum(peak.values()) / 2**20), "peak_by_service": {k: round(v / 2**20) for k, v in peak.items()},
             "peak_at_s": round(peak_t - t0, 1),
             "rest_total": round(sum(rest.values()) / 2**20), "rest_by_service": {k: round(v / 2**20) for k, v in rest.items()},
@@ -111,12 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         report["down"] = {"ok": bool(down and down.returncode == 0),
                           "left": stack.processes_naming(clone, stack.ray_temp_dir(clone / ".keel" / "ray"))}
         shutil.rmtree(work, ignore_errors=True)
-    s, m = report["seconds_from_clone"], report["pss_mb"]
+    s, m = report["seconds_from_clone"], report["pss_mib"]
     print(f"\nKeel local stack from a fresh clone, {os.cpu_count()} CPUs, pip cache {'off' if a.cold else 'on'}")
     for k, v in s.items():
         print(f"  {k:<40} {v:>8} s")
-    print(f"  {'peak PSS, whole stack (goal <= 5120 MB)':<40} {m['peak_total']:>8} MB  {m['peak_by_service']}")
-    print(f"  {'PSS at rest':<40} {m['rest_total']:>8} MB  {m['rest_by_service']}")
+    print(f"  {'peak PSS, whole stack (goal <= 5 GB)':<40} {m['peak_total']:>8} MiB  {m['peak_by_service']}")
+    print(f"  {'PSS at rest':<40} {m['rest_total']:>8} MiB  {m['rest_by_service']}")
     print(f"  {'processes left after keel down (goal 0)':<40} {len(report['down']['left']):>8}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=2) + "\n")
