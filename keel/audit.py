@@ -1,0 +1,231 @@
+"""The tamper-evident audit trail: hash-chained records per writer, sealed by signed digests.
+
+Every writer (a gateway replica, a batch job) keeps its own chain: each record carries the hash of
+the one before it, so an edited, deleted, reordered or inserted record breaks the chain at that
+point. Anyone who can write the files could recompute every later hash, so the chain is sealed in
+segments by digests, in the spirit of AWS CloudTrail's digest files: a digest names its segment's
+last record and the segment file's SHA-256, links to the previous digest, and is signed with an
+HMAC key the writers hold (settings) and the files do not. An edit with every later hash
+recomputed, a truncated sealed tail, or a forged digest fails verification.
+
+Why a chain per writer rather than one writer actor: several Serve replicas write at once, and a
+single writer would add a cross-process hop to every request and one point of failure to the audit
+path; per-writer chains need no coordination, and the reader merges them by time.
+
+Layout under <root>/<writer>/:
+    records-00000000.jsonl   a segment: one record per line, seq continuing across segments
+    digest-00000000.json     seals that segment
+The newest segment is open (chained, not yet signed) until it is sealed: every `seal_every` records,
+after `seal_after_s`, and when the writer closes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+GENESIS = "0" * 64
+_SEGMENT = re.compile(r"^records-(\d{8})\.jsonl$")
+
+
+def canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def record_hash(record: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical({k: v for k, v in record.items() if k != "hash"})).hexdigest()
+
+
+def sign(digest: dict[str, Any], key: bytes) -> str:
+    return hmac.new(key, canonical({k: v for k, v in digest.items() if k != "signature"}), hashlib.sha256).hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+class AuditWriter:
+    """Appends records to one writer's chain; thread-safe; resumes an existing chain on open."""
+
+    def __init__(self, root: Path, writer: str, key: bytes, seal_every: int = 1000, seal_after_s: float = 60.0) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", writer):
+            raise ValueError(f"audit writer name {writer!r}: letters, digits, '_', '.', '-' only")
+        self.dir = Path(root) / writer
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.writer, self.key = writer, key
+        self.seal_every, self.seal_after_s = seal_every, seal_after_s
+        self._lock = threading.Lock()
+        segments = sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := _SEGMENT.match(p.name)))
+        self.segment = segments[-1] if segments else 0
+        self.seq, self.prev, self.in_segment = 0, GENESIS, 0
+        self.prev_digest = GENESIS
+        if segments:
+            self._resume()
+        self._opened = time.monotonic()
+        self._file = open(self._records(self.segment), "a", encoding="utf-8")  # noqa: SIM115 - lives with the writer
+
+    def _records(self, n: int) -> Path:
+        return self.dir / f"records-{n:08d}.jsonl"
+
+    def _digest(self, n: int) -> Path:
+        return self.dir / f"digest-{n:08d}.json"
+
+    def _resume(self) -> None:
+        if self.segment > 0 or self._digest(self.segment).exists():
+            last_sealed = self.segment if self._digest(self.segment).exists() else self.segment - 1
+            d = json.loads(self._digest(last_sealed).read_text())
+            self.seq, self.prev = d["last_seq"] + 1, d["last_hash"]
+            self.prev_digest = hashlib.sha256(canonical(d)).hexdigest()
+            if last_sealed == self.segment:  # the newest segment is sealed: start the next
+                self.segment += 1
+                return
+        path = self._records(self.segment)
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):  # a line torn by a crash was never acknowledged: drop it
+            data = data[: data.rfind(b"\n") + 1]
+            path.write_bytes(data)
+        for line in data.decode("utf-8").splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                self.seq, self.prev, self.in_segment = rec["seq"] + 1, rec["hash"], self.in_segment + 1
+
+    def append(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """Chain and write one record; returns it (with its seq and hash)."""
+        with self._lock:
+            rec = {"seq": self.seq, "ts": _now(), "writer": self.writer, "kind": kind, **fields, "prev": self.prev}
+            rec["hash"] = record_hash(rec)
+            self._file.write(canonical(rec).decode() + "\n")
+            self._file.flush()
+            self.seq, self.prev, self.in_segment = self.seq + 1, rec["hash"], self.in_segment + 1
+            if self.in_segment >= self.seal_every or time.monotonic() - self._opened >= self.seal_after_s:
+                self._seal()
+            return rec
+
+    def seal(self) -> None:
+        with self._lock:
+            self._seal()
+
+    def _seal(self) -> None:
+        if self.in_segment == 0:
+            return
+        self._file.flush()
+        os.fsync(self._file.fileno())  # the sealed bytes are on disk before the digest that names them
+        self._file.close()
+        data = self._records(self.segment).read_bytes()
+        d = {"writer": self.writer, "segment": self.segment, "first_seq": self.seq - self.in_segment,
+             "last_seq": self.seq - 1, "last_hash": self.prev, "records_sha256": hashlib.sha256(data).hexdigest(),
+             "prev_digest": self.prev_digest, "ts": _now()}
+        d["signature"] = sign(d, self.key)
+        tmp = self._digest(self.segment).with_suffix(".tmp")
+        tmp.write_text(json.dumps(d, indent=1))
+        os.replace(tmp, self._digest(self.segment))
+        self.prev_digest = hashlib.sha256(canonical(d)).hexdigest()
+        self.segment, self.in_segment, self._opened = self.segment + 1, 0, time.monotonic()
+        self._file = open(self._records(self.segment), "a", encoding="utf-8")  # noqa: SIM115
+
+    def close(self) -> None:
+        with self._lock:
+            self._seal()
+            self._file.close()
+
+
+@dataclass
+class Problem:
+    writer: str
+    where: str  # "record 17 (records-00000001.jsonl line 3)" or "digest-00000002.json"
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.writer}: {self.where}: {self.what}"
+
+
+@dataclass
+class Report:
+    records: dict[str, int] = field(default_factory=dict)  # per writer
+    sealed: dict[str, int] = field(default_factory=dict)  # records covered by a valid digest
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(root: Path, key: bytes) -> Report:
+    """Check every writer's chain and digests under `root`; the first problem per writer is reported
+    (after a break, everything later in that chain is suspect anyway)."""
+    report = Report()
+    root = Path(root)
+    for wdir in sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []:
+        problem = _verify_writer(wdir, key, report)
+        if problem:
+            report.problems.append(problem)
+    return report
+
+
+def _verify_writer(wdir: Path, key: bytes, report: Report) -> Problem | None:
+    w = wdir.name
+    report.records[w], report.sealed[w] = 0, 0
+    segments = sorted(int(m.group(1)) for p in wdir.iterdir() if (m := _SEGMENT.match(p.name)))
+    digests = sorted(int(p.stem.split("-")[1]) for p in wdir.glob("digest-*.json"))
+    expected_seq, prev, prev_digest = 0, GENESIS, GENESIS
+    last = max([*segments, *digests], default=-1)
+    for n in range(last + 1):
+        seg, dig = wdir / f"records-{n:08d}.jsonl", wdir / f"digest-{n:08d}.json"
+        if not seg.exists():
+            return Problem(w, seg.name, "segment missing (deleted?)")
+        first_seq = expected_seq
+        for lineno, line in enumerate(seg.read_text(encoding="utf-8").splitlines(), 1):
+            where = f"record {expected_seq} ({seg.name} line {lineno})"
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                return Problem(w, where, "unreadable line")
+            if rec.get("seq") != expected_seq:
+                return Problem(w, where, f"found seq {rec.get('seq')}: a record was deleted, inserted or reordered")
+            if rec.get("prev") != prev:
+                return Problem(w, where, "does not chain to the record before it")
+            if rec.get("hash") != record_hash(rec):
+                return Problem(w, where, "its content does not match its hash (edited)")
+            prev, expected_seq = rec["hash"], expected_seq + 1
+            report.records[w] += 1
+        if not dig.exists():
+            if n != last:
+                return Problem(w, dig.name, "digest missing for a segment that later ones follow (deleted?)")
+            return None  # the open segment: chained, not yet sealed
+        d = json.loads(dig.read_text())
+        if not hmac.compare_digest(str(d.get("signature", "")), sign(d, key)):
+            return Problem(w, dig.name, "signature invalid (digest forged or altered, or the wrong key)")
+        if d.get("prev_digest") != prev_digest:
+            return Problem(w, dig.name, "does not link to the digest before it")
+        if (d["first_seq"], d["last_seq"], d["last_hash"]) != (first_seq, expected_seq - 1, prev):
+            return Problem(w, dig.name, f"seals records {d['first_seq']}..{d['last_seq']} ending in another hash, "
+                                        f"the segment holds {first_seq}..{expected_seq - 1}: records were rewritten "
+                                        f"or truncated after sealing")
+        if d["records_sha256"] != hashlib.sha256(seg.read_bytes()).hexdigest():
+            return Problem(w, dig.name, "segment file changed after sealing")
+        prev_digest = hashlib.sha256(canonical(d)).hexdigest()
+        report.sealed[w] = expected_seq
+    return None
+
+
+def records(root: Path) -> Iterator[dict[str, Any]]:
+    """Every record of every writer (unverified), in no particular order."""
+    for seg in sorted(Path(root).glob("*/records-*.jsonl")):
+        for line in seg.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                yield json.loads(line)
+
+
+def find(root: Path, request_id: str) -> list[dict[str, Any]]:
+    """The records of one request, oldest first."""
+    return sorted((r for r in records(root) if r.get("request_id") == request_id), key=lambda r: r["ts"])
