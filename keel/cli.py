@@ -18,10 +18,12 @@ from keel.records import Record, output_line, read_records
 app = typer.Typer(help="Keel: production anatomy for AI systems.", no_args_is_help=True, add_completion=False)
 pii_app = typer.Typer(help="Detect and redact PII in JSONL {\"id\", \"text\"} records.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+audit_app = typer.Typer(help="The tamper-evident audit trail in each zone's storage.", no_args_is_help=True)
 keys_app = typer.Typer(help="Gateway API keys (stored hashed; a key is shown once, at creation).", no_args_is_help=True)
 app.add_typer(pii_app, name="pii")
 app.add_typer(config_app, name="config")
 app.add_typer(keys_app, name="keys")
+app.add_typer(audit_app, name="audit")
 
 InputOpt = typer.Argument(None, help="JSONL file; standard input when omitted or '-'", show_default=False)
 ConfigOpt = typer.Option(None, "--config", "-c", help="keel.yaml to use (default: $KEEL_CONFIG, ./keel.yaml, the example)")
@@ -52,6 +54,8 @@ def config_check(config: Path | None = ConfigOpt) -> None:
     typer.echo(f"  tenants: {', '.join(f'{t.name} ({len(t.api_key_hashes)} keys)' for t in p.tenants) or '(none)'}")
     if s.privacy.hash_key.get_secret_value() == "keel-dev-only-hash-key":
         typer.echo("  warning: privacy.hash_key is the development default; set KEEL_PRIVACY__HASH_KEY in production", err=True)
+    if s.audit.hmac_key.get_secret_value() == "keel-dev-only-audit-key":
+        typer.echo("  warning: audit.hmac_key is the development default; set KEEL_AUDIT__HMAC_KEY in production", err=True)
 
 
 @pii_app.command("detect")
@@ -153,6 +157,45 @@ def keys_revoke(key_id: str = typer.Argument(..., help="the key's id from `keel 
         typer.echo(e.args[0], err=True)
         raise typer.Exit(1) from None
     typer.echo(f"revoked {rec.id} ({rec.tenant})")
+
+
+@audit_app.command("verify")
+def audit_verify(config: Path | None = ConfigOpt) -> None:
+    """Check every writer's hash chain and signed digests in every zone; name the first broken record."""
+    from keel import audit
+
+    s = _settings(config)
+    bad = False
+    for zone, root in _audit_roots(s):
+        report = audit.verify(root, s.audit.hmac_key.get_secret_value().encode())
+        for w, n in report.records.items():
+            typer.echo(f"{zone}/{w}: {n} records, {report.sealed[w]} sealed by a valid digest")
+        for p in report.problems:
+            typer.echo(f"{zone}/{p}", err=True)
+        bad = bad or not report.ok
+    if bad:
+        raise typer.Exit(1)
+    typer.echo("audit trail intact")
+
+
+@audit_app.command("show")
+def audit_show(request_id: str = typer.Argument(..., help="a request id (x-request-id)"),
+               config: Path | None = ConfigOpt) -> None:
+    """Every audit record of one request, as JSON lines."""
+    from keel import audit
+
+    found = [r for _, root in _audit_roots(_settings(config)) for r in audit.find(root, request_id)]
+    if not found:
+        typer.echo(f"no audit record for request {request_id!r}", err=True)
+        raise typer.Exit(1)
+    for r in found:
+        typer.echo(json.dumps(r, ensure_ascii=False))
+
+
+def _audit_roots(s) -> list[tuple[str, Path]]:  # noqa: ANN001
+    from keel.storage import ZoneStorage
+
+    return [(zone, ZoneStorage.for_zone(s, zone).audit_root()) for zone in s.policy.zones]
 
 
 @app.command()

@@ -141,6 +141,17 @@ class GatewaySettings(BaseModel):
     rag_zone: str | None = None  # default: the first zone
 
 
+class AuditSettings(BaseModel):
+    """The tamper-evident audit trail (keel.audit), kept in each zone's storage under audit/."""
+
+    model_config = ConfigDict(extra="forbid")
+    # Signs the digests that seal each writer's chain. Set it from env/secret file in production
+    # (KEEL_AUDIT__HMAC_KEY); whoever holds it can forge digests, so it never lives beside the trail.
+    hmac_key: SecretStr = SecretStr("keel-dev-only-audit-key")
+    seal_every: int = Field(1000, ge=1, description="records per sealed segment")
+    seal_after_s: float = Field(60.0, gt=0, description="an open segment is sealed after this long")
+
+
 class KeelSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="KEEL_",
@@ -158,6 +169,7 @@ class KeelSettings(BaseSettings):
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     policy: Policy
 
     @model_validator(mode="after")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass
+from pathlib import Path
+
 import pyarrow.fs as pafs
 
 from keel.policy import Zone
@@ -58,6 +60,13 @@ class ZoneStorage:
             raise ResidencyError(f"zone {self.zone}: path {posixpath.join(*parts)!r} escapes the zone's storage")
         root = self._root_path().rstrip("/")
         return root if rel == "." else f"{root}/{rel}"
+
+    def audit_root(self) -> Path:
+        """The zone's audit trail folder. keel.audit appends to local files (one chain per writer);
+        on an s3:// zone the trail would need an uploader for sealed segments, not built yet."""
+        if not self.is_local:
+            raise ResidencyError(f"zone {self.zone}: the audit trail needs local storage for now, not {self.root_uri}")
+        return Path(self.path("audit"))
 
     def uri(self, *parts: str) -> str:
         """The same location as a URI (for Airflow assets, LanceDB and logs)."""

@@ -11,7 +11,7 @@ import pytest
 
 from keel import audit
 
-KEY = b"test-audit-key"
+KEY = b"keel-dev-only-audit-key"  # the settings default, so the CLI test verifies with it
 
 
 def trail(root: Path, n: int = 25, seal_every: int = 10) -> Path:
@@ -133,3 +133,24 @@ def test_a_line_torn_by_a_crash_is_dropped_on_reopen(tmp_path):
     assert w.append("batch", job="index_us")["seq"] == 1
     w.close()
     assert audit.verify(tmp_path, KEY).ok
+
+
+def test_keel_audit_verify_and_show_on_the_zones_storage(tmp_path):
+    from keel.settings import load_settings
+    from keel.storage import ZoneStorage
+    from tests.conftest import run_keel
+    from tests.support.services import write_config
+
+    cfg = write_config(tmp_path)
+    s = load_settings(cfg)
+    root = ZoneStorage.for_zone(s, "eu").audit_root()
+    trail(root)
+    ok = run_keel("audit", "verify", "--config", str(cfg))
+    assert ok.returncode == 0 and b"eu/gw-1: 25 records, 25 sealed" in ok.stdout
+    shown = run_keel("audit", "show", "req-7", "--config", str(cfg))
+    assert shown.returncode == 0 and json.loads(shown.stdout)["tokens"] == 7
+    seg = root / "gw-1" / "records-00000000.jsonl"
+    seg.write_text(seg.read_text().replace('"tenant":"demo"', '"tenant":"mallory"', 1))
+    bad = run_keel("audit", "verify", "--config", str(cfg))
+    assert bad.returncode == 1 and b"eu/gw-1: record 0 (records-00000000.jsonl line 1)" in bad.stderr
+    assert run_keel("audit", "show", "req-nope", "--config", str(cfg)).returncode == 1
