@@ -218,6 +218,38 @@ def _verify_writer(wdir: Path, key: bytes, report: Report) -> Problem | None:
     return None
 
 
+class Trails:
+    """One writer's chains in the audit folder of every zone's storage, each opened on first use."""
+
+    def __init__(self, settings: Any, writer: str) -> None:
+        self.settings, self.writer = settings, writer
+        self._open: dict[str, AuditWriter] = {}
+        self._lock = threading.Lock()
+
+    def roots(self) -> dict[str, Path]:
+        from keel.storage import ZoneStorage
+
+        return {zone: ZoneStorage.for_zone(self.settings, zone).audit_root() for zone in self.settings.policy.zones}
+
+    def append(self, zone: str, kind: str, **fields: Any) -> dict[str, Any]:
+        with self._lock:
+            w = self._open.get(zone)
+            if w is None:
+                a = self.settings.audit
+                w = self._open[zone] = AuditWriter(self.roots()[zone], self.writer, a.hmac_key.get_secret_value().encode(),
+                                                   a.seal_every, a.seal_after_s)
+        return w.append(kind, **fields)
+
+    def find(self, request_id: str) -> list[dict[str, Any]]:
+        return sorted((r for root in self.roots().values() for r in find(root, request_id)), key=lambda r: r["ts"])
+
+    def close(self) -> None:
+        with self._lock:
+            for w in self._open.values():
+                w.close()
+            self._open.clear()
+
+
 def records(root: Path) -> Iterator[dict[str, Any]]:
     """Every record of every writer (unverified), in no particular order."""
     for seg in sorted(Path(root).glob("*/records-*.jsonl")):

@@ -123,6 +123,38 @@ def request_id() -> str:
     return rid or "req-" + uuid.uuid4().hex[:24]
 
 
+def replica_name() -> str:
+    """This Serve replica's unique id (one audit chain per replica), or the process id outside Serve."""
+    try:
+        from ray import serve
+
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # noqa: BLE001 - not in a replica (unit tests)
+        import os
+
+        return f"pid{os.getpid()}"
+
+
+def audit_fields(rid: str, tenant: str, endpoint: str, model: str | None, status: int, route: Route | None,
+                 outcome: Outcome | None, body: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
+    """One interaction for the audit trail: the decision and its numbers, hashes of what was sent and
+    answered, never the text itself."""
+    import hashlib
+
+    out: dict[str, Any] = {"request_id": rid, "tenant": tenant, "endpoint": endpoint, "model": model, "status": status,
+                           "latency_ms": round(seconds * 1000, 1)}
+    if route is not None:
+        out["route"] = {"strategy": route.strategy, "reason": route.reason, "ranked": list(route.ranked),
+                        "excluded": route.excluded}
+    if body is not None:
+        out["prompt_sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    if outcome is not None:
+        out |= {"target": outcome.target, "failovers": outcome.failovers, "usage": outcome.usage,
+                "ttft_ms": round(outcome.ttft_s * 1000, 1) if outcome.ttft_s is not None else None,
+                "response_sha256": outcome.answer.hexdigest() if outcome.target else None}
+    return out
+
+
 def target_body(kind: Kind, req: Any) -> tuple[dict[str, Any], str, str]:
     """The request as targets get it (no model/stream/Keel fields), its whole text, and the ask."""
     body = req.model_dump(exclude_none=True, exclude={"model", "stream", "rag", "n", "stream_options"})

@@ -9,6 +9,7 @@ whatever it repeats of that text is trimmed, so the caller sees one uninterrupte
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class Outcome:
     usage: dict[str, int] | None = None
     finish_reason: str | None = None
     ttft_s: float | None = None
+    answer: Any = field(default_factory=hashlib.sha256)  # of the text the caller got, for the audit trail
 
 
 class NoTargetLeft(Exception):
@@ -106,6 +108,7 @@ async def run(
                     text = trim.feed(chunk.text, final=chunk.finish_reason is not None) if trim else chunk.text
                     if text or chunk.tool_calls or chunk.finish_reason or chunk.usage:
                         sent += text
+                        outcome.answer.update(text.encode())
                         yield Chunk(text, chunk.tool_calls, chunk.finish_reason, chunk.usage)
                     if chunk.finish_reason:
                         outcome.finish_reason = chunk.finish_reason

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from ray import serve
 
+from keel.audit import Trails
 from keel.breaker import CircuitBreaker
 from keel.keys import KeyRing
 from keel.routing import ALIASES, Candidate, LatencyStats, Route, RouteRequest, Weights, complexity_score, estimate_tokens, plan, uses_complexity
@@ -37,6 +39,7 @@ DEFAULT_MAX_TOKENS = 512  # what routing assumes for the answer when a request s
 RAG_PROMPT = ("Answer the user's question from the context below. Cite the passages you use as [1], [2]. "
               "If the context does not hold the answer, say so.\n\n")
 
+logger = logging.getLogger("keel.gateway")
 app = FastAPI(title="Keel gateway", docs_url=None, redoc_url=None, openapi_url=None)
 
 
@@ -56,7 +59,12 @@ class Gateway:
         self.weights = Weights(g.weights.latency, g.weights.cost, g.weights.complexity)
         self.in_flight = 0
         self.metrics = Metrics(self.states)
+        self.trails = Trails(settings, f"gateway-{api.replica_name()}")
+        self.default_zone = next(iter(settings.policy.zones))
         self._embedder: Any = None
+
+    def __del__(self) -> None:
+        self.trails.close()  # Serve calls it when the replica stops: the open segment gets sealed
 
     # -- endpoints -----------------------------------------------------------------------------
 
@@ -101,6 +109,19 @@ class Gateway:
         return JSONResponse({"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "keel"}
                                                         for i in ids]})
 
+    @app.get("/v1/audit/{request_id}")
+    async def audit_records(self, request_id: str, request: Request) -> Response:
+        """The caller's own audit records of one request. Another tenant's request is a 404, like a
+        request that never was, so ids do not leak."""
+        try:
+            tenant = self._auth(request)
+            found = [r for r in await asyncio.to_thread(self.trails.find, request_id) if r.get("tenant") == tenant]
+            if not found:
+                raise APIError(404, f"no audit record for request {request_id!r}", code="not_found")
+        except APIError as e:
+            return e.response()
+        return JSONResponse({"object": "list", "data": found})
+
     @app.get("/healthz")
     async def healthz(self) -> Response:
         targets = {n: {"breaker": s.breaker.status, "in_flight": s.in_flight, "served": s.served, "failed": s.failed,
@@ -121,12 +142,14 @@ class Gateway:
         endpoint = "chat" if kind == "chat" else "completions"
         started = time.monotonic()
         headers: dict[str, str] = {}  # Serve sets x-request-id (the same id as rid)
+        tenant = model = route = body = None
         try:
-            self._auth(request)
+            tenant = self._auth(request)
             if self.in_flight >= self.g.max_in_flight_per_replica:
                 raise APIError(429, "the gateway is at capacity; retry shortly", code="overloaded",
                                retry_after=self.g.retry_after_s)
             req = api.parse(await request.body(), api.ChatRequest if kind == "chat" else api.CompletionRequest)
+            model = req.model
             body, prompt_text, ask = api.target_body(kind, req)
             citations = None
             if kind == "chat" and (req.model == "keel/rag" or req.rag):
@@ -135,9 +158,18 @@ class Gateway:
             route = self._route(req, kind, prompt_text, ask)
         except APIError as e:
             self.metrics.request(endpoint, e.status)
+            if tenant is not None:
+                self._audit(api.audit_fields(rid, tenant, endpoint, model, e.status, route, None, body,
+                                             time.monotonic() - started))
             return e.response(headers)
         self.in_flight += 1
         outcome = Outcome()
+
+        def finish(status: int) -> None:
+            seconds = time.monotonic() - started
+            self.metrics.finish(endpoint, status, outcome, seconds)
+            self._audit(api.audit_fields(rid, tenant, endpoint, model, status, route, outcome, body, seconds))
+
         stream = failover.run(self.states, route.ranked, kind, body, self.limits, outcome)
         try:
             first = await anext(stream)  # a failure before the first token is still a proper HTTP error
@@ -145,7 +177,7 @@ class Gateway:
             self.in_flight -= 1
             await stream.aclose()
             err = self._failure(e)
-            self.metrics.finish(endpoint, err.status, outcome, time.monotonic() - started)
+            finish(err.status)
             return err.response(headers | {"x-keel-route": api.route_header(outcome.target, route)})
         except BaseException:
             self.in_flight -= 1
@@ -163,7 +195,7 @@ class Gateway:
                     done = True
                     self.in_flight -= 1
                     await stream.aclose()  # type: ignore[attr-defined]
-                    self.metrics.finish(endpoint, status, outcome, time.monotonic() - started)
+                    finish(status)
 
             return StreamingResponse(
                 self._sse(kind, meta, first, stream, outcome, route, citations, release),
@@ -175,14 +207,25 @@ class Gateway:
             chunks += [c async for c in stream]
         except (NoTargetLeft, TargetError) as e:
             err = self._failure(e)
-            self.metrics.finish(endpoint, err.status, outcome, time.monotonic() - started)
+            finish(err.status)
             return err.response(headers)
         finally:
             self.in_flight -= 1
-        self.metrics.finish(endpoint, 200, outcome, time.monotonic() - started)
+        finish(200)
         headers["x-keel-route"] = api.route_header(outcome.target, route)
         return JSONResponse(api.gathered(kind, meta, chunks, outcome) | {"keel": api.keel_field(rid, route, outcome, citations)},
                             headers=headers)
+
+    def _audit(self, fields: dict[str, Any]) -> None:
+        """One record per interaction, in the zone where its data went (the answering target's), else
+        the first zone. A failed write is logged and counted, never dropped silently."""
+        target = fields.get("target")
+        zone = self.states[target].target.config.zone if target in self.states else self.default_zone
+        try:
+            self.trails.append(zone, "interaction", **fields)
+        except Exception:  # noqa: BLE001 - the answer is already decided; the failure must be visible
+            self.metrics.audit_failed()
+            logger.exception("audit record for request %s could not be written", fields.get("request_id"))
 
     async def _sse(self, kind: Kind, meta: dict[str, Any], first: Chunk, stream: AsyncIterator[Chunk],
                    outcome: Outcome, route: Route, citations: list[dict[str, Any]] | None,

@@ -27,6 +27,8 @@ class Metrics:
         self.failovers = Counter("keel_gateway_failovers", "Targets given up on, by reason", ["target", "error"], registry=r)
         self.served = Counter("keel_gateway_target_served", "Requests answered, by final target", ["target"], registry=r)
         self.breaker = Gauge("keel_gateway_breaker_state", "0 closed, 1 half-open, 2 open", ["target"], registry=r)
+        self.audit_failures = Counter("keel_gateway_audit_failures", "Audit records that could not be written",
+                                      registry=r)
         self.in_flight = Gauge("keel_gateway_in_flight", "Requests in flight on this replica", registry=r)
 
         self._children: dict[tuple[Any, ...], Any] = {}  # labels() takes a lock and builds a key: once per series
@@ -49,6 +51,9 @@ class Metrics:
             self._series(self.failovers, f["target"], f["error"]).inc()
         if status == 200 and outcome.target:
             self._series(self.served, outcome.target).inc()
+
+    def audit_failed(self) -> None:
+        self.audit_failures.inc()
 
     def render(self, in_flight: int) -> tuple[bytes, str]:
         self.in_flight.set(in_flight)

@@ -81,13 +81,15 @@ def gw(ray_driver, tmp_path_factory):
         {**doc["policy"]["targets"][0], "tier": "large", "options": {"n_threads": 1, "n_ctx": 2048}},
     ]
     doc["policy"]["targets"][2]["max_context"] = 2048
+    doc["policy"]["tenants"].append({"name": "other", "allowed_classes": ["public"], "default_class": "public"})
     cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
     settings = load_settings(cfg)
     key, _ = KeyStore(settings).create("demo", "tests")
+    other_key, _ = KeyStore(settings).create("other", "tests")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(settings), name="keel", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
-    yield {"base": base, "key": key, "primary": primary, "backup": backup, "settings": settings}
+    yield {"base": base, "key": key, "other_key": other_key, "primary": primary, "backup": backup, "settings": settings}
     serve.shutdown()
     for f in (primary, backup):
         f.proc.stop()
@@ -142,6 +144,30 @@ def test_chat_non_streaming_with_route_headers_and_usage(gw, faults):
     assert raw.headers["x-keel-route"].startswith("target=primary; strategy=pinned")
     keel = r.model_extra["keel"]
     assert keel["route"]["target"] == "primary" and keel["failovers"] == [] and keel["request_id"] == raw.headers["x-request-id"]
+
+
+def test_every_interaction_lands_in_the_audit_trail_readable_by_its_own_tenant_only(gw, faults):
+    from keel import audit
+
+    secret = "my card is 4111 1111 1111 1111"
+    raw = client(gw).chat.completions.with_raw_response.create(model="primary", messages=[{"role": "user", "content": secret}])
+    rid = raw.headers["x-request-id"]
+    _, final = stream_text(gw, "streamed and audited")
+    mine = httpx.get(f"{gw['base']}/v1/audit/{rid}", headers={"Authorization": f"Bearer {gw['key']}"})
+    assert mine.status_code == 200
+    (rec,) = mine.json()["data"]
+    assert (rec["tenant"], rec["status"], rec["target"], rec["endpoint"]) == ("demo", 200, "primary", "chat")
+    assert rec["usage"]["completion_tokens"] > 0 and rec["route"]["strategy"] == "pinned"
+    assert len(rec["prompt_sha256"]) == 64 and len(rec["response_sha256"]) == 64 and rec["hash"] and rec["prev"]
+    assert "4111" not in mine.text  # hashes of the exchange, never its text
+    other = httpx.get(f"{gw['base']}/v1/audit/{rid}", headers={"Authorization": f"Bearer {gw['other_key']}"})
+    assert other.status_code == 404 and other.json()["error"]["code"] == "not_found"  # not 403: ids do not leak
+    assert httpx.get(f"{gw['base']}/v1/audit/{rid}").status_code == 401
+    streamed = httpx.get(f"{gw['base']}/v1/audit/{final['request_id']}", headers={"Authorization": f"Bearer {gw['key']}"})
+    assert streamed.json()["data"][0]["status"] == 200
+    s = gw["settings"]
+    report = audit.verify(audit.Trails(s, "reader").roots()["us"], s.audit.hmac_key.get_secret_value().encode())
+    assert report.ok and sum(report.records.values()) >= 2
 
 
 def test_chat_streaming_ends_with_the_route_event(gw, faults):
