@@ -46,6 +46,14 @@ def record_hash(record: dict[str, Any]) -> str:
     return hashlib.sha256(canonical({k: v for k, v in record.items() if k != "hash"})).hexdigest()
 
 
+def encode(record: dict[str, Any]) -> tuple[str, str]:
+    """A record (without its hash) as its line in a segment, and its hash: serialized once, the hash
+    taken over those bytes and appended last (verification re-serializes, so key order is free)."""
+    body = canonical(record)
+    h = hashlib.sha256(body).hexdigest()
+    return f'{body[:-1].decode()},"hash":"{h}"}}\n', h
+
+
 def sign(digest: dict[str, Any], key: bytes) -> str:
     return hmac.new(key, canonical({k: v for k, v in digest.items() if k != "signature"}), hashlib.sha256).hexdigest()
 
@@ -103,8 +111,8 @@ class AuditWriter:
         """Chain and write one record; returns it (with its seq and hash)."""
         with self._lock:
             rec = {"seq": self.seq, "ts": _now(), "writer": self.writer, "kind": kind, **fields, "prev": self.prev}
-            rec["hash"] = record_hash(rec)
-            self._file.write(canonical(rec).decode() + "\n")
+            line, rec["hash"] = encode(rec)
+            self._file.write(line)
             self._file.flush()
             self.seq, self.prev, self.in_segment = self.seq + 1, rec["hash"], self.in_segment + 1
             if self.in_segment >= self.seal_every or time.monotonic() - self._opened >= self.seal_after_s:
