@@ -16,7 +16,8 @@ Layout under <root>/<writer>/:
     records-00000000.jsonl   a segment: one record per line, seq continuing across segments
     digest-00000000.json     seals that segment
 The newest segment is open (chained, not yet signed) until it is sealed: every `seal_every` records,
-after `seal_after_s`, and when the writer closes.
+`seal_after_s` after its first record (by Trails' background thread even if no record follows), and
+when the writer closes.
 """
 
 from __future__ import annotations
@@ -24,15 +25,19 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger("keel.audit")
 
 GENESIS = "0" * 64
 _SEGMENT = re.compile(r"^records-(\d{8})\.jsonl$")
@@ -107,11 +112,14 @@ class AuditWriter:
                 rec = json.loads(line)
                 self.seq, self.prev, self.in_segment = rec["seq"] + 1, rec["hash"], self.in_segment + 1
 
-    def append(self, kind: str, **fields: Any) -> dict[str, Any]:
-        """Chain and write one record; returns it (with its seq and hash)."""
+    def append(self, kind: str, /, *, ts: str | None = None, **fields: Any) -> dict[str, Any]:
+        """Chain and write one record; returns it (with its seq and hash). `ts` defaults to now; a
+        queued record passes the time it was submitted."""
         with self._lock:
-            rec = {"seq": self.seq, "ts": _now(), "writer": self.writer, "kind": kind, **fields, "prev": self.prev}
+            rec = {"seq": self.seq, "ts": ts or _now(), "writer": self.writer, "kind": kind, **fields, "prev": self.prev}
             line, rec["hash"] = encode(rec)
+            if self.in_segment == 0:  # seal_after_s bounds how long a record waits unsigned, not idle time
+                self._opened = time.monotonic()
             self._file.write(line)
             self._file.flush()
             self.seq, self.prev, self.in_segment = self.seq + 1, rec["hash"], self.in_segment + 1
@@ -122,6 +130,12 @@ class AuditWriter:
     def seal(self) -> None:
         with self._lock:
             self._seal()
+
+    def seal_if_due(self) -> None:
+        """Seal an open segment whose first record is `seal_after_s` old, though no record followed."""
+        with self._lock:
+            if self.in_segment and time.monotonic() - self._opened >= self.seal_after_s:
+                self._seal()
 
     def _seal(self) -> None:
         if self.in_segment == 0:
@@ -226,20 +240,36 @@ def _verify_writer(wdir: Path, key: bytes, report: Report) -> Problem | None:
     return None
 
 
-class Trails:
-    """One writer's chains in the audit folder of every zone's storage, each opened on first use."""
+class AuditBacklog(RuntimeError):
+    """Trails.submit refused a record: the background writer is too far behind (or closed)."""
 
-    def __init__(self, settings: Any, writer: str) -> None:
-        self.settings, self.writer = settings, writer
+
+class Trails:
+    """One writer's chains in the audit folder of every zone's storage, each opened on first use.
+
+    `append` writes on the caller's thread (batch jobs); `submit` queues the record for one background
+    thread that writes records in submission order and seals idle segments, so an event loop never
+    waits on the disk. Its failures go to `on_error(exc, request_id)` and the "keel.audit" log."""
+
+    MAX_QUEUED = 100_000
+
+    def __init__(self, settings: Any, writer: str,
+                 on_error: Callable[[BaseException, str | None], None] | None = None) -> None:
+        self.settings, self.writer, self.on_error = settings, writer, on_error
         self._open: dict[str, AuditWriter] = {}
         self._lock = threading.Lock()
+        self._queue: deque[tuple[str, str, str, dict[str, Any]]] = deque()
+        self._cond = threading.Condition()  # guards the queue, the counts, _closed and _thread
+        self._submitted = self._done = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
 
     def roots(self) -> dict[str, Path]:
         from keel.storage import ZoneStorage
 
         return {zone: ZoneStorage.for_zone(self.settings, zone).audit_root() for zone in self.settings.policy.zones}
 
-    def append(self, zone: str, kind: str, **fields: Any) -> dict[str, Any]:
+    def append(self, zone: str, kind: str, /, **fields: Any) -> dict[str, Any]:
         with self._lock:
             w = self._open.get(zone)
             if w is None:
@@ -248,10 +278,74 @@ class Trails:
                                                    a.seal_every, a.seal_after_s)
         return w.append(kind, **fields)
 
+    def submit(self, zone: str, kind: str, /, **fields: Any) -> None:
+        """Queue one record, stamped now, for the background thread; never waits on the disk."""
+        with self._cond:
+            if self._closed:
+                raise AuditBacklog(f"audit trails of {self.writer} are closed")
+            # A full queue means the disk stalled: refuse at once (the caller counts and logs it) rather
+            # than block the event loop or drop records silently.
+            if len(self._queue) >= self.MAX_QUEUED:
+                raise AuditBacklog(f"{len(self._queue)} audit records waiting to be written")
+            self._queue.append((zone, kind, _now(), fields))  # stamped under the lock: ts follows chain order
+            self._submitted += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"audit-{self.writer}", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every record submitted before the call is written (or reported to on_error);
+        False on timeout."""
+        with self._cond:
+            target = self._submitted
+            return self._cond.wait_for(lambda: self._done >= target, timeout)
+
+    def _run(self) -> None:
+        tick = min(self.settings.audit.seal_after_s, 1.0)  # wake to seal idle segments without a record
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed, tick)
+                batch, self._queue = self._queue, deque()
+                closing = self._closed  # close() refuses later submits, so this batch is the last
+            for zone, kind, ts, fields in batch:
+                try:
+                    self.append(zone, kind, ts=ts, **fields)
+                except Exception as e:  # noqa: BLE001 - reported, and the thread goes on
+                    self._failed(e, fields.get("request_id"))
+            with self._lock:
+                writers = list(self._open.values())
+            for w in writers:
+                try:
+                    w.seal_if_due()
+                except Exception as e:  # noqa: BLE001
+                    self._failed(e, None)
+            with self._cond:
+                self._done += len(batch)
+                self._cond.notify_all()
+            if closing:
+                return
+
+    def _failed(self, e: Exception, request_id: str | None) -> None:
+        logger.exception("audit record for request %s could not be written", request_id, exc_info=e)
+        if self.on_error is not None:
+            try:
+                self.on_error(e, request_id)
+            except Exception:  # noqa: BLE001 - a failing callback must not stop the writer
+                logger.exception("audit on_error callback failed")
+
     def find(self, request_id: str) -> list[dict[str, Any]]:
+        self.flush()  # a reader sees the records submitted before it asked
         return sorted((r for root in self.roots().values() for r in find(root, request_id)), key=lambda r: r["ts"])
 
     def close(self) -> None:
+        """Write what is queued, stop the thread, seal and close every writer; safe to call twice."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
         with self._lock:
             for w in self._open.values():
                 w.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,91 @@ def test_keel_audit_verify_and_show_on_the_zones_storage(tmp_path):
     bad = run_keel("audit", "verify", "--config", str(cfg))
     assert bad.returncode == 1 and b"eu/gw-1: record 0 (records-00000000.jsonl line 1)" in bad.stderr
     assert run_keel("audit", "show", "req-nope", "--config", str(cfg)).returncode == 1
+
+
+def zone_trails(tmp_path: Path, seal_after_s: float = 60.0, **kw) -> tuple[audit.Trails, Path]:
+    """Trails over the example config's zones in tmp_path, and the "us" zone's writer folder."""
+    from keel.settings import load_settings
+    from tests.support.services import write_config
+
+    s = load_settings(write_config(tmp_path))
+    s = s.model_copy(update={"audit": s.audit.model_copy(update={"seal_after_s": seal_after_s})})
+    t = audit.Trails(s, "gw-1", **kw)
+    return t, t.roots()["us"]
+
+
+def test_submits_from_several_threads_land_in_order_stamped_at_submit_time(tmp_path):
+    t, root = zone_trails(tmp_path)
+    stamps: dict[str, tuple[str, str]] = {}
+
+    def work(i: int) -> None:
+        for j in range(200):
+            before = audit._now()
+            t.submit("us", "interaction", request_id=f"t{i}-{j}", thread=i, n=j)
+            stamps[f"t{i}-{j}"] = (before, audit._now())
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    with t._lock:  # no writer can open until every submit is done: writing happens strictly later
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        written_after = audit._now()
+    assert t.flush(timeout=5)
+    report = audit.verify(root, KEY)
+    assert report.ok, report.problems
+    recs = sorted(audit.records(root), key=lambda r: r["seq"])
+    assert len(recs) == 800
+    for i in range(4):
+        assert [r["n"] for r in recs if r["thread"] == i] == list(range(200))  # each thread's order kept
+    assert all(stamps[r["request_id"]][0] <= r["ts"] <= stamps[r["request_id"]][1] < written_after for r in recs)
+    assert [r["ts"] for r in recs] == sorted(r["ts"] for r in recs)  # time follows the chain
+    t.submit("us", "interaction", request_id="late")
+    assert [r["request_id"] for r in t.find("late")] == ["late"]  # find flushes first
+    t.close()
+
+
+def test_a_failed_background_append_is_reported_and_later_submits_still_land(tmp_path, caplog):
+    errors: list[tuple[BaseException, str | None]] = []
+    t, root = zone_trails(tmp_path, on_error=lambda e, rid: errors.append((e, rid)))
+    t.submit("us", "interaction", request_id="ok-1")
+    t.submit("us", "interaction", request_id="bad", blob=object())  # not JSON-serializable
+    t.submit("nowhere", "interaction", request_id="no-zone")  # no such zone
+    t.submit("us", "interaction", request_id="ok-2")
+    assert t.flush(timeout=5)
+    assert [(type(e), rid) for e, rid in errors] == [(TypeError, "bad"), (KeyError, "no-zone")]
+    assert sum("could not be written" in r.getMessage() for r in caplog.records if r.name == "keel.audit") == 2
+    assert [r["request_id"] for r in sorted(audit.records(root), key=lambda r: r["seq"])] == ["ok-1", "ok-2"]
+    t.close()
+    assert audit.verify(root, KEY).ok
+
+
+def test_an_idle_writer_gets_its_open_segment_sealed_without_another_record(tmp_path):
+    t, root = zone_trails(tmp_path, seal_after_s=0.2)
+    t.submit("us", "interaction", request_id="r-0")
+    t.submit("us", "interaction", request_id="r-1")
+    assert t.flush(timeout=5)
+    digest = root / "gw-1" / "digest-00000000.json"
+    deadline = time.monotonic() + 1.5
+    while not digest.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    report = audit.verify(root, KEY)
+    assert digest.exists() and report.ok and report.records == {"gw-1": 2} == report.sealed
+    t.close()
+
+
+def test_close_writes_and_seals_everything_submitted_and_is_safe_twice(tmp_path):
+    t, root = zone_trails(tmp_path)
+    for i in range(300):
+        t.submit("eu" if i % 3 else "us", "interaction", request_id=f"r-{i}")
+    t.close()
+    t.close()
+    for zone, n in (("us", 100), ("eu", 200)):
+        report = audit.verify(t.roots()[zone], KEY)
+        assert report.ok and report.records == {"gw-1": n} == report.sealed
+    with pytest.raises(audit.AuditBacklog):
+        t.submit("us", "interaction", request_id="too-late")
+    never_started, _ = zone_trails(tmp_path / "other")
+    assert never_started.flush(timeout=0)
+    never_started.close()
+    never_started.close()
