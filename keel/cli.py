@@ -56,6 +56,8 @@ def config_check(config: Path | None = ConfigOpt) -> None:
         typer.echo("  warning: privacy.hash_key is the development default; set KEEL_PRIVACY__HASH_KEY in production", err=True)
     if s.audit.hmac_key.get_secret_value() == "keel-dev-only-audit-key":
         typer.echo("  warning: audit.hmac_key is the development default; set KEEL_AUDIT__HMAC_KEY in production", err=True)
+    if not s.guard.enabled:
+        typer.echo("  warning: guard.enabled is false: prompts reach model targets with their PII", err=True)
 
 
 @pii_app.command("detect")

@@ -7,9 +7,9 @@ this one object where data may live, where it may be sent and who may send it.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
 import secrets
+from collections.abc import Iterable
 from enum import Enum
 from typing import Literal
 
@@ -54,6 +54,7 @@ _RANK = {dc: i for i, dc in enumerate(DataClass)}
 _NAME = r"^[a-z][a-z0-9-]{0,31}$"
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 API_KEY_PREFIX = "keel-"
+EXTERNAL_KINDS = frozenset({"openai"})  # targets outside the cluster: a third party sees what they get
 
 
 class _Strict(BaseModel):
@@ -81,6 +82,10 @@ class DataClassRule(_Strict):
     # How the batch pipeline redacts this class: irreversible typed tokens ([PERSON]) or keyed-hash
     # tokens ([PERSON:7f3a9c01]) that keep "same person" linkage for analytics without being reversible.
     redaction: Literal["typed", "hashed"] = "typed"
+    # Which model targets get this class pseudonymized (PII swapped for placeholders, restored in the
+    # answer). External targets always do; "external_targets" lets in-cluster ones see the text as
+    # sent, for classes declared free of personal data. pii and phi must stay "all_targets".
+    pseudonymize: Literal["all_targets", "external_targets"] = "all_targets"
 
 
 class ModelTarget(_Strict):
@@ -88,7 +93,7 @@ class ModelTarget(_Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,63}$")
     kind: Literal["llama_cpp", "vllm", "openai"]
-    zone: str
+    zone: str  # where the model runs: data of a class is routed here only if the class may live here
     price_per_1k_input: float = Field(ge=0)
     price_per_1k_output: float = Field(ge=0)
     tier: Literal["small", "large"]
@@ -104,6 +109,11 @@ class Tenant(_Strict):
     api_key_hashes: list[str] = Field(default_factory=list)
     allowed_classes: list[DataClass] = Field(min_length=1)
     default_class: DataClass
+    # Zones this tenant's data may go to, within what each class allows; None: every zone.
+    allowed_zones: list[str] | None = None
+    # Per-tenant rate limits, split evenly across gateway replicas; None: unlimited.
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)
 
     @field_validator("api_key_hashes")
     @classmethod
@@ -145,6 +155,9 @@ class Policy(_Strict):
             for z in rule.allowed_zones:
                 if z not in self.zones:
                     raise ValueError(f"data_classes.{dc.value}.allowed_zones: unknown zone {z!r}")
+            if dc >= DataClass.pii and rule.pseudonymize != "all_targets":
+                raise ValueError(f"data_classes.{dc.value}.pseudonymize: personal data is pseudonymized for every "
+                                 "target; only public and internal may use 'external_targets'")
         names = [t.name for t in self.targets]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -152,6 +165,10 @@ class Policy(_Strict):
         for t in self.targets:
             if t.zone not in self.zones:
                 raise ValueError(f"targets.{t.name}.zone: unknown zone {t.zone!r}")
+        for tenant in self.tenants:
+            for z in tenant.allowed_zones or ():
+                if z not in self.zones:
+                    raise ValueError(f"tenants.{tenant.name}.allowed_zones: unknown zone {z!r}")
         tenants = [t.name for t in self.tenants]
         if len(set(tenants)) != len(tenants):
             raise ValueError("tenants: duplicate names")
@@ -174,15 +191,26 @@ class Policy(_Strict):
         allowed = set(self.zones_for(data_class))
         return [t for t in self.targets if t.zone in allowed]
 
-    def tenant_for_key(self, api_key: str) -> Tenant | None:
-        """The tenant owning this API key, compared in constant time against stored hashes."""
-        digest = hash_api_key(api_key)
-        found = None
-        for tenant in self.tenants:
-            for h in tenant.api_key_hashes:
-                if hmac.compare_digest(h, digest):
-                    found = tenant
-        return found
+    def request_zones(self, tenant: Tenant, data_class: DataClass, asked: str | None = None) -> list[str]:
+        """Zones a request's data may go to: its class's zones, within the tenant's, within the one
+        the caller asked for (x-keel-zone). Raises PermissionError naming why none is left."""
+        zones = [z for z in self.zones_for(data_class) if tenant.allowed_zones is None or z in tenant.allowed_zones]
+        if asked is not None:
+            if asked not in self.zones:
+                raise PermissionError(f"unknown zone {asked!r}; zones: {sorted(self.zones)}")
+            if asked not in zones:
+                raise PermissionError(f"data class {data_class.value!r} of tenant {tenant.name!r} may not go to zone "
+                                      f"{asked!r} (allowed: {zones})")
+            zones = [asked]
+        if not zones:
+            raise PermissionError(f"tenant {tenant.name!r} has no zone where data class {data_class.value!r} may go")
+        return zones
+
+    def pseudonymizes(self, data_class: DataClass, target_kinds: Iterable[str]) -> bool:
+        """Whether a request of this class is pseudonymized before these targets (any of which may
+        answer it, by failover): always for external ones, and for every one when the class says so."""
+        kinds = set(target_kinds)
+        return bool(kinds & EXTERNAL_KINDS) or (bool(kinds) and self.data_classes[data_class].pseudonymize == "all_targets")
 
 
 def hash_api_key(api_key: str) -> str:

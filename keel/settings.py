@@ -141,6 +141,31 @@ class GatewaySettings(BaseModel):
     rag_zone: str | None = None  # default: the first zone
 
 
+OUTPUT_ENTITIES = ("EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "US_ITIN", "US_PASSPORT",
+                   "US_DRIVER_LICENSE", "US_BANK_NUMBER", "IBAN_CODE", "IP_ADDRESS", "CRYPTO", "MEDICAL_LICENSE",
+                   "UK_NHS", "MEDICAL_RECORD_NUMBER", "HEALTH_PLAN_ID", "STREET_ADDRESS", "DATE_OF_BIRTH", "SECRET")
+
+
+class GuardSettings(BaseModel):
+    """The PII and content guard on the gateway's request path (keel.guard)."""
+
+    model_config = ConfigDict(extra="forbid")
+    # Off only for a positive control or a benchmark: `keel config check` warns. Which targets get
+    # pseudonymized text is the policy's (data_classes.<class>.pseudonymize), not a switch.
+    enabled: bool = True
+    # PII in a model's answer that the caller did not send (a model inventing or recalling someone's
+    # details) is replaced by its type, [US_SSN]; off lets it through.
+    output_pii: Literal["redact", "off"] = "redact"
+    # What counts as PII in an answer: identifiers. Names and places are left out on purpose: in
+    # answers they are mostly public knowledge ("Paris is the capital of France"), and redacting them
+    # would wreck ordinary answers; in prompts they are pseudonymized like everything else.
+    output_entities: list[str] = Field(default_factory=lambda: list(OUTPUT_ENTITIES))
+    # Toxicity of the answer (alt-profanity-check, offline): flag records it, block stops the answer
+    # with finish_reason "content_filter".
+    toxicity: Literal["flag", "block", "off"] = "flag"
+    toxicity_threshold: float = Field(0.8, gt=0, le=1)
+
+
 class AuditSettings(BaseModel):
     """The tamper-evident audit trail (keel.audit), kept in each zone's storage under audit/."""
 
@@ -169,6 +194,7 @@ class KeelSettings(BaseSettings):
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    guard: GuardSettings = Field(default_factory=GuardSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     policy: Policy
 

@@ -155,6 +155,18 @@ def audit_fields(rid: str, tenant: str, endpoint: str, model: str | None, status
     return out
 
 
+def config_fields(settings: Any) -> dict[str, Any]:
+    """The configuration a replica decides under, for the audit trail: what routing, residency and the
+    guard obey, and a hash of the whole (secrets left out), so a change of policy is on the record."""
+    import hashlib
+
+    doc = settings.model_dump(mode="json", include={"gateway", "guard", "policy"}, exclude={"policy": {"tenants"}})
+    doc["tenants"] = [t.model_dump(mode="json", exclude={"api_key_hashes"}) for t in settings.policy.tenants]
+    return {"event": "gateway_started", "config_sha256": hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest(),
+            "targets": [{"name": t.name, "kind": t.kind, "zone": t.zone, "tier": t.tier} for t in settings.policy.targets],
+            "data_classes": doc["policy"]["data_classes"], "guard": doc["guard"], "strategy": doc["gateway"]["strategy"]}
+
+
 def target_body(kind: Kind, req: Any) -> tuple[dict[str, Any], str, str]:
     """The request as targets get it (no model/stream/Keel fields), its whole text, and the ask."""
     body = req.model_dump(exclude_none=True, exclude={"model", "stream", "rag", "n", "stream_options"})

@@ -142,6 +142,13 @@ async def run(
     raise NoTargetLeft(outcome, last, busy and last is None)
 
 
+async def prepend(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+    """The stream again, with its first chunk (taken early, to answer errors before any header) back in front."""
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
 class _Deadline:
     """A time limit on each wait for the next chunk, with one timer per target instead of one per chunk.
 

@@ -5,16 +5,20 @@
 It answers /v1/chat/completions and /v1/completions (streaming and not) with a deterministic
 answer: "Echo: <the last user message>." plus a fixed sentence. Asked to continue a cut answer
 (the partial answer as the assistant's turn), it goes on from where the partial answer stops.
-Every request body is recorded. Control it over HTTP:
+Every request is recorded: as a capture server standing in for an external provider, it keeps every
+byte it received (request line, headers, body). Control it over HTTP:
 
     POST /_control {"mode": "ok|error|rate_limit|stall|cut", "after_tokens": 5, "delay_s": 0.01,
-                    "overlap_chars": 0}
+                    "overlap_chars": 0, "append": "", "chunk_chars": 0}
     GET  /_requests    every request body received, oldest first
+    GET  /_raw         every byte received on the model endpoints, as one octet stream
     POST /_reset       forget requests, back to mode ok
 
 mode: error -> 500; rate_limit -> 429 with Retry-After; stall -> `after_tokens` tokens, then
 silence; cut -> `after_tokens` tokens, then the connection is dropped. overlap_chars makes a
-continuation first repeat that many characters of the partial answer (as real models do).
+continuation first repeat that many characters of the partial answer (as real models do). append
+adds a fixed text to every answer (a model volunteering something it was not asked); chunk_chars > 0
+streams pieces of that many characters instead of words (so a word can arrive split).
 """
 
 from __future__ import annotations
@@ -57,8 +61,10 @@ def tokens(text: str) -> list[str]:
 
 class FaultServer:
     def __init__(self, mode: str = "ok", delay_s: float = 0.0) -> None:
-        self.control: dict[str, Any] = {"mode": mode, "after_tokens": 5, "delay_s": delay_s, "overlap_chars": 0}
+        self.control: dict[str, Any] = {"mode": mode, "after_tokens": 5, "delay_s": delay_s, "overlap_chars": 0,
+                                        "append": "", "chunk_chars": 0}
         self.requests: list[dict[str, Any]] = []
+        self.raw = bytearray()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -67,6 +73,7 @@ class FaultServer:
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/_control", self.set_control)
         app.router.add_get("/_requests", self.get_requests)
+        app.router.add_get("/_raw", self.get_raw)
         app.router.add_post("/_reset", self.reset)
         return app
 
@@ -77,9 +84,13 @@ class FaultServer:
     async def get_requests(self, request: web.Request) -> web.Response:
         return web.json_response(self.requests)
 
+    async def get_raw(self, request: web.Request) -> web.Response:
+        return web.Response(body=bytes(self.raw), content_type="application/octet-stream")
+
     async def reset(self, request: web.Request) -> web.Response:
         self.requests.clear()
-        self.control.update(mode="ok", after_tokens=5, overlap_chars=0)
+        self.raw.clear()
+        self.control.update(mode="ok", after_tokens=5, overlap_chars=0, append="", chunk_chars=0)
         return web.json_response(self.control)
 
     async def models(self, request: web.Request) -> web.Response:
@@ -92,7 +103,10 @@ class FaultServer:
         return await self._answer(request, "completion")
 
     async def _answer(self, request: web.Request, kind: str) -> web.StreamResponse:
-        body = await request.json()
+        raw = await request.read()
+        self.raw += f"{request.method} {request.path_qs} HTTP/{request.version.major}.{request.version.minor}\r\n".encode()
+        self.raw += b"".join(k + b": " + v + b"\r\n" for k, v in request.raw_headers) + b"\r\n" + raw
+        body = json.loads(raw)
         self.requests.append(body)
         c = self.control
         if c["mode"] == "error":
@@ -101,10 +115,12 @@ class FaultServer:
             return web.json_response({"error": {"message": "injected rate limit", "type": "rate_limit_error"}},
                                      status=429, headers={"Retry-After": "1"})
         full, given = answer_for(kind, body)
+        full += c["append"]
         rest = full[len(given):] if given and full.startswith(given) else full
         if given and c["overlap_chars"]:
             rest = given[-c["overlap_chars"]:] + rest
-        toks = tokens(rest)
+        n = c["chunk_chars"]
+        toks = [rest[i:i + n] for i in range(0, len(rest), n)] if n else tokens(rest)
         tool_call = None
         if kind == "chat" and body.get("tools"):
             name = body["tools"][0]["function"]["name"]

@@ -1,8 +1,11 @@
 """The gateway: a Ray Serve ingress speaking the OpenAI API in front of every model target.
 
-Per request: authenticate the key, admit or refuse at once (429), validate the body, pick a ranked
-list of targets (keel.routing, pure policy), then stream through `failover.run`. External targets
-are called straight from here (one hop); in-cluster ones (llama.cpp, vLLM) through a handle.
+Per request: authenticate the key (its tenant), admit or refuse at once (429), validate the body,
+settle the data class and the zones it may go to (403), apply the tenant's rate limit (429), pick a
+ranked list of targets in those zones only (keel.routing, pure policy), pseudonymize what they will
+see (keel.guard), then stream through `failover.run` and hand the caller the checked, restored
+answer. External targets are called straight from here (one hop); in-cluster ones (llama.cpp,
+vLLM) through a handle. Every interaction ends as one audit record.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from ray import serve
 
 from keel.audit import Trails
 from keel.breaker import CircuitBreaker
+from keel.guard import Actions, AnswerGuard, Guard
 from keel.keys import KeyRing
+from keel.policy import DataClass, Tenant, resolve_class
+from keel.ratelimit import RateLimiter
 from keel.routing import ALIASES, Candidate, LatencyStats, Route, RouteRequest, Weights, complexity_score, estimate_tokens, plan, uses_complexity
 from keel.settings import KeelSettings
 from serving import api, failover
@@ -50,6 +56,9 @@ class Gateway:
         g = settings.gateway
         self.settings, self.g = settings, g
         self.keys = KeyRing(settings)
+        self.policy = settings.policy
+        self.tenants = {t.name: t for t in settings.policy.tenants}
+        self.limiter = RateLimiter(share=1 / g.replicas)
         self.states = {
             t.name: TargetState(make_target(t, handles.get(t.name), g), CircuitBreaker(g.breaker_failures, g.breaker_cooldown_s),
                                 LatencyStats(g.ewma_alpha), g.max_in_flight_per_target)
@@ -59,9 +68,17 @@ class Gateway:
         self.weights = Weights(g.weights.latency, g.weights.cost, g.weights.complexity)
         self.in_flight = 0
         self.metrics = Metrics(self.states)
-        self.trails = Trails(settings, f"gateway-{api.replica_name()}")
-        self.default_zone = next(iter(settings.policy.zones))
+        # Records are written by the trail's own thread, never on this event loop; a failed write is counted.
+        self.trails = Trails(settings, f"gateway-{api.replica_name()}", on_error=lambda e, rid: self.metrics.audit_failed())
         self._embedder: Any = None
+        self.guard = None
+        if settings.guard.enabled:
+            from keel.privacy import without_torch
+
+            with without_torch():  # a replica is a process of its own: 300 MB less without torch
+                self.guard = Guard(settings.guard, settings.privacy)
+        for zone in settings.policy.zones:  # the configuration this replica decides under, in every zone
+            self.trails.submit(zone, "config", **api.config_fields(settings))
 
     def __del__(self) -> None:
         self.trails.close()  # Serve calls it when the replica stops: the open segment gets sealed
@@ -114,7 +131,7 @@ class Gateway:
         """The caller's own audit records of one request. Another tenant's request is a 404, like a
         request that never was, so ids do not leak."""
         try:
-            tenant = self._auth(request)
+            tenant = self._auth(request).name
             found = [r for r in await asyncio.to_thread(self.trails.find, request_id) if r.get("tenant") == tenant]
             if not found:
                 raise APIError(404, f"no audit record for request {request_id!r}", code="not_found")
@@ -142,7 +159,11 @@ class Gateway:
         endpoint = "chat" if kind == "chat" else "completions"
         started = time.monotonic()
         headers: dict[str, str] = {}  # Serve sets x-request-id (the same id as rid)
-        tenant = model = route = body = None
+        tenant: Tenant | None = None
+        model = route = body = data_class = None
+        zones: list[str] = []
+        charged = 0
+        actions = Actions()
         try:
             tenant = self._auth(request)
             if self.in_flight >= self.g.max_in_flight_per_replica:
@@ -150,25 +171,41 @@ class Gateway:
                                retry_after=self.g.retry_after_s)
             req = api.parse(await request.body(), api.ChatRequest if kind == "chat" else api.CompletionRequest)
             model = req.model
+            data_class, zones = self._scope(request, tenant)
             body, prompt_text, ask = api.target_body(kind, req)
+            max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or DEFAULT_MAX_TOKENS
+            charged = estimate_tokens(prompt_text) + max_tokens
+            self._rate_limit(tenant, charged)
             citations = None
             if kind == "chat" and (req.model == "keel/rag" or req.rag):
                 body, citations = await self._ground(body, ask)
                 prompt_text = "\n".join(api.text_of(m.get("content")) for m in body["messages"])
-            route = self._route(req, kind, prompt_text, ask)
+            route = self._route(req, kind, prompt_text, ask, max_tokens, zones)
+            answer = None
+            if self.guard is not None:
+                kinds = [self.states[n].target.config.kind for n in route.ranked]
+                if self.policy.pseudonymizes(data_class, kinds):
+                    protected = await asyncio.to_thread(self.guard.protect, body)
+                    actions.pseudonymized, actions.entities = True, protected.entities
+                else:
+                    protected = self.guard.unprotected(body)
+                body = protected.body
+                answer = AnswerGuard(self.guard, protected, actions)
         except APIError as e:
             self.metrics.request(endpoint, e.status)
             if tenant is not None:
-                self._audit(api.audit_fields(rid, tenant, endpoint, model, e.status, route, None, body,
-                                             time.monotonic() - started))
+                if e.code == "rate_limit_exceeded":
+                    charged = 0  # refused before it was charged
+                self._finish_audit(rid, tenant, endpoint, model, e.status, route, None, body, started, data_class,
+                                   zones, actions, charged)
             return e.response(headers)
         self.in_flight += 1
         outcome = Outcome()
 
         def finish(status: int) -> None:
-            seconds = time.monotonic() - started
-            self.metrics.finish(endpoint, status, outcome, seconds)
-            self._audit(api.audit_fields(rid, tenant, endpoint, model, status, route, outcome, body, seconds))
+            self.metrics.finish(endpoint, status, outcome, time.monotonic() - started)
+            self._finish_audit(rid, tenant, endpoint, model, status, route, outcome, body, started, data_class, zones,
+                               actions, charged)
 
         stream = failover.run(self.states, route.ranked, kind, body, self.limits, outcome)
         try:
@@ -176,7 +213,7 @@ class Gateway:
         except (NoTargetLeft, TargetError) as e:
             self.in_flight -= 1
             await stream.aclose()
-            err = self._failure(e)
+            err = self._failure(e, zones)
             finish(err.status)
             return err.response(headers | {"x-keel-route": api.route_header(outcome.target, route)})
         except BaseException:
@@ -185,6 +222,8 @@ class Gateway:
             raise
         headers["x-keel-route"] = api.route_header(outcome.target, route)
         meta = {"id": rid, "created": int(time.time()), "model": req.model}
+        extra = {"data_class": data_class.value, "zones": zones}
+        answered = answer.stream(first, stream) if answer else failover.prepend(first, stream)
         if req.stream:
             done = False
 
@@ -198,58 +237,98 @@ class Gateway:
                     finish(status)
 
             return StreamingResponse(
-                self._sse(kind, meta, first, stream, outcome, route, citations, release),
+                self._sse(kind, meta, answered, outcome, route, citations, extra, actions, zones, release),
                 media_type="text/event-stream", headers=headers | {"cache-control": "no-cache"},
                 background=BackgroundTask(release),
             )
-        chunks = [first]
         try:
-            chunks += [c async for c in stream]
+            chunks = [c async for c in answered]
         except (NoTargetLeft, TargetError) as e:
-            err = self._failure(e)
+            err = self._failure(e, zones)
             finish(err.status)
             return err.response(headers)
         finally:
             self.in_flight -= 1
+        if answer is not None and answer.blocked:
+            outcome.finish_reason = "content_filter"
         finish(200)
         headers["x-keel-route"] = api.route_header(outcome.target, route)
-        return JSONResponse(api.gathered(kind, meta, chunks, outcome) | {"keel": api.keel_field(rid, route, outcome, citations)},
-                            headers=headers)
+        keel = api.keel_field(rid, route, outcome, citations) | extra | {"guard": actions.record()}
+        return JSONResponse(api.gathered(kind, meta, chunks, outcome) | {"keel": keel}, headers=headers)
 
-    def _audit(self, fields: dict[str, Any]) -> None:
-        """One record per interaction, in the zone where its data went (the answering target's), else
-        the first zone. A failed write is logged and counted, never dropped silently."""
+    def _finish_audit(self, rid: str, tenant: Tenant, endpoint: str, model: str | None, status: int,
+                      route: Route | None, outcome: Outcome | None, body: dict[str, Any] | None, started: float,
+                      data_class: DataClass | None, zones: list[str], actions: Actions, charged: int) -> None:
+        """Settle the tenant's token charge and write the interaction's audit record: in the zone where its
+        data went (the answering target's), else the request's first allowed zone, else the first zone. A
+        failed write is logged and counted, never dropped silently."""
+        if charged:
+            used = (outcome.usage or {}).get("total_tokens", 0) if outcome is not None and outcome.usage else 0
+            self.limiter.settle(tenant.name, charged, used)
+        fields = api.audit_fields(rid, tenant.name, endpoint, model, status, route, outcome, body,
+                                  time.monotonic() - started)
         target = fields.get("target")
-        zone = self.states[target].target.config.zone if target in self.states else self.default_zone
+        zone = (self.states[target].target.config.zone if target in self.states
+                else zones[0] if zones else next(iter(self.policy.zones)))
+        fields |= {"data_class": data_class.value if data_class else None, "zone": zone, "guard": actions.record()}
         try:
-            self.trails.append(zone, "interaction", **fields)
-        except Exception:  # noqa: BLE001 - the answer is already decided; the failure must be visible
+            self.trails.submit(zone, "interaction", **fields)
+        except Exception:  # noqa: BLE001 - a backlog: the answer is already decided; the failure must be visible
             self.metrics.audit_failed()
-            logger.exception("audit record for request %s could not be written", fields.get("request_id"))
+            logger.exception("audit record for request %s could not be written", rid)
 
-    async def _sse(self, kind: Kind, meta: dict[str, Any], first: Chunk, stream: AsyncIterator[Chunk],
-                   outcome: Outcome, route: Route, citations: list[dict[str, Any]] | None,
-                   release: Callable[[int], Awaitable[None]]) -> AsyncIterator[str]:
+    async def _sse(self, kind: Kind, meta: dict[str, Any], stream: AsyncIterator[Chunk], outcome: Outcome,
+                   route: Route, citations: list[dict[str, Any]] | None, extra: dict[str, Any], actions: Actions,
+                   zones: list[str], release: Callable[[int], Awaitable[None]]) -> AsyncIterator[str]:
         status = 499  # until the stream ends: a caller gone mid-stream
+        role = True
         try:
-            yield api.sse_chunk(kind, meta, first, role=True)
             async for chunk in stream:
-                if chunk.text or chunk.tool_calls or chunk.finish_reason:
-                    yield api.sse_chunk(kind, meta, chunk)
+                if role or chunk.text or chunk.tool_calls or chunk.finish_reason:
+                    yield api.sse_chunk(kind, meta, chunk, role=role)
+                    role = False
             status = 200
         except (NoTargetLeft, TargetError) as e:
-            err = self._failure(e)
+            err = self._failure(e, zones)
             status = err.status
             yield f"data: {json.dumps(err.body())}\n\n"
         finally:
             await release(status)
         # The route can change after the headers went out (a mid-stream failover): the final event holds it.
+        keel = api.keel_field(meta["id"], route, outcome, citations) | extra | {"guard": actions.record()}
         final = {**meta, "object": "chat.completion.chunk" if kind == "chat" else "text_completion", "choices": [],
-                 "usage": outcome.usage, "keel": api.keel_field(meta["id"], route, outcome, citations)}
+                 "usage": outcome.usage, "keel": keel}
         yield f"event: keel.route\ndata: {json.dumps(final)}\n\n"
         yield "data: [DONE]\n\n"
 
-    def _route(self, req: Any, kind: Kind, prompt_text: str, ask: str) -> Route:
+    def _scope(self, request: Request, tenant: Tenant) -> tuple[DataClass, list[str]]:
+        """The request's data class (the key's default, or a stricter one asked in x-keel-data-class) and
+        the zones its data may go to (narrowed by x-keel-zone); 400 for a bad header, 403 past the tenant's rights."""
+        asked = request.headers.get("x-keel-data-class")
+        try:
+            requested = DataClass(asked.strip().lower()) if asked else None
+        except ValueError:
+            raise APIError(400, f"x-keel-data-class {asked!r} is not a data class; use one of "
+                                f"{[c.value for c in DataClass]}", code="invalid_data_class",
+                           param="x-keel-data-class") from None
+        try:
+            data_class = resolve_class(tenant, requested)
+        except PermissionError as e:
+            raise APIError(403, str(e), code="data_class_not_allowed", param="x-keel-data-class") from None
+        try:
+            zones = self.policy.request_zones(tenant, data_class, request.headers.get("x-keel-zone") or None)
+        except PermissionError as e:
+            raise APIError(403, str(e), code="zone_not_allowed", param="x-keel-zone") from None
+        return data_class, zones
+
+    def _rate_limit(self, tenant: Tenant, tokens: int) -> None:
+        wait = self.limiter.admit(tenant.name, tenant.requests_per_minute, tenant.tokens_per_minute, tokens)
+        if wait is not None:
+            raise APIError(429, f"tenant {tenant.name!r} is over its rate limit ({tenant.requests_per_minute or '-'} "
+                                f"requests, {tenant.tokens_per_minute or '-'} tokens per minute); retry after "
+                                f"{math.ceil(wait)} s", code="rate_limit_exceeded", retry_after=max(1, math.ceil(wait)))
+
+    def _route(self, req: Any, kind: Kind, prompt_text: str, ask: str, max_tokens: int, zones: list[str]) -> Route:
         names = self.states
         if req.model in ALIASES:
             strategy, pinned = ALIASES[req.model] or self.g.strategy, None
@@ -263,29 +342,35 @@ class Gateway:
             needs.add("tools")
         if kind == "chat" and req.response_format and req.response_format.get("type") not in (None, "text"):
             needs.add("response_format")
-        max_tokens = (getattr(req, "max_completion_tokens", None) or req.max_tokens or DEFAULT_MAX_TOKENS)
         complexity = complexity_score(ask) if uses_complexity(strategy, pinned, self.weights) else 0.0
-        rr = RouteRequest(estimate_tokens(prompt_text), max_tokens, frozenset(needs), None, complexity)
+        rr = RouteRequest(estimate_tokens(prompt_text), max_tokens, frozenset(needs), frozenset(zones), complexity)
         cands = [Candidate(s.target.config, s.breaker.available, s.stats) for s in names.values()]
         route = plan(cands, rr, strategy, pinned=pinned, weights=self.weights,
                      complexity_threshold=self.g.complexity_threshold)
         if route.ranked:
             return route
-        reasons = route.excluded.values()
-        if any(r.startswith("health") for r in reasons):
-            raise APIError(503, "no healthy model target can serve this request now", code="no_healthy_target",
-                           retry_after=self._retry_after())
-        if cap := [r for r in reasons if r.startswith("capability")]:
+        # Why nothing is left, most specific first: a named target's own reason, else the in-zone targets'.
+        reasons = [route.excluded.get(pinned, "")] if pinned else list(route.excluded.values())
+        if pinned and reasons[0].startswith("residency"):
+            zone = names[pinned].target.config.zone
+            raise APIError(403, f"model {pinned!r} runs in zone {zone!r}; this request's data may go only to "
+                                f"{zones}", code="residency", param="model")
+        in_zone = [r for r in reasons if not r.startswith("residency")]
+        if not in_zone:
+            raise APIError(403, f"no model target runs in the zones this request's data may go to ({zones})",
+                           code="residency")
+        if any(r.startswith("health") for r in in_zone):
+            raise APIError(503, f"no healthy model target in zones {zones} can serve this request now; Keel never "
+                                "sends it to another zone", code="no_healthy_target", retry_after=self._retry_after())
+        if cap := [r for r in in_zone if r.startswith("capability")]:
             param = "tools" if "tools" in cap[0] else "response_format"
             raise APIError(400, f"no model target for {req.model!r} supports {param}", code="unsupported_parameter",
                            param=param)
-        if any(r.startswith("context") for r in reasons):
-            raise APIError(400, f"the prompt ({rr.prompt_tokens} tokens, estimated) plus max_tokens ({max_tokens}) "
-                                f"exceeds every eligible target's context window", code="context_length_exceeded",
-                           param="messages" if kind == "chat" else "prompt")
-        raise APIError(403, "no model target is allowed for this request's data", code="residency")
+        raise APIError(400, f"the prompt ({rr.prompt_tokens} tokens, estimated) plus max_tokens ({max_tokens}) "
+                            f"exceeds every eligible target's context window", code="context_length_exceeded",
+                       param="messages" if kind == "chat" else "prompt")
 
-    def _failure(self, e: Exception) -> APIError:
+    def _failure(self, e: Exception, zones: list[str]) -> APIError:
         if isinstance(e, TargetError):  # a client error reported by the target: the request's fault
             err = (e.body or {}).get("error") or {}
             return APIError(e.status or 400, str(err.get("message") or e), code=err.get("code"), param=err.get("param"))
@@ -294,20 +379,20 @@ class Gateway:
             return APIError(429, "every model target is at capacity; retry shortly", code="overloaded",
                             retry_after=self.g.retry_after_s)
         tried = "; ".join(f"{f['target']}: {f['error']}" for f in e.outcome.failovers)
-        return APIError(503, f"no model target could answer ({tried})", code="all_targets_failed",
-                        retry_after=self._retry_after())
+        return APIError(503, f"no model target in zones {zones} could answer ({tried}); Keel never sends this "
+                             "request to another zone", code="all_targets_failed", retry_after=self._retry_after())
 
     def _retry_after(self) -> int:
         waits = [s.breaker.probe_in() for s in self.states.values() if s.breaker.state == "open"]
         return max(self.g.retry_after_s, math.ceil(min(waits))) if waits else self.g.retry_after_s
 
-    def _auth(self, request: Request) -> str:
+    def _auth(self, request: Request) -> Tenant:
         header = request.headers.get("authorization", "")
         if not header.lower().startswith("bearer ") or not header[7:].strip():
             raise APIError(401, "missing API key: send 'Authorization: Bearer <key>' (keel keys create)",
                            code="missing_api_key")
-        tenant = self.keys.tenant(header[7:].strip())
-        if tenant is None:
+        tenant = self.tenants.get(self.keys.tenant(header[7:].strip()) or "")
+        if tenant is None:  # unknown, revoked, or of a tenant no longer in the policy
             raise APIError(401, "invalid or revoked API key", code="invalid_api_key")
         return tenant
 
@@ -334,3 +419,4 @@ class Gateway:
         citations = [{"n": i, "chunk_id": h.chunk_id, "doc_id": h.doc_id, "source": h.source, "title": h.title,
                       "zone": h.zone, "distance": round(h.distance, 4)} for i, h in enumerate(hits, 1)]
         return {**body, "messages": [system, *body["messages"]]}, citations
+

@@ -42,10 +42,9 @@ def test_residency_decisions():
     assert [t.name for t in p.targets_for(DataClass.public)] == ["small-us", "large-eu"]
 
 
-def test_api_keys_are_matched_by_hash_only():
+def test_api_keys_are_stored_by_hash_only():
     p = policy()
-    assert p.tenant_for_key("keel-acme-key").name == "acme"
-    assert p.tenant_for_key("keel-wrong") is None
+    assert p.tenants[0].api_key_hashes == [hash_api_key("keel-acme-key")]
     assert "keel-acme-key" not in p.model_dump_json()
     key = new_api_key()
     assert key.startswith("keel-") and len(key) > 40 and new_api_key() != key
@@ -61,6 +60,34 @@ def test_request_class_may_be_stricter_never_laxer_or_unallowed():
         resolve_class(acme, DataClass.phi)
 
 
+def test_request_zones_narrow_by_class_tenant_and_ask():
+    p = policy()
+    acme = p.tenants[0]
+    assert p.request_zones(acme, DataClass.internal) == ["us", "eu"]
+    assert p.request_zones(acme, DataClass.pii) == ["eu"]
+    assert p.request_zones(acme, DataClass.internal, "eu") == ["eu"]
+    with pytest.raises(PermissionError, match="may not go to zone 'us'"):
+        p.request_zones(acme, DataClass.pii, "us")
+    with pytest.raises(PermissionError, match="unknown zone 'mars'"):
+        p.request_zones(acme, DataClass.pii, "mars")
+    eu_only = acme.model_copy(update={"allowed_zones": ["eu"]})
+    assert p.request_zones(eu_only, DataClass.internal) == ["eu"]
+    with pytest.raises(PermissionError, match="no zone"):
+        p.request_zones(eu_only, DataClass.phi)
+
+
+def test_pseudonymization_policy_by_class_and_target_kind():
+    relaxed = {"allowed_zones": ["us", "eu"], "pseudonymize": "external_targets"}
+    p = policy(data_classes={"public": relaxed, "internal": {"allowed_zones": ["us", "eu"]},
+                             "pii": {"allowed_zones": ["eu"]}, "phi": {"allowed_zones": ["us"]}})
+    assert p.pseudonymizes(DataClass.phi, ["llama_cpp"]) and p.pseudonymizes(DataClass.internal, ["vllm"])
+    assert not p.pseudonymizes(DataClass.public, ["llama_cpp", "vllm"])
+    assert p.pseudonymizes(DataClass.public, ["llama_cpp", "openai"])  # any target of the route may answer
+    with pytest.raises(ValidationError, match="personal data is pseudonymized for every target"):
+        policy(data_classes={"public": relaxed, "internal": relaxed, "pii": {**relaxed, "allowed_zones": ["eu"]},
+                             "phi": {"allowed_zones": ["us"]}})
+
+
 @pytest.mark.parametrize(
     ("override", "field", "reason"),
     [
@@ -68,6 +95,7 @@ def test_request_class_may_be_stricter_never_laxer_or_unallowed():
         ({"data_classes": {"public": {"allowed_zones": ["us"]}}}, None, "missing"),
         ({"tenants": [{"name": "t", "api_key_hashes": ["keel-plaintext"], "allowed_classes": ["public"], "default_class": "public"}]}, "api_key_hashes", "stored hashed"),
         ({"tenants": [{"name": "t", "allowed_classes": ["public"], "default_class": "phi"}]}, None, "not in allowed_classes"),
+        ({"tenants": [{"name": "t", "allowed_classes": ["public"], "default_class": "public", "allowed_zones": ["mars"]}]}, None, "unknown zone 'mars'"),
         ({"zones": {"US East": {"region": "us-east-1", "storage": "/x"}}}, "zones", "short lowercase"),
         ({"zones": {"us": {"region": "us-east-1", "storage": "/x", "bucket": "typo"}}}, "bucket", "Extra inputs are not permitted"),
         ({"targets": [{"name": "x", "kind": "llama_cpp", "zone": "us", "price_per_1k_input": -1, "price_per_1k_output": 0, "tier": "small", "max_context": 1}]}, "price_per_1k_input", "greater than or equal to 0"),

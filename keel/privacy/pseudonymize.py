@@ -99,3 +99,32 @@ def restore(text: str, vault: Vault) -> str:
 def _type_name(entity_type: str) -> str:
     name = re.sub(r"[^A-Z0-9_]", "_", entity_type.upper()) or "PII"
     return name if name[0].isalpha() else "PII_" + name
+
+
+class StreamRestorer:
+    """`restore` over a stream of text pieces, where a placeholder may arrive split across pieces.
+
+    Holds back only a tail that could still become one of the vault's placeholders (from its last
+    `<`); everything before it is restored and released at once.
+    """
+
+    def __init__(self, vault: Vault) -> None:
+        self.vault = vault
+        self.held = ""
+
+    def feed(self, text: str) -> str:
+        if not self.vault.values:
+            return text
+        text = self.held + text
+        start = text.rfind("<")
+        tail = text[start:] if start != -1 else ""
+        if tail and any(token.startswith(tail) for token in self.vault.values):
+            text, self.held = text[:start], tail
+        else:
+            self.held = ""
+        return restore(text, self.vault)
+
+    def end(self) -> str:
+        """The held tail (a placeholder cut short stays as the model wrote it)."""
+        held, self.held = self.held, ""
+        return restore(held, self.vault)

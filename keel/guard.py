@@ -1,0 +1,206 @@
+"""The guard on the gateway's request path: what a model target sees, and what the caller gets back.
+
+Before any target: every message is pseudonymized with one vault per request (`<PERSON_1>` is the
+same person in every message), so the target sees placeholders only. On the way back, the answer
+passes through `AnswerGuard`, piece by piece as it streams:
+
+1. checks, per segment (a sentence, or up to `SEGMENT_CHARS`): PII the model wrote that the caller
+   never sent is replaced by its type (`[PERSON]`), and toxicity is scored, flagged or blocked;
+2. restore: the caller's own values replace the placeholders, even when a placeholder arrives
+   split across stream chunks (`StreamRestorer`).
+
+Checks run on the model's text, before restore, so the caller's own values are never mistaken for
+new PII. Whether a request is pseudonymized at all is the policy's decision (`Policy.pseudonymizes`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from keel.privacy.pseudonymize import PLACEHOLDER, StreamRestorer, Vault, pseudonymize_spans
+from keel.privacy.redact import redact_spans
+from keel.settings import GuardSettings, PrivacySettings
+
+SEGMENT_CHARS = 400  # a streamed answer without a sentence end is checked at least this often
+_SENTENCE_END = re.compile(r"[.!?;:](?=\s)|\n")
+
+
+@dataclass
+class Protected:
+    """A request as targets get it, and what the gateway keeps to answer the caller."""
+
+    body: dict[str, Any]
+    vault: Vault
+    entities: dict[str, int]  # PII found in what the caller sent, by type
+    source: str  # all the caller sent: a value found here is the caller's own, not the model's invention
+
+
+@dataclass
+class Actions:
+    """What the guard did to one request, for the audit trail (counts and scores, never values)."""
+
+    pseudonymized: bool = False
+    entities: dict[str, int] = field(default_factory=dict)
+    output_redacted: Counter[str] = field(default_factory=Counter)
+    toxicity: float = 0.0
+    toxicity_action: str | None = None  # "flagged" or "blocked"
+
+    def record(self) -> dict[str, Any]:
+        return {"pseudonymized": self.pseudonymized, "pii_entities": self.entities,
+                "output_redacted": dict(self.output_redacted), "toxicity": round(self.toxicity, 4),
+                "toxicity_action": self.toxicity_action}
+
+
+class Guard:
+    """One per gateway replica: loads the PII engine (and the toxicity model) once."""
+
+    def __init__(self, settings: GuardSettings, privacy: PrivacySettings) -> None:
+        from keel.privacy.engine import PrivacyEngine
+
+        self.settings = settings
+        self.engine = PrivacyEngine(privacy)
+        self.output_entities = frozenset(settings.output_entities)
+        self._toxicity = None
+        if settings.toxicity != "off":
+            from profanity_check import predict_prob  # scikit-learn models shipped in the wheel: offline
+
+            self._toxicity = predict_prob
+
+    def protect(self, body: dict[str, Any]) -> Protected:
+        """The body with every text the caller sent pseudonymized (one vault for the whole request)."""
+        slots = _text_slots(body)
+        texts = [get() for get, _ in slots]
+        found = self.engine.detect_batch(texts) if texts else []
+        vault = Vault()
+        entities: Counter[str] = Counter()
+        for (_, put), text, spans in zip(slots, texts, found, strict=True):
+            if spans:
+                put(pseudonymize_spans(text, spans, vault, avoid=tuple(texts))[0])
+                entities.update(s.type for s in spans)
+        return Protected(body, vault, dict(entities), "\n".join(texts))
+
+    def unprotected(self, body: dict[str, Any]) -> Protected:
+        """A request the policy lets through as sent: nothing to restore, the answer is still checked."""
+        return Protected(body, Vault(), {}, "\n".join(get() for get, _ in _text_slots(body)))
+
+    def check(self, text: str, protected: Protected, actions: Actions) -> tuple[str, bool]:
+        """One segment of the model's answer after the output checks, and whether it is blocked."""
+        if self.settings.output_pii == "redact":
+            ours = [m.span() for m in PLACEHOLDER.finditer(text) if m.group(0) in protected.vault.values]
+            new = [s for s in self.engine.detect(text)
+                   if s.type in self.output_entities and not any(s.start < end and start < s.end for start, end in ours)
+                   and text[s.start:s.end] not in protected.source]
+            if new:
+                actions.output_redacted.update(s.type for s in new)
+                text = redact_spans(text, new, "typed")
+        if self._toxicity is not None and text.strip():
+            score = float(self._toxicity([text])[0])
+            actions.toxicity = max(actions.toxicity, score)
+            if score >= self.settings.toxicity_threshold:
+                actions.toxicity_action = "blocked" if self.settings.toxicity == "block" else "flagged"
+                return ("", True) if self.settings.toxicity == "block" else (text, False)
+        return text, False
+
+    @property
+    def checks_output(self) -> bool:
+        return self.settings.output_pii != "off" or self._toxicity is not None
+
+
+class AnswerGuard:
+    """A model's answer -> the caller's answer, fed piece by piece (a whole answer is one piece)."""
+
+    def __init__(self, guard: Guard, protected: Protected, actions: Actions) -> None:
+        self.guard, self.protected, self.actions = guard, protected, actions
+        self.restorer = StreamRestorer(protected.vault)
+        self.pending = ""
+        self.blocked = False
+        self._calls: dict[int, StreamRestorer] = {}  # per streamed tool call: its arguments come in pieces
+
+    async def feed(self, text: str, final: bool = False) -> str:
+        """What the caller may see now. Checks run in a worker thread: spaCy would stall the event loop."""
+        if self.blocked:
+            return ""
+        if not self.guard.checks_output:
+            return self.restorer.feed(text) + (self.restorer.end() if final else "")
+        out = []
+        for segment in self._segments(text, final):
+            checked, self.blocked = await asyncio.to_thread(self.guard.check, segment, self.protected, self.actions)
+            out.append(self.restorer.feed(checked))
+            if self.blocked:
+                return "".join(out)
+        if final:
+            out.append(self.restorer.end())
+        return "".join(out)
+
+    async def stream(self, first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """A target's chunks (`first`, then `rest`) as the caller's: checked, values restored. A blocked
+        answer ends at once with finish_reason "content_filter"."""
+        chunk = first
+        while chunk is not None:
+            text = await self.feed(chunk.text, final=chunk.finish_reason is not None)
+            if self.blocked:
+                yield replace(chunk, text=text, tool_calls=None, finish_reason="content_filter")
+                return
+            yield replace(chunk, text=text, tool_calls=self.tool_calls(chunk.tool_calls))
+            chunk = await anext(rest, None)
+
+    def _segments(self, text: str, final: bool) -> list[str]:
+        self.pending += text
+        if final:
+            segment, self.pending = self.pending, ""
+            return [segment] if segment else []
+        cut = 0
+        for m in _SENTENCE_END.finditer(self.pending):
+            cut = m.end()
+        if not cut and len(self.pending) >= SEGMENT_CHARS:
+            cut = max(self.pending.rfind(" "), self.pending.rfind("\n")) + 1 or len(self.pending)
+        if not cut:
+            return []
+        segment, self.pending = self.pending[:cut], self.pending[cut:]
+        return [segment]
+
+    def tool_calls(self, calls: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        """Tool-call deltas (or whole calls) with the caller's values back in their arguments."""
+        if not calls or not self.protected.vault.values:
+            return calls
+        out = []
+        for c in calls:
+            fn = c.get("function") or {}
+            if fn.get("arguments"):
+                restorer = self._calls.setdefault(c.get("index", 0), StreamRestorer(self.protected.vault))
+                c = {**c, "function": {**fn, "arguments": restorer.feed(fn["arguments"])}}
+            out.append(c)
+        return out
+
+
+def _text_slots(body: dict[str, Any]) -> list[tuple[Any, Any]]:
+    """(read, write) pairs for every text a caller sent: the prompt, each message's content (string
+    or text parts) and the arguments of tool calls in the history. Writes replace the body's
+    containers with copies, so the caller's request object is never changed in place."""
+    slots: list[tuple[Any, Any]] = []
+    if isinstance(body.get("prompt"), str):
+        slots.append((lambda: body["prompt"], lambda v: body.__setitem__("prompt", v)))
+    if "messages" in body:
+        body["messages"] = messages = [dict(m) for m in body["messages"]]
+        for m in messages:
+            content = m.get("content")
+            if isinstance(content, str):
+                slots.append((lambda m=m: m["content"], lambda v, m=m: m.__setitem__("content", v)))
+            elif isinstance(content, list):
+                m["content"] = parts = [dict(p) for p in content]
+                for p in parts:
+                    if p.get("type") == "text" and isinstance(p.get("text"), str):
+                        slots.append((lambda p=p: p["text"], lambda v, p=p: p.__setitem__("text", v)))
+            if m.get("tool_calls"):
+                m["tool_calls"] = calls = [{**c, "function": dict(c.get("function") or {})} for c in m["tool_calls"]]
+                for c in calls:
+                    if isinstance(c["function"].get("arguments"), str):
+                        fn = c["function"]
+                        slots.append((lambda fn=fn: fn["arguments"], lambda v, fn=fn: fn.__setitem__("arguments", v)))
+    return slots
+

@@ -1,0 +1,112 @@
+"""The request-path guard with the real PII engine and toxicity model (no servers)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import re
+
+import pytest
+
+from keel.guard import Actions, AnswerGuard, Guard
+from keel.settings import GuardSettings, PrivacySettings
+
+PROMPT = ("I am Maria Gonzalez, SSN 536-22-8841, card 4111 1111 1111 1111, email maria.gonzalez@example.com, "
+          "medical record MRN 4451234. Write to me.")
+VALUES = ["Maria Gonzalez", "536-22-8841", "4111 1111 1111 1111", "maria.gonzalez@example.com", "4451234"]
+
+
+@pytest.fixture(scope="module")
+def guard() -> Guard:
+    return Guard(GuardSettings(toxicity="flag"), PrivacySettings())
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def protect(guard, text=PROMPT):
+    body = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]}
+    original = copy.deepcopy(body["messages"])
+    p = guard.protect(body)
+    return p, original
+
+
+def test_every_value_becomes_a_placeholder_and_the_request_object_is_not_changed(guard):
+    req = {"messages": [{"role": "user", "content": PROMPT}]}
+    p = guard.protect(dict(req))
+    sent = p.body["messages"][0]["content"]
+    assert req["messages"][0]["content"] == PROMPT  # the caller's own object is untouched
+    for v in VALUES:
+        assert v not in sent
+    assert re.sub(r"\D", "", "536-22-8841") not in re.sub(r"\D", "", sent.replace("4451234", ""))
+    assert {"PERSON", "US_SSN", "CREDIT_CARD", "EMAIL_ADDRESS", "MEDICAL_RECORD_NUMBER"} <= set(p.entities)
+    assert set(p.vault.values.values()) >= set(VALUES)
+
+
+def test_one_vault_across_messages_text_parts_and_tool_arguments(guard):
+    body = {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Email maria.gonzalez@example.com today."}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "send", "arguments": '{"to": "maria.gonzalez@example.com"}'}}]},
+        {"role": "user", "content": "Did maria.gonzalez@example.com answer?"},
+    ]}
+    p = guard.protect(body)
+    part = p.body["messages"][0]["content"][0]["text"]
+    args = p.body["messages"][1]["tool_calls"][0]["function"]["arguments"]
+    last = p.body["messages"][2]["content"]
+    token = next(t for t, v in p.vault.values.items() if v == "maria.gonzalez@example.com")
+    assert token in part and token in args and token in last and "example.com" not in part + args + last
+
+
+def chunked(text: str, size: int) -> list[str]:
+    return [text[i:i + size] for i in range(0, len(text), size)]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 13])
+def test_a_streamed_answer_is_restored_even_with_placeholders_split_across_chunks(guard, size):
+    p, _ = protect(guard)
+    echoed = "Dear " + " and ".join(p.vault.values) + ". Done."
+    ag = AnswerGuard(guard, p, Actions())
+    pieces = chunked(echoed, size)
+    out = "".join(run(_feed_all(ag, pieces)))
+    assert out == "Dear " + " and ".join(p.vault.values.values()) + ". Done."
+
+
+async def _feed_all(ag, pieces):
+    return [await ag.feed(t, final=i == len(pieces) - 1) for i, t in enumerate(pieces)]
+
+
+def test_new_identifiers_in_the_answer_are_redacted_the_callers_own_are_kept(guard):
+    p, _ = protect(guard)
+    email = next(t for t, v in p.vault.values.items() if v == "maria.gonzalez@example.com")
+    answer = f"I wrote to {email}. Also try john.roe@example.org or SSN 987-65-4329. Paris is lovely."
+    actions = Actions()
+    out = run(AnswerGuard(guard, p, actions).feed(answer, final=True))
+    assert "maria.gonzalez@example.com" in out  # restored: the caller sent it
+    assert "john.roe@example.org" not in out and "987-65-4329" not in out
+    assert "[EMAIL_ADDRESS]" in out and "[US_SSN]" in out and "Paris" in out  # places are not identifiers
+    assert actions.output_redacted == {"EMAIL_ADDRESS": 1, "US_SSN": 1}
+
+
+def test_toxicity_is_flagged_or_blocked_by_policy(guard):
+    p, _ = protect(guard, "hello")
+    flagged = Actions()
+    out = run(AnswerGuard(guard, p, flagged).feed("You are a stupid idiot and I hate you.", final=True))
+    assert out and flagged.toxicity_action == "flagged" and flagged.toxicity > 0.8
+    blocker = Guard(GuardSettings(toxicity="block"), PrivacySettings())
+    blocked = Actions()
+    ag = AnswerGuard(blocker, p, blocked)
+    first = run(ag.feed("Sure, here is the answer. "))
+    rest = run(ag.feed("You are a stupid idiot and I hate you. More text", final=True))
+    assert first == "Sure, here is the answer." and rest == "" and ag.blocked and blocked.toxicity_action == "blocked"
+    calm = Actions()
+    run(AnswerGuard(blocker, p, calm).feed("The refund policy allows returns within 30 days.", final=True))
+    assert calm.toxicity_action is None and calm.toxicity < 0.5
+
+
+def test_a_record_of_actions_holds_counts_never_values(guard):
+    p, _ = protect(guard)
+    a = Actions(pseudonymized=True, entities=p.entities)
+    text = str(a.record())
+    assert all(v not in text for v in VALUES) and "US_SSN" in text
