@@ -16,6 +16,7 @@ new PII. Whether a request is pseudonymized at all is the policy's decision (`Po
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from keel.privacy.pseudonymize import PLACEHOLDER, StreamRestorer, Vault, pseudo
 from keel.privacy.redact import redact_spans
 from keel.settings import GuardSettings, PrivacySettings
 
+logger = logging.getLogger("keel.guard")
 SEGMENT_CHARS = 400  # a streamed answer without a sentence end is checked at least this often
 _SENTENCE_END = re.compile(r"[.!?;:](?=\s)|\n")
 
@@ -49,11 +51,12 @@ class Actions:
     output_redacted: Counter[str] = field(default_factory=Counter)
     toxicity: float = 0.0
     toxicity_action: str | None = None  # "flagged" or "blocked"
+    output_error: bool = False  # the answer check failed: the rest of the answer was withheld
 
     def record(self) -> dict[str, Any]:
         return {"pseudonymized": self.pseudonymized, "pii_entities": self.entities,
                 "output_redacted": dict(self.output_redacted), "toxicity": round(self.toxicity, 4),
-                "toxicity_action": self.toxicity_action}
+                "toxicity_action": self.toxicity_action, "output_error": self.output_error}
 
 
 class Guard:
@@ -129,7 +132,11 @@ class AnswerGuard:
             return self.restorer.feed(text) + (self.restorer.end() if final else "")
         out = []
         for segment in self._segments(text, final):
-            checked, self.blocked = await asyncio.to_thread(self.guard.check, segment, self.protected, self.actions)
+            try:
+                checked, self.blocked = await asyncio.to_thread(self.guard.check, segment, self.protected, self.actions)
+            except Exception:  # noqa: BLE001 - fail closed: an unchecked answer is not passed on
+                logger.exception("the answer check failed; the rest of the answer is withheld")
+                checked, self.blocked, self.actions.output_error = "", True, True
             out.append(self.restorer.feed(checked))
             if self.blocked:
                 return "".join(out)

@@ -206,6 +206,14 @@ class Policy(_Strict):
             raise PermissionError(f"tenant {tenant.name!r} has no zone where data class {data_class.value!r} may go")
         return zones
 
+    def readable_classes(self, tenant: Tenant, data_class: DataClass, zones: Iterable[str]) -> list[DataClass]:
+        """Classes of stored data (retrieved chunks) a request may carry to a model: no more sensitive
+        than the request's own class, allowed to its tenant, and allowed in every zone it may be sent to
+        (failover may pick any of them)."""
+        zones = list(zones)
+        return [c for c in DataClass if c <= data_class and c in tenant.allowed_classes
+                and all(self.zone_allows(z, c) for z in zones)]
+
     def pseudonymizes(self, data_class: DataClass, target_kinds: Iterable[str]) -> bool:
         """Whether a request of this class is pseudonymized before these targets (any of which may
         answer it, by failover): always for external ones, and for every one when the class says so."""

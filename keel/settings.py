@@ -138,7 +138,7 @@ class GatewaySettings(BaseModel):
     ewma_alpha: float = Field(0.2, gt=0, le=1)
     # keel/rag: chunks retrieved from the zone's vector index into the prompt.
     rag_top_k: int = Field(4, ge=1)
-    rag_zone: str | None = None  # default: the first zone
+    rag_zone: str | None = None  # search only this zone's index when a request may go there; default: all it may go to
 
 
 OUTPUT_ENTITIES = ("EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "US_ITIN", "US_PASSPORT",

@@ -95,9 +95,15 @@ class Gateway:
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> Response:
+        """Embeddings run in this replica (MiniLM): the text goes to no model target, so it is not
+        pseudonymized (that would change the vectors); the call is audited like any other."""
+        rid, started = api.request_id(), time.monotonic()
+        tenant: Tenant | None = None
+        model = texts = None
         try:
-            self._auth(request)
+            tenant = self._auth(request)
             req = api.parse(await request.body(), api.EmbeddingRequest)
+            model = req.model
             if req.model not in (EMBEDDING_MODEL, "keel/embed"):
                 raise APIError(404, f"embedding model {req.model!r} does not exist; use {EMBEDDING_MODEL!r}",
                                code="model_not_found", param="model")
@@ -107,12 +113,17 @@ class Gateway:
             vectors = await asyncio.to_thread(self._embed, texts)
         except APIError as e:
             self.metrics.request("embeddings", e.status)
+            if tenant is not None:
+                self._finish_audit(rid, tenant, "embeddings", model, e.status, None, None, None, started, None, [],
+                                   Actions(), 0)
             return e.response()
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if req.encoding_format == "base64"
                  else v.tolist()} for i, v in enumerate(vectors)]
         tokens = sum(estimate_tokens(t) for t in texts)
         self.metrics.request("embeddings", 200)
+        self._finish_audit(rid, tenant, "embeddings", EMBEDDING_MODEL, 200, None, None, {"input": texts}, started, None,
+                           [], Actions(), 0)
         return JSONResponse({"object": "list", "data": data, "model": EMBEDDING_MODEL,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
@@ -178,14 +189,20 @@ class Gateway:
             self._rate_limit(tenant, charged)
             citations = None
             if kind == "chat" and (req.model == "keel/rag" or req.rag):
-                body, citations = await self._ground(body, ask)
+                classes = self.policy.readable_classes(tenant, data_class, zones)
+                body, citations = await self._ground(body, ask, zones, classes)
                 prompt_text = "\n".join(api.text_of(m.get("content")) for m in body["messages"])
             route = self._route(req, kind, prompt_text, ask, max_tokens, zones)
             answer = None
             if self.guard is not None:
                 kinds = [self.states[n].target.config.kind for n in route.ranked]
                 if self.policy.pseudonymizes(data_class, kinds):
-                    protected = await asyncio.to_thread(self.guard.protect, body)
+                    try:
+                        protected = await asyncio.to_thread(self.guard.protect, body)
+                    except Exception:  # noqa: BLE001 - fail closed: nothing unprotected goes out
+                        logger.exception("the PII guard failed on request %s", rid)
+                        raise APIError(500, "the PII guard could not process this request; it was not sent to any "
+                                            "model", code="guard_failed") from None
                     actions.pseudonymized, actions.entities = True, protected.entities
                 else:
                     protected = self.guard.unprotected(body)
@@ -406,17 +423,22 @@ class Gateway:
             self._embedder = Embedder(self.settings.pipeline.embedding_runtime, model_cache(self.settings))
         return self._embedder.encode(texts)
 
-    async def _ground(self, body: dict[str, Any], ask: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    async def _ground(self, body: dict[str, Any], ask: str, zones: list[str],
+                      classes: list[DataClass]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The request grounded in the vector indexes of the zones it may go to (`rag_zone` alone when it is
+        one of them), with chunks of the classes it may carry only: retrieval never moves data across zones."""
         from keel.pipeline import index
         from keel.storage import ZoneStorage
 
-        zone = self.g.rag_zone or next(iter(self.settings.policy.zones))
-        storage = ZoneStorage.for_zone(self.settings, zone)
+        searched = [self.g.rag_zone] if self.g.rag_zone in zones else zones
         vector = (await asyncio.to_thread(self._embed, [ask]))[0]
-        hits = await asyncio.to_thread(index.search, storage, vector, self.g.rag_top_k)
+        wanted = [c.value for c in classes]
+        found = [h for z in searched for h in await asyncio.to_thread(
+            index.search, ZoneStorage.for_zone(self.settings, z), vector, self.g.rag_top_k, wanted)]
+        hits = sorted(found, key=lambda h: h.distance)[: self.g.rag_top_k]
         context = "\n\n".join(f"[{i}] {h.text}" for i, h in enumerate(hits, 1))
         system = {"role": "system", "content": RAG_PROMPT + (context or "(the index is empty)")}
         citations = [{"n": i, "chunk_id": h.chunk_id, "doc_id": h.doc_id, "source": h.source, "title": h.title,
-                      "zone": h.zone, "distance": round(h.distance, 4)} for i, h in enumerate(hits, 1)]
+                      "zone": h.zone, "data_class": h.data_class, "distance": round(h.distance, 4)}
+                     for i, h in enumerate(hits, 1)]
         return {**body, "messages": [system, *body["messages"]]}, citations
-

@@ -374,23 +374,31 @@ def test_rag_grounds_the_prompt_in_the_index_and_cites_its_chunks(gw, faults):
     settings = gw["settings"]
     texts = ["Refunds: annual plans can be refunded in full within 30 days of purchase.",
              "To reset the router, hold the button for ten seconds.",
-             "Our offices are closed on public holidays."]
+             "Our offices are closed on public holidays.",
+             "Refund of the annual plan for patient [PERSON] was approved after the cardiology visit."]
     vectors = Embedder("onnx", index.model_cache(settings)).encode(texts)
-    chunks = pa.table({"chunk_id": [f"c{i}" for i in range(3)], "doc_id": [f"d{i}" for i in range(3)],
-                       "seq": pa.array([0, 0, 0], pa.int32()), "source": ["policy.md", "router.md", "offices.md"],
-                       "title": ["Refund policy", "Router", "Offices"], "data_class": ["public"] * 3, "text": texts,
+    chunks = pa.table({"chunk_id": [f"c{i}" for i in range(4)], "doc_id": [f"d{i}" for i in range(4)],
+                       "seq": pa.array([0] * 4, pa.int32()), "source": ["policy.md", "router.md", "offices.md", "visit.md"],
+                       "title": ["Refund policy", "Router", "Offices", "Visit"],
+                       "data_class": ["public", "public", "public", "phi"], "text": texts,
                        "vector": pa.array(vectors.tolist(), index.CHUNKS_SCHEMA.field("vector").type)})
     storage = ZoneStorage.for_zone(settings, "us")
     store = SnapshotStore(storage, "index")
     staging = store.begin("rag-test")
     index.write_table(storage.uri(staging.path, "lance"), chunks, storage)
-    store.commit(staging, {"counts": {"chunks": 3}})
+    store.commit(staging, {"counts": {"chunks": 4}})
 
-    r = chat(gw, "How long do I have to get a refund on an annual plan?", extra_body={"rag": True})
+    ask = "How long do I have to get a refund on an annual plan?"
+    r = chat(gw, ask, extra_body={"rag": True})
     citations = r.model_extra["keel"]["citations"]
     assert citations[0]["doc_id"] == "d0" and citations[0]["source"] == "policy.md"
     system = faults[0].requests()[-1]["messages"][0]
     assert system["role"] == "system" and texts[0] in system["content"]
+    # An internal-class request never carries phi chunks to a model; a phi-class one may (phi lives in us).
+    assert "d3" not in {c["doc_id"] for c in citations} and texts[3] not in system["content"]
+    phi = client(gw).chat.completions.create(model="primary", messages=[{"role": "user", "content": ask}],
+                                             extra_body={"rag": True}, extra_headers={"x-keel-data-class": "phi"})
+    assert "d3" in {c["doc_id"] for c in phi.model_extra["keel"]["citations"]}
 
 
 @pytest.mark.gpu

@@ -9,6 +9,7 @@ gateway and `keel search` open the zone's current one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,13 +61,15 @@ class Hit:
     text: str
     distance: float
     zone: str
+    data_class: str
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
 
 
-def search(storage: ZoneStorage, query_vector: np.ndarray, k: int = 5) -> list[Hit]:
-    """Top-k chunks of the zone's current index (empty when the zone has none yet)."""
+def search(storage: ZoneStorage, query_vector: np.ndarray, k: int = 5, classes: Sequence[str] | None = None) -> list[Hit]:
+    """Top-k chunks of the zone's current index (empty when the zone has none yet), of `classes` only
+    when given: filtered before the nearest-neighbour search, so k of them come back when k exist."""
     import lancedb
 
     store = SnapshotStore(storage, "index")
@@ -74,10 +77,15 @@ def search(storage: ZoneStorage, query_vector: np.ndarray, k: int = 5) -> list[H
     if current is None:
         return []
     db = lancedb.connect(store.uri(current["key"]) + "/lance", storage_options=storage_options(storage) or None)
-    rows = db.open_table(TABLE).search(query_vector.astype(np.float32)).metric("cosine").limit(k).to_list()
+    query = db.open_table(TABLE).search(query_vector.astype(np.float32)).metric("cosine").limit(k)
+    if classes is not None:
+        if not classes:
+            return []
+        query = query.where("data_class IN (" + ", ".join(f"'{c}'" for c in classes) + ")", prefilter=True)
     return [
-        Hit(r["chunk_id"], r["doc_id"], r["source"], r["title"], r["text"], float(r["_distance"]), storage.zone)
-        for r in rows
+        Hit(r["chunk_id"], r["doc_id"], r["source"], r["title"], r["text"], float(r["_distance"]), storage.zone,
+            r["data_class"])
+        for r in query.to_list()
     ]
 
 
