@@ -265,9 +265,7 @@ class Trails:
         self._thread: threading.Thread | None = None
 
     def roots(self) -> dict[str, Path]:
-        from keel.storage import ZoneStorage
-
-        return {zone: ZoneStorage.for_zone(self.settings, zone).audit_root() for zone in self.settings.policy.zones}
+        return roots(self.settings)
 
     def append(self, zone: str, kind: str, /, **fields: Any) -> dict[str, Any]:
         with self._lock:
@@ -350,6 +348,20 @@ class Trails:
             for w in self._open.values():
                 w.close()
             self._open.clear()
+
+
+def roots(settings: Any) -> dict[str, Path]:
+    """Each zone's trail folder: audit/ in the zone's storage. A zone stored on S3 keeps its trail in a
+    local spool (<state_dir>/audit-spool/<zone>): chains are appended line by line, which S3 objects
+    cannot do, and shipping sealed segments to the bucket is not built yet (records hold no text)."""
+    from keel.storage import ZoneStorage
+
+    out = {}
+    for zone in settings.policy.zones:
+        storage = ZoneStorage.for_zone(settings, zone)
+        out[zone] = (storage.audit_root() if storage.is_local
+                     else Path(settings.resolve(settings.state_dir)) / "audit-spool" / zone)
+    return out
 
 
 def records(root: Path) -> Iterator[dict[str, Any]]:

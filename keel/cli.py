@@ -168,7 +168,7 @@ def audit_verify(config: Path | None = ConfigOpt) -> None:
 
     s = _settings(config)
     bad = False
-    for zone, root in _audit_roots(s):
+    for zone, root in audit.roots(s).items():
         report = audit.verify(root, s.audit.hmac_key.get_secret_value().encode())
         for w, n in report.records.items():
             typer.echo(f"{zone}/{w}: {n} records, {report.sealed[w]} sealed by a valid digest")
@@ -186,18 +186,12 @@ def audit_show(request_id: str = typer.Argument(..., help="a request id (x-reque
     """Every audit record of one request, as JSON lines."""
     from keel import audit
 
-    found = [r for _, root in _audit_roots(_settings(config)) for r in audit.find(root, request_id)]
+    found = [r for root in audit.roots(_settings(config)).values() for r in audit.find(root, request_id)]
     if not found:
         typer.echo(f"no audit record for request {request_id!r}", err=True)
         raise typer.Exit(1)
     for r in found:
         typer.echo(json.dumps(r, ensure_ascii=False))
-
-
-def _audit_roots(s) -> list[tuple[str, Path]]:  # noqa: ANN001
-    from keel.storage import ZoneStorage
-
-    return [(zone, ZoneStorage.for_zone(s, zone).audit_root()) for zone in s.policy.zones]
 
 
 @app.command()

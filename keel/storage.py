@@ -62,8 +62,7 @@ class ZoneStorage:
         return root if rel == "." else f"{root}/{rel}"
 
     def audit_root(self) -> Path:
-        """The zone's audit trail folder. keel.audit appends to local files (one chain per writer);
-        on an s3:// zone the trail would need an uploader for sealed segments, not built yet."""
+        """The zone's audit trail folder on local storage (keel.audit.roots spools an s3:// zone's trail)."""
         if not self.is_local:
             raise ResidencyError(f"zone {self.zone}: the audit trail needs local storage for now, not {self.root_uri}")
         return Path(self.path("audit"))

@@ -19,7 +19,7 @@ from keel.pipeline.snapshots import SnapshotStore, manifest_hash, read_parts, sn
 from keel.settings import KeelSettings, get_settings, load_settings
 from keel.storage import ZoneStorage
 from ray_jobs import validate
-from ray_jobs._job import Timer, emit, free_resources, init_ray, parse_args
+from ray_jobs._job import Timer, audited, emit, free_resources, init_ray, manifest_ref, parse_args
 
 
 def run(zone: str, scrubbed_key: str | None = None, config: str | None = None) -> dict[str, Any]:
@@ -28,30 +28,34 @@ def run(zone: str, scrubbed_key: str | None = None, config: str | None = None) -
     storage = ZoneStorage.for_zone(settings, zone)
     scrubbed_store = SnapshotStore(storage, "scrubbed", keep=settings.pipeline.keep_snapshots)
     store = SnapshotStore(storage, "index", keep=settings.pipeline.keep_snapshots)
-    scrubbed = scrubbed_store.resolve(scrubbed_key)
-    if not validate.passed(storage, scrubbed, version):
-        raise DataQualityError(f"zone {zone}: scrubbed snapshot {scrubbed['key']} has not passed validation: blocked")
-    key = snapshot_key("index", manifest_hash(scrubbed), version)
-    summary: dict[str, Any] = {"stage": "index", "zone": zone, "key": key, "input": {"scrubbed": scrubbed["key"]}}
-    if (done := store.committed(key)) is not None:
-        return {**summary, "skipped": "already committed", "counts": done["counts"], "manifest": done}
+    with audited(settings, "index", zone) as audit:
+        scrubbed = scrubbed_store.resolve(scrubbed_key)
+        audit.input = manifest_ref(scrubbed)
+        if not validate.passed(storage, scrubbed, version):
+            raise DataQualityError(f"zone {zone}: scrubbed snapshot {scrubbed['key']} has not passed validation: blocked")
+        key = snapshot_key("index", manifest_hash(scrubbed), version)
+        summary: dict[str, Any] = {"stage": "index", "zone": zone, "key": key, "input": {"scrubbed": scrubbed["key"]}}
+        if (done := store.committed(key)) is not None:
+            audit.output, audit.counts, audit.skipped = done, done["counts"], True
+            return {**summary, "skipped": "already committed", "counts": done["counts"], "manifest": done}
 
-    timer = Timer()
-    with timer.stage("plan"):
-        docs = read_parts(scrubbed_store, scrubbed, "documents")
-        known = _previous_vectors(store, version)
-    with timer.stage("chunk_embed"):
-        chunks = _chunk_embed(settings, docs, frozenset(known["chunk_id"].to_pylist()))
-    with timer.stage("write"):
-        chunks = _fill_known(chunks, known)
-        staging = store.begin(key)
-        write_parts(staging, "chunks", chunks, sort_by="chunk_id")
-        index.write_table(storage.uri(staging.path, "lance"), chunks.sort_by("chunk_id"), storage)
-        reused = int(pc.sum(pc.is_in(chunks["chunk_id"], value_set=known["chunk_id"].combine_chunks())).as_py() or 0)
-        counts = {"documents": docs.num_rows, "chunks": chunks.num_rows, "embedded": chunks.num_rows - reused,
-                  "reused": reused}
-        manifest = store.commit(staging, {"inputs": {"scrubbed": scrubbed["key"]}, "config_version": version,
-                                          "counts": counts})
+        timer = Timer()
+        with timer.stage("plan"):
+            docs = read_parts(scrubbed_store, scrubbed, "documents")
+            known = _previous_vectors(store, version)
+        with timer.stage("chunk_embed"):
+            chunks = _chunk_embed(settings, docs, frozenset(known["chunk_id"].to_pylist()))
+        with timer.stage("write"):
+            chunks = _fill_known(chunks, known)
+            staging = store.begin(key)
+            write_parts(staging, "chunks", chunks, sort_by="chunk_id")
+            index.write_table(storage.uri(staging.path, "lance"), chunks.sort_by("chunk_id"), storage)
+            reused = int(pc.sum(pc.is_in(chunks["chunk_id"], value_set=known["chunk_id"].combine_chunks())).as_py() or 0)
+            counts = {"documents": docs.num_rows, "chunks": chunks.num_rows, "embedded": chunks.num_rows - reused,
+                      "reused": reused}
+            manifest = store.commit(staging, {"inputs": {"scrubbed": scrubbed["key"]}, "config_version": version,
+                                              "counts": counts})
+        audit.output, audit.counts = manifest, counts
     return {**summary, "counts": counts, "manifest": manifest, "durations": timer.durations}
 
 

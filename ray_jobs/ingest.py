@@ -11,7 +11,7 @@ from keel.pipeline import ingest
 from keel.pipeline.snapshots import SnapshotStore, read_parts, snapshot_key, write_parts
 from keel.settings import get_settings, load_settings
 from keel.storage import ZoneStorage
-from ray_jobs._job import Timer, emit, init_ray, parse_args
+from ray_jobs._job import Timer, audited, emit, init_ray, parse_args
 
 
 def run(zone: str, ingest_time: str, config: str | None = None) -> dict[str, Any]:
@@ -19,31 +19,39 @@ def run(zone: str, ingest_time: str, config: str | None = None) -> dict[str, Any
     storage = ZoneStorage.for_zone(settings, zone)
     store = SnapshotStore(storage, "raw", keep=settings.pipeline.keep_snapshots)
     timer = Timer()
-    with timer.stage("list"):
-        files = ingest.list_landing(settings, zone)
-        key = snapshot_key("raw", ingest.listing_hash(settings, zone, files), settings.config_version())
-    summary: dict[str, Any] = {"stage": "raw", "zone": zone, "key": key, "files": len(files)}
-    if (done := store.committed(key)) is not None:
-        return {**summary, "skipped": "already committed", "documents": done["counts"]["documents"], "manifest": done, "durations": timer.durations}
+    with audited(settings, "raw", zone) as audit:
+        with timer.stage("list"):
+            files = ingest.list_landing(settings, zone)
+            listing = ingest.listing_hash(settings, zone, files)
+            key = snapshot_key("raw", listing, settings.config_version())
+        # The landing listing is this stage's input manifest: its hash names every file's path, size and mtime.
+        audit.input = {"stage": "landing", "sha256": listing}
+        summary: dict[str, Any] = {"stage": "raw", "zone": zone, "key": key, "files": len(files)}
+        if (done := store.committed(key)) is not None:
+            audit.output, audit.skipped = done, True
+            audit.counts = {"files": len(files), "documents": done["counts"]["documents"]}
+            return {**summary, "skipped": "already committed", "documents": done["counts"]["documents"], "manifest": done,
+                    "durations": timer.durations}
 
-    previous = store.current()
-    prev_table = read_parts(store, previous, "documents", ["doc_id", "source", "ingest_time"]) if previous else None
-    prev_times = dict(zip(prev_table["doc_id"].to_pylist(), prev_table["ingest_time"].to_pylist())) if prev_table else {}
+        previous = store.current()
+        prev_table = read_parts(store, previous, "documents", ["doc_id", "source", "ingest_time"]) if previous else None
+        prev_times = dict(zip(prev_table["doc_id"].to_pylist(), prev_table["ingest_time"].to_pylist())) if prev_table else {}
 
-    with timer.stage("read"):
-        records = _read_all(files)
-    with timer.stage("write"):
-        table = ingest.raw_rows(records, settings, zone, prev_times, ingest_time)
-        staging = store.begin(key)
-        write_parts(staging, "documents", table, sort_by="doc_id")
-        changes = ingest.changes(prev_table, table)
-        manifest = store.commit(
-            staging,
-            {"inputs": {"listing_files": len(files)}, "config_version": settings.config_version(),
-             "counts": {"documents": table.num_rows}, "changes": changes},
-        )
-    return {**summary, "documents": table.num_rows, "changes": {k: v for k, v in changes.items() if k != "tombstones"},
-            "manifest": manifest, "durations": timer.durations}
+        with timer.stage("read"):
+            records = _read_all(files)
+        with timer.stage("write"):
+            table = ingest.raw_rows(records, settings, zone, prev_times, ingest_time)
+            staging = store.begin(key)
+            write_parts(staging, "documents", table, sort_by="doc_id")
+            changes = ingest.changes(prev_table, table)
+            manifest = store.commit(
+                staging,
+                {"inputs": {"listing_files": len(files)}, "config_version": settings.config_version(),
+                 "counts": {"documents": table.num_rows}, "changes": changes},
+            )
+        counts = {k: v for k, v in changes.items() if k != "tombstones"}  # tombstones are source paths
+        audit.output, audit.counts = manifest, {"files": len(files), "documents": table.num_rows, **counts}
+    return {**summary, "documents": table.num_rows, "changes": counts, "manifest": manifest, "durations": timer.durations}
 
 
 def _read_all(files: list[ingest.LandingFile]) -> list[tuple[ingest.LandingFile, Any]]:

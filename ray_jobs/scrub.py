@@ -17,7 +17,7 @@ from keel.pipeline import scrub
 from keel.pipeline.snapshots import SnapshotStore, manifest_hash, read_parts, snapshot_key, write_parts
 from keel.settings import KeelSettings, get_settings, load_settings
 from keel.storage import ZoneStorage
-from ray_jobs._job import Timer, emit, free_resources, init_ray, parse_args
+from ray_jobs._job import Timer, audited, emit, free_resources, init_ray, manifest_ref, parse_args
 
 
 def run(zone: str, raw_key: str | None = None, config: str | None = None) -> dict[str, Any]:
@@ -25,35 +25,40 @@ def run(zone: str, raw_key: str | None = None, config: str | None = None) -> dic
     storage = ZoneStorage.for_zone(settings, zone)
     raw_store = SnapshotStore(storage, "raw", keep=settings.pipeline.keep_snapshots)
     store = SnapshotStore(storage, "scrubbed", keep=settings.pipeline.keep_snapshots)
-    raw = raw_store.resolve(raw_key)
-    version = settings.config_version()
-    key = snapshot_key("scrubbed", manifest_hash(raw), version)
-    summary: dict[str, Any] = {"stage": "scrubbed", "zone": zone, "key": key, "input": {"raw": raw["key"]}}
-    if (done := store.committed(key)) is not None:
-        return {**summary, "skipped": "already committed", "counts": done["counts"], "findings": done["findings"], "manifest": done}
+    with audited(settings, "scrubbed", zone) as audit:
+        raw = raw_store.resolve(raw_key)
+        audit.input = manifest_ref(raw)
+        version = settings.config_version()
+        key = snapshot_key("scrubbed", manifest_hash(raw), version)
+        summary: dict[str, Any] = {"stage": "scrubbed", "zone": zone, "key": key, "input": {"raw": raw["key"]}}
+        if (done := store.committed(key)) is not None:
+            audit.output, audit.counts, audit.skipped = done, done["counts"], True
+            return {**summary, "skipped": "already committed", "counts": done["counts"], "findings": done["findings"],
+                    "manifest": done}
 
-    timer = Timer()
-    with timer.stage("plan"):
-        ids = read_parts(raw_store, raw, "documents", ["doc_id"])["doc_id"]
-        reused_docs, reused_q = _reusable(store, version, ids)
-        done_ids = pa.concat_arrays([reused_docs["doc_id"].combine_chunks(), reused_q["doc_id"].combine_chunks()])
-    with timer.stage("scrub"):
-        fresh = _scrub(settings, raw_store, raw, done_ids)
-    with timer.stage("write"):
-        docs, quarantined = scrub.split(fresh)
-        docs = pa.concat_tables([reused_docs, docs])
-        quarantined = pa.concat_tables([reused_q, quarantined])
-        staging = store.begin(key)
-        write_parts(staging, "documents", docs, sort_by="doc_id")
-        write_parts(staging, "quarantine", quarantined, sort_by="doc_id")
-        counts = {"in": len(ids), "out": docs.num_rows, "quarantined": quarantined.num_rows,
-                  "reused": len(done_ids), "scrubbed": fresh.num_rows}
-        manifest = store.commit(
-            staging,
-            {"inputs": {"raw": raw["key"], "raw_manifest_sha256": manifest_hash(raw)}, "config_version": version,
-             "counts": counts, "findings": scrub.findings_total(docs),
-             "quarantine_reasons": scrub.quarantine_reasons(quarantined)},
-        )
+        timer = Timer()
+        with timer.stage("plan"):
+            ids = read_parts(raw_store, raw, "documents", ["doc_id"])["doc_id"]
+            reused_docs, reused_q = _reusable(store, version, ids)
+            done_ids = pa.concat_arrays([reused_docs["doc_id"].combine_chunks(), reused_q["doc_id"].combine_chunks()])
+        with timer.stage("scrub"):
+            fresh = _scrub(settings, raw_store, raw, done_ids)
+        with timer.stage("write"):
+            docs, quarantined = scrub.split(fresh)
+            docs = pa.concat_tables([reused_docs, docs])
+            quarantined = pa.concat_tables([reused_q, quarantined])
+            staging = store.begin(key)
+            write_parts(staging, "documents", docs, sort_by="doc_id")
+            write_parts(staging, "quarantine", quarantined, sort_by="doc_id")
+            counts = {"in": len(ids), "out": docs.num_rows, "quarantined": quarantined.num_rows,
+                      "reused": len(done_ids), "scrubbed": fresh.num_rows}
+            manifest = store.commit(
+                staging,
+                {"inputs": {"raw": raw["key"], "raw_manifest_sha256": manifest_hash(raw)}, "config_version": version,
+                 "counts": counts, "findings": scrub.findings_total(docs),
+                 "quarantine_reasons": scrub.quarantine_reasons(quarantined)},
+            )
+        audit.output, audit.counts = manifest, counts
     return {**summary, "counts": counts, "findings": manifest["findings"],
             "quarantine_reasons": manifest["quarantine_reasons"], "manifest": manifest, "durations": timer.durations}
 

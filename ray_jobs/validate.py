@@ -16,7 +16,7 @@ from keel.pipeline import quality
 from keel.pipeline.snapshots import SnapshotStore, canonical_json, manifest_hash, read_parts, snapshot_key
 from keel.settings import get_settings, load_settings
 from keel.storage import ZoneStorage
-from ray_jobs._job import Timer, emit, init_ray, parse_args
+from ray_jobs._job import Timer, audited, emit, init_ray, manifest_ref, parse_args
 
 
 def run(zone: str, scrubbed_key: str | None = None, config: str | None = None) -> dict[str, Any]:
@@ -24,28 +24,35 @@ def run(zone: str, scrubbed_key: str | None = None, config: str | None = None) -
     storage = ZoneStorage.for_zone(settings, zone)
     scrubbed_store = SnapshotStore(storage, "scrubbed", keep=settings.pipeline.keep_snapshots)
     store = SnapshotStore(storage, "validation", keep=settings.pipeline.keep_snapshots)
-    scrubbed = scrubbed_store.resolve(scrubbed_key)
-    key = snapshot_key("validation", manifest_hash(scrubbed), settings.config_version())
-    # The scrubbed asset's event names the snapshot that passed, so the index run reads exactly that one.
-    summary: dict[str, Any] = {"stage": "validation", "zone": zone, "key": key, "input": {"scrubbed": scrubbed["key"]},
-                               "asset_key": scrubbed["key"]}
-    timer = Timer()
-    manifest = store.committed(key)
-    if manifest is None:
-        with timer.stage("validate"):
-            docs = read_parts(scrubbed_store, scrubbed, "documents")
-            verdict = quality.validate(docs, scrubbed["counts"]["quarantined"], settings.pipeline.max_quarantine_share)
-        staging = store.begin(key)
-        staging.write_bytes(canonical_json(verdict), "verdict.json")
-        manifest = store.commit(staging, {"inputs": {"scrubbed": scrubbed["key"]}, "success": verdict["success"],
-                                          "config_version": settings.config_version()})
-    verdict = _verdict(store, key)
-    result = {**summary, "success": verdict["success"], "checks": verdict["checks"], "manifest": manifest,
-              "durations": timer.durations}
-    if not verdict["success"]:
+    with audited(settings, "validation", zone) as audit:
+        scrubbed = scrubbed_store.resolve(scrubbed_key)
+        audit.input = manifest_ref(scrubbed)
+        key = snapshot_key("validation", manifest_hash(scrubbed), settings.config_version())
+        # The scrubbed asset's event names the snapshot that passed, so the index run reads exactly that one.
+        summary: dict[str, Any] = {"stage": "validation", "zone": zone, "key": key, "input": {"scrubbed": scrubbed["key"]},
+                                   "asset_key": scrubbed["key"]}
+        timer = Timer()
+        manifest = store.committed(key)
+        audit.skipped = manifest is not None
+        if manifest is None:
+            with timer.stage("validate"):
+                docs = read_parts(scrubbed_store, scrubbed, "documents")
+                verdict = quality.validate(docs, scrubbed["counts"]["quarantined"], settings.pipeline.max_quarantine_share)
+            staging = store.begin(key)
+            staging.write_bytes(canonical_json(verdict), "verdict.json")
+            manifest = store.commit(staging, {"inputs": {"scrubbed": scrubbed["key"]}, "success": verdict["success"],
+                                              "config_version": settings.config_version()})
+        verdict = _verdict(store, key)
         failed = [c["check"] for c in verdict["checks"] if not c["success"]]
-        emit(result)
-        raise DataQualityError(f"zone {zone}: scrubbed snapshot {scrubbed['key']} failed validation: {failed}")
+        # A failed gate still committed its verdict: the record names it, and ends "failed" (data_quality) below.
+        audit.output = manifest
+        audit.counts = {"documents": scrubbed["counts"]["out"], "quarantined": scrubbed["counts"]["quarantined"],
+                        "checks": len(verdict["checks"]), "checks_failed": len(failed)}
+        result = {**summary, "success": verdict["success"], "checks": verdict["checks"], "manifest": manifest,
+                  "durations": timer.durations}
+        if not verdict["success"]:
+            emit(result)
+            raise DataQualityError(f"zone {zone}: scrubbed snapshot {scrubbed['key']} failed validation: {failed}")
     return result
 
 

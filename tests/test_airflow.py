@@ -74,6 +74,15 @@ def test_dags_test_runs_ray_jobs_and_streams_their_logs(ray_head, shared_state, 
     assert r.returncode == 0, out[-4000:]
     assert "[keel] submitted Ray job keel-ingest_us-" in out  # the job's own log, in the task log
     assert "KEEL_RESULT" in out and "finished: SUCCEEDED" in out
+    # The job's audit record names its Ray submission and the Airflow run, read from the Jobs API metadata.
+    from keel import audit
+    from keel.settings import load_settings
+    from keel.storage import ZoneStorage
+
+    [rec] = [r for r in audit.records(ZoneStorage.for_zone(load_settings(cfg), "us").audit_root())
+             if r["kind"] == "transformation"]
+    assert rec["job"] == "raw" and rec["status"] == "committed" and rec["job_id"].startswith("keel-ingest_us-")
+    assert rec["airflow_dag_id"] == "keel_ingest" and rec["airflow_run_id"]
     r = _dags_test(env, "keel_scrub_us")
     out = r.stdout.decode() + r.stderr.decode()
     assert r.returncode == 0, out[-4000:]

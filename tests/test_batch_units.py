@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import yaml
 
+from keel import audit
 from keel.failures import DataQualityError, FailureKind, classify
 from keel.pipeline.chunking import chunk_text
 from keel.pipeline.documents import decode, document_id, html_to_text, split_file
 from keel.pipeline.snapshots import SnapshotStore, snapshot_key
+from keel.settings import load_settings
 from keel.storage import ZoneStorage
+from ray_jobs._job import audited
+from tests.support.services import write_config
 
 
 @pytest.mark.parametrize(
@@ -100,6 +107,33 @@ def test_snapshot_commit_is_atomic_and_idempotent(tmp_path):
         s.write_bytes(b"x", "f")
         store.commit(s, {})
     assert len(storage.listdir("scrubbed", "snapshots")) == 2 and store.current()["key"] == "k2"
+
+
+def test_a_job_run_is_audited_with_its_ray_and_airflow_ids_and_an_s3_zones_record_is_spooled(tmp_path, monkeypatch):
+    settings = load_settings(write_config(tmp_path))
+    # What the Ray Jobs API hands a job submitted by keel.orchestration.stages.
+    meta = {"job_submission_id": "keel-scrub_us-0123abcd-try2", "airflow_dag_id": "keel_scrub_us",
+            "airflow_run_id": "asset_triggered__2026-11-26T00:00:00+00:00", "airflow_task_id": "scrub_us"}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}, "metadata": meta}))
+    with pytest.raises(KeyError), audited(settings, "scrubbed", "us") as run:
+        run.input = {"stage": "raw", "key": "k", "sha256": "0" * 64}
+        raise KeyError("doc_id")
+    root = ZoneStorage.for_zone(settings, "us").audit_root()
+    [rec] = audit.records(root)
+    assert rec["writer"] == "job-scrubbed-keel-scrub_us-0123abcd-try2" and rec["job_id"] == meta["job_submission_id"]
+    assert (rec["airflow_dag_id"], rec["airflow_run_id"]) == (meta["airflow_dag_id"], meta["airflow_run_id"])
+    assert (rec["status"], rec["error_kind"], rec["output"]) == ("failed", "bug", None)
+    assert audit.verify(root, settings.audit.hmac_key.get_secret_value().encode()).ok
+
+    doc = yaml.safe_load(write_config(tmp_path / "s3").read_text())
+    doc["policy"]["zones"]["eu"]["storage"] = "s3://keel-eu/storage"
+    (tmp_path / "s3.yaml").write_text(yaml.safe_dump(doc))
+    s3 = load_settings(tmp_path / "s3.yaml")
+    with audited(s3, "raw", "eu"):
+        pass  # the job's work: an s3:// zone's record goes to the local spool, never lost
+    spool = audit.roots(s3)["eu"]
+    assert spool == tmp_path / "s3" / "state" / "audit-spool" / "eu"
+    assert [r["zone"] for r in audit.records(spool)] == ["eu"]
 
 
 def test_onnx_and_torch_embeddings_agree(shared_state):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from keel import audit
 from keel.failures import DataQualityError
 from keel.pipeline.snapshots import SnapshotStore, canonical_json
 from keel.settings import load_settings
@@ -34,12 +35,23 @@ def run_chain(cfg: Path, zones=("us", "eu")) -> dict:
 
 
 def committed_files(storage_root: Path) -> dict[str, str]:
-    """sha256 of every committed file (snapshots and CURRENT pointers; not staging, not runs)."""
+    """sha256 of every committed file (snapshots and CURRENT pointers; not staging, not runs, not the
+    audit trail, which every run appends to)."""
     return {
         str(p.relative_to(storage_root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(storage_root.rglob("*"))
-        if p.is_file() and "_staging" not in p.parts and "lance" not in p.parts
+        if p.is_file() and not {"_staging", "lance", "audit"} & set(p.relative_to(storage_root).parts)
     }
+
+
+def transformations(cfg: Path, zone: str) -> list[dict]:
+    """The zone's `transformation` audit records, after checking its whole trail verifies."""
+    settings = load_settings(cfg)
+    root = ZoneStorage.for_zone(settings, zone).audit_root()
+    report = audit.verify(root, settings.audit.hmac_key.get_secret_value().encode())
+    assert report.ok, [str(p) for p in report.problems]
+    assert report.sealed == report.records  # each job closed its writer: nothing left open
+    return sorted((r for r in audit.records(root) if r["kind"] == "transformation"), key=lambda r: r["ts"])
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +72,31 @@ def test_chain_counts_and_lineage(sample):
     # Each stage names its exact input: the lineage the Airflow assets carry in their events.
     assert scrubbed["input"]["raw"] == raw["key"] and idx["input"]["scrubbed"] == scrubbed["key"]
     assert results["eu"][0]["documents"] == 40
+
+
+def test_each_job_run_leaves_one_transformation_record_in_its_zone(sample):
+    cfg, _, results = sample
+    settings = load_settings(cfg)
+    for zone, classes in (("us", ["phi", "pii", "public"]), ("eu", ["pii"])):
+        storage = ZoneStorage.for_zone(settings, zone)
+        recs = {r["job"]: r for r in transformations(cfg, zone) if r["status"] == "committed"}
+        assert list(recs) == ["raw", "scrubbed", "validation", "index"]  # one per job, in run order
+        for r, result in zip(recs.values(), results[zone], strict=True):
+            manifest = Path(storage.path(r["job"], "snapshots", result["key"], "_manifest.json"))
+            assert r["data_classes"] == classes and r["job_id"]
+            assert r["writer"] == f"job-{r['job']}-{r['job_id']}"
+            assert r["output"] == {"stage": r["job"], "key": result["key"],
+                                   "sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()}
+            assert r["config_version"] == settings.config_version() and r["duration_s"] >= 0
+        # Lineage: each stage's input is the very manifest the stage before it committed.
+        assert recs["raw"]["input"]["stage"] == "landing"
+        assert recs["scrubbed"]["input"] == recs["raw"]["output"]
+        assert recs["validation"]["input"] == recs["index"]["input"] == recs["scrubbed"]["output"]
+        raw, scrubbed, _, idx = results[zone]
+        assert recs["raw"]["counts"] == {"files": raw["files"], "documents": raw["documents"], **raw["changes"]}
+        assert recs["scrubbed"]["counts"] == scrubbed["counts"] and recs["index"]["counts"] == idx["counts"]
+        assert recs["validation"]["counts"]["checks_failed"] == 0
+        assert not any(p["value"] in json.dumps(recs) for p in PLANTED)
 
 
 def test_search_finds_the_refund_policy(sample):
@@ -99,6 +136,12 @@ def test_rerun_is_a_no_op_with_byte_identical_outputs(sample):
     again = run_chain(cfg)
     for zone in ("us", "eu"):
         assert all(r.get("skipped") == "already committed" for r in again[zone][:2] + again[zone][3:])
+        # The re-run is on record too, once per job, naming the snapshots it found instead of new data.
+        recs = transformations(cfg, zone)
+        committed = {r["job"]: r["output"] for r in recs if r["status"] == "committed"}
+        skipped = [r for r in recs if r["status"] == "skipped"]
+        assert [r["job"] for r in skipped] == ["raw", "scrubbed", "validation", "index"]  # one each, no more
+        assert all(r["output"] == committed[r["job"]] for r in skipped)
     assert committed_files(root / "storage") == before
 
 
@@ -195,6 +238,12 @@ def test_failed_gate_blocks_the_index(ray_driver, shared_state, tmp_path):
     with pytest.raises(DataQualityError, match="has not passed validation: blocked"):
         index.run("us", None, str(cfg))
     assert SnapshotStore(ZoneStorage.for_zone(load_settings(cfg), "us"), "index").current() is None
+    # Both failures are on record with their kind; the gate's verdict was committed, the index never was.
+    gate, blocked = transformations(cfg, "us")[-2:]
+    assert (gate["job"], gate["status"], gate["error_kind"]) == ("validation", "failed", "data_quality")
+    assert gate["output"]["stage"] == "validation" and gate["counts"]["checks_failed"] > 0
+    assert (blocked["job"], blocked["status"], blocked["error_kind"]) == ("index", "failed", "data_quality")
+    assert blocked["output"] is None and blocked["input"] == gate["input"]
 
 
 def test_a_zone_job_touches_only_its_own_storage(sample):
