@@ -79,6 +79,12 @@ def faults(gw):
         if all(t["breaker"] != "open" for n, t in h["targets"].items() if n != LLAMA):
             break
         time.sleep(0.5)
+    for name in ("primary", "backup"):
+        if h["targets"][name]["breaker"] == "half_open":  # one probe closes it; a burst would find it probing
+            httpx.post(gw["base"] + "/v1/chat/completions", headers={"Authorization": f"Bearer {gw['key']}"},
+                       json={"model": name, "messages": [{"role": "user", "content": "probe"}]}, timeout=30)
+    for f in (gw["primary"], gw["backup"]):
+        f.reset()
     return gw["primary"], gw["backup"]
 
 
