@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from keel import stack  # noqa: E402
+from keel import processes, stack  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "stack.json"
 
@@ -50,7 +50,7 @@ class PssSampler(threading.Thread):
                 rec = json.loads(f.read_text())
             except (OSError, ValueError):
                 continue
-            out[f.stem] = stack.pss_bytes(stack.session_members(rec["pid"]))
+            out[f.stem] = processes.pss_bytes(processes.session_members(rec["pid"]))
         return out
 
     def run(self) -> None:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="keel-stack-bench-"))
     clone = work / "keel"
-    ports = {name: stack.free_port() for name in ("gateway", "ray_dashboard", "ray", "mlflow", "airflow")}
+    ports = {name: processes.free_port() for name in ("gateway", "ray_dashboard", "ray", "mlflow", "airflow")}
     env = {**os.environ, **{f"KEEL_PORTS__{k.upper()}": str(v) for k, v in ports.items()}, "CI": "true"}
     for k in ("KEEL_CONFIG", "KEEL_HOME", "RAY_ADDRESS", "VIRTUAL_ENV"):
         env.pop(k, None)
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         down = subprocess.run([str(clone / ".venv" / "bin" / "keel"), "down"], cwd=clone, env=env, capture_output=True,
                               text=True) if (clone / ".venv" / "bin" / "keel").exists() else None
         report["down"] = {"ok": bool(down and down.returncode == 0),
-                          "left": stack.processes_naming(clone, stack.ray_temp_dir(clone / ".keel" / "ray"))}
+                          "left": processes.processes_naming(clone, stack.ray_temp_dir(clone / ".keel" / "ray"))}
         shutil.rmtree(work, ignore_errors=True)
     s, m = report["seconds_from_clone"], report["pss_mib"]
     print(f"\nKeel local stack from a fresh clone, {os.cpu_count()} CPUs, pip cache {'off' if a.cold else 'on'}")

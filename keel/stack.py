@@ -14,19 +14,18 @@ import hashlib
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from keel.orchestration.airflow_api import AirflowAPI, airflow_credentials, airflow_env
+from keel.processes import (StackError, free_port, http_ok, port_in_use, processes_naming, pss_bytes, session_members,
+                            spawn, start_time, stop_session, tail)
 from keel.settings import KeelSettings, config_path
 
 BIN = Path(sys.executable).parent
@@ -34,121 +33,6 @@ BIN = Path(sys.executable).parent
 # direct ingress (the ingress replica serves HTTP itself). Measured in benchmarks/gateway.py.
 RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 SERVICES = ("ray", "mlflow", "airflow")  # processes; the gateway is an application inside ray
-
-
-class StackError(RuntimeError):
-    """A service that would not start; the message names it and its log."""
-
-
-# -- processes ------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
-
-
-def _stat(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rindex(")") + 2:].split()  # fields after the command name, from field 3 (state)
-
-
-def start_time(pid: int) -> int | None:
-    st = _stat(pid)
-    return int(st[19]) if st and st[0] != "Z" else None  # field 22: start time; a zombie counts as gone
-
-
-def session_members(sid: int) -> list[int]:
-    """Every live process of a session: the leader and all it started, however deep."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (st := _stat(int(entry.name))) and st[0] != "Z" and int(st[3]) == sid:
-            out.append(int(entry.name))
-    return out
-
-
-def processes_naming(*folders: Path) -> list[int]:
-    """Live processes whose command line names one of these folders: ours even if one left its session."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and start_time(int(entry.name)) is not None:
-            try:
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if any(str(f) in cmd for f in folders):
-                out.append(int(entry.name))
-    return out
-
-
-def pss_bytes(pids: list[int]) -> int:
-    """Proportional set size: shared pages split between their users, so a sum over processes is
-    the real footprint (summed RSS counts a shared library once per process)."""
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
-                    break
-        except OSError:
-            continue
-    return total
-
-
-def signal_session(sid: int, sig: int) -> None:
-    for pid in session_members(sid):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def stop_session(sid: int, grace_s: float = 20) -> None:
-    signal_session(sid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while session_members(sid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    signal_session(sid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while session_members(sid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-
-
-def spawn(cmd: list[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start a process as the leader of a new session, its output appended to `log`."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
-
-
-def http_ok(url: str, headers: dict[str, str] | None = None, timeout: float = 3) -> bool:
-    """The server answers, with anything but a 5xx."""
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as r:
-            return bool(r.status < 500)
-    except urllib.error.HTTPError as e:
-        return e.code < 500
-    except (OSError, ValueError):
-        return False
-
-
-def tail(path: Path, lines: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 # -- Ray ----------------------------------------------------------------------------------------
@@ -181,29 +65,6 @@ def ray_token(path: Path) -> Path:
         path.touch(mode=0o600)
         path.write_text(secrets.token_hex(32))
     return path
-
-
-def airflow_env(home: Path, keel_config: Path, keel_home: Path, port: int | None = None,
-                host: str = "127.0.0.1") -> dict[str, str]:
-    """Airflow 3, small: DAGs from dags/, low parallelism, one API worker, bound to `host`."""
-    env = {
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(keel_home / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__PARALLELISM": "4",
-        "AIRFLOW__API__HOST": host,
-        "AIRFLOW__API__WORKERS": "1",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-        "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
-        "KEEL_CONFIG": str(keel_config),
-        "KEEL_HOME": str(keel_home),
-        # `airflow standalone` starts its parts as plain `airflow ...`: the venv's bin must come first.
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    if port:
-        env["AIRFLOW__API__PORT"] = str(port)
-        env["AIRFLOW__API__BASE_URL"] = f"http://{host}:{port}"
-    return env
 
 
 # -- the stack ------------------------------------------------------------------------------------
@@ -443,66 +304,3 @@ class LocalStack:
         # Anything still alive in those sessions, and any Ray process that left its session (none is
         # known to): reported, not killed, since a person's `tail -f` of a Ray log names the folder too.
         return sorted({*(p for sid in sessions for p in session_members(sid)), *processes_naming(self.ray_temp)})
-
-
-def airflow_credentials(home: Path, timeout_s: float = 60) -> tuple[str, str]:
-    """The admin user and password Airflow standalone generates (SimpleAuthManager), once written."""
-    f = home / "simple_auth_manager_passwords.json.generated"
-    deadline = time.monotonic() + timeout_s
-    while not f.exists() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    user, password = next(iter(json.loads(f.read_text()).items()))
-    return str(user), str(password)
-
-
-class AirflowAPI:
-    """The few Airflow 3 REST calls `keel up` and its test make (JWT from /auth/token)."""
-
-    def __init__(self, base: str, user: str, password: str) -> None:
-        self.base = base
-        body = json.dumps({"username": user, "password": password}).encode()
-        req = urllib.request.Request(f"{base}/auth/token", body, {"Content-Type": "application/json"}, method="POST")
-        with urllib.request.urlopen(req, timeout=30) as r:
-            self.token = json.loads(r.read())["access_token"]
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        req = urllib.request.Request(self.base + path, json.dumps(body).encode() if body is not None else None,
-                                     {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
-                                     method=method)
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read() or b"{}")
-
-    def trigger(self, dag: str) -> dict[str, Any]:
-        return dict(self.call("POST", f"/api/v2/dags/{dag}/dagRuns", {"logical_date": None}))
-
-    def runs(self, dag: str) -> list[dict[str, Any]]:
-        return list(self.call("GET", f"/api/v2/dags/{dag}/dagRuns?order_by=-run_after")["dag_runs"])
-
-    def wait_for_dag(self, dag: str, deadline: float) -> None:
-        while True:
-            try:
-                self.call("GET", f"/api/v2/dags/{dag}")
-                return
-            except urllib.error.HTTPError:
-                if time.monotonic() > deadline:
-                    raise StackError(f"Airflow never parsed DAG {dag}: see its import errors in the UI") from None
-                time.sleep(2)
-
-    def wait_run(self, dag: str, run_id: str, deadline: float) -> dict[str, Any]:
-        while time.monotonic() < deadline:
-            run = self.call("GET", f"/api/v2/dags/{dag}/dagRuns/{run_id}")
-            if run["state"] in ("success", "failed"):
-                if run["state"] != "success":
-                    raise StackError(f"{dag} run {run_id} failed: see the Airflow UI, {self.base}/dags/{dag}")
-                return dict(run)
-            time.sleep(3)
-        raise StackError(f"{dag} run {run_id} did not finish in time")
-
-    def wait_any_run(self, dag: str, deadline: float, after: int = 0) -> dict[str, Any]:
-        """The newest finished run once more than `after` runs have finished."""
-        while time.monotonic() < deadline:
-            done = [r for r in self.runs(dag) if r["state"] in ("success", "failed")]
-            if len(done) > after:
-                return done[0]
-            time.sleep(3)
-        raise StackError(f"no run of {dag} finished in time")

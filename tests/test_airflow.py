@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from keel.stack import AirflowAPI, airflow_credentials
+from keel.orchestration.airflow_api import AirflowAPI, airflow_credentials
 from tests.support.services import BIN, ROOT, Service, airflow_env, free_port, start_mlflow, write_config
 
 AIRFLOW = str(BIN / "airflow")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from keel import stack
+from keel import processes, stack
 from keel.settings import load_settings
 from tests.conftest import run_keel
 from tests.support.services import free_port, write_config
@@ -21,16 +21,16 @@ from tests.support.services import free_port, write_config
 
 def test_a_session_is_found_whole_and_stopped_whole(tmp_path):
     # A leader that starts a child which starts a grandchild: all three are in the leader's session.
-    proc = stack.spawn(["sh", "-c", "sh -c 'sleep 300' & sleep 300"], {}, tmp_path / "log")
+    proc = processes.spawn(["sh", "-c", "sh -c 'sleep 300' & sleep 300"], {}, tmp_path / "log")
     try:
         deadline = time.monotonic() + 5
-        while len(stack.session_members(proc.pid)) < 3 and time.monotonic() < deadline:
+        while len(processes.session_members(proc.pid)) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
-        members = stack.session_members(proc.pid)
+        members = processes.session_members(proc.pid)
         assert proc.pid in members and len(members) >= 3
-        assert stack.pss_bytes(members) > 0
-        stack.stop_session(proc.pid)
-        assert stack.session_members(proc.pid) == []
+        assert processes.pss_bytes(members) > 0
+        processes.stop_session(proc.pid)
+        assert processes.session_members(proc.pid) == []
     finally:
         proc.kill()
         proc.wait()
@@ -41,20 +41,20 @@ def test_a_stale_pid_file_is_cleared_with_what_its_dead_leader_left(tmp_path):
     s = load_settings(cfg)
     local = stack.LocalStack(s, cfg)
     # An orphan left in the session of a leader that died: the shape a crashed `ray start` leaves.
-    proc = stack.spawn(["sh", "-c", "sleep 300 & echo $! > orphan; wait"], {}, tmp_path / "log", cwd=tmp_path)
+    proc = processes.spawn(["sh", "-c", "sleep 300 & echo $! > orphan; wait"], {}, tmp_path / "log", cwd=tmp_path)
     deadline = time.monotonic() + 5
     while not (tmp_path / "orphan").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     orphan = int((tmp_path / "orphan").read_text())
     local.run_dir.mkdir(parents=True)
-    (local.run_dir / "mlflow.pid").write_text(json.dumps({"pid": proc.pid, "start": stack.start_time(proc.pid)}))
+    (local.run_dir / "mlflow.pid").write_text(json.dumps({"pid": proc.pid, "start": processes.start_time(proc.pid)}))
     assert local.pid("mlflow") == proc.pid
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert local.pid("mlflow") is None and stack.start_time(orphan) is not None
+    assert local.pid("mlflow") is None and processes.start_time(orphan) is not None
     assert [r.state for r in local.status() if r.name == "mlflow"] == ["stopped"]
     assert local._clear_stale("mlflow")
-    assert stack.start_time(orphan) is None and not (local.run_dir / "mlflow.pid").exists()
+    assert processes.start_time(orphan) is None and not (local.run_dir / "mlflow.pid").exists()
 
 
 def test_a_port_taken_by_someone_else_is_a_clear_error(tmp_path):
@@ -155,7 +155,7 @@ def test_keel_up_runs_the_whole_stack_and_keel_down_leaves_nothing(tmp_path):
         down = run_keel("down", "--config", str(cfg), timeout=300)
     assert down.returncode == 0, down.stdout.decode() + down.stderr.decode()
     assert "no keel process left" in down.stdout.decode()
-    assert stack.processes_naming(local.state, local.ray_temp) == []
+    assert processes.processes_naming(local.state, local.ray_temp) == []
     status = run_keel("status", "--config", str(cfg))
     assert status.returncode == 3 and status.stdout.decode().count("stopped") == 4
 

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import yaml
 
-from keel import stack
-from keel.stack import RAY_ENV, free_port, ray_head_command, ray_token
+from keel import processes
+from keel.orchestration import airflow_api
+from keel.processes import free_port
+from keel.stack import RAY_ENV, ray_head_command, ray_token
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -27,7 +29,7 @@ class RayHead:
 
     def stop(self) -> None:
         """Stop this head by its session: `ray stop` would kill every Ray on the machine."""
-        stack.stop_session(self.proc.pid)
+        processes.stop_session(self.proc.pid)
         self.proc.wait(10)
 
 
@@ -103,7 +105,7 @@ class Service:
         raise RuntimeError(f"{self.name} not healthy in {timeout} s: {self.log.read_text(errors='replace')[-3000:]}")
 
     def stop(self) -> None:
-        stack.stop_session(self.proc.pid)
+        processes.stop_session(self.proc.pid)
         self.proc.wait(10)
         self._log.close()
 
@@ -126,4 +128,4 @@ def start_mlflow(root: Path) -> tuple[Service, str]:
 
 
 def airflow_env(home: Path, cfg: Path, port: int | None = None) -> dict[str, str]:
-    return stack.airflow_env(home, cfg, ROOT, port)
+    return airflow_api.airflow_env(home, cfg, ROOT, port)
