@@ -5,7 +5,8 @@ same person in every message), so the target sees placeholders only. On the way 
 passes through `AnswerGuard`, piece by piece as it streams:
 
 1. checks, per segment (a sentence, or up to `SEGMENT_CHARS`): PII the model wrote that the caller
-   never sent is replaced by its type (`[PERSON]`), and toxicity is scored, flagged or blocked;
+   never sent (an identifier: an SSN, an email...) is replaced by its type (`[US_SSN]`), and toxicity
+   is scored, flagged or blocked;
 2. restore: the caller's own values replace the placeholders, even when a placeholder arrives
    split across stream chunks (`StreamRestorer`).
 
