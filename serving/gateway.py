@@ -239,7 +239,12 @@ class Gateway:
             raise
         headers["x-keel-route"] = api.route_header(outcome.target, route)
         meta = {"id": rid, "created": int(time.time()), "model": req.model}
-        extra = {"data_class": data_class.value, "zones": zones}
+
+        def keel_info() -> dict[str, Any]:
+            """The response's `keel` field, taken when the answer is done (a failover may change the route)."""
+            return (api.keel_field(rid, route, outcome, citations)
+                    | {"data_class": data_class.value, "zones": zones, "guard": actions.record()})
+
         answered = answer.stream(first, stream) if answer else failover.prepend(first, stream)
         if req.stream:
             done = False
@@ -254,7 +259,7 @@ class Gateway:
                     finish(status)
 
             return StreamingResponse(
-                self._sse(kind, meta, answered, outcome, route, citations, extra, actions, zones, release),
+                self._sse(kind, meta, answered, outcome, keel_info, zones, release),
                 media_type="text/event-stream", headers=headers | {"cache-control": "no-cache"},
                 background=BackgroundTask(release),
             )
@@ -270,8 +275,7 @@ class Gateway:
             outcome.finish_reason = "content_filter"
         finish(200)
         headers["x-keel-route"] = api.route_header(outcome.target, route)
-        keel = api.keel_field(rid, route, outcome, citations) | extra | {"guard": actions.record()}
-        return JSONResponse(api.gathered(kind, meta, chunks, outcome) | {"keel": keel}, headers=headers)
+        return JSONResponse(api.gathered(kind, meta, chunks, outcome) | {"keel": keel_info()}, headers=headers)
 
     def _finish_audit(self, rid: str, tenant: Tenant, endpoint: str, model: str | None, status: int,
                       route: Route | None, outcome: Outcome | None, body: dict[str, Any] | None, started: float,
@@ -280,7 +284,7 @@ class Gateway:
         data went (the answering target's), else the request's first allowed zone, else the first zone. A
         failed write is logged and counted, never dropped silently."""
         if charged:
-            used = (outcome.usage or {}).get("total_tokens", 0) if outcome is not None and outcome.usage else 0
+            used = outcome.usage.get("total_tokens", 0) if outcome is not None and outcome.usage else 0
             self.limiter.settle(tenant.name, charged, used)
         fields = api.audit_fields(rid, tenant.name, endpoint, model, status, route, outcome, body,
                                   time.monotonic() - started)
@@ -295,8 +299,8 @@ class Gateway:
             logger.exception("audit record for request %s could not be written", rid)
 
     async def _sse(self, kind: Kind, meta: dict[str, Any], stream: AsyncIterator[Chunk], outcome: Outcome,
-                   route: Route, citations: list[dict[str, Any]] | None, extra: dict[str, Any], actions: Actions,
-                   zones: list[str], release: Callable[[int], Awaitable[None]]) -> AsyncIterator[str]:
+                   keel_info: Callable[[], dict[str, Any]], zones: list[str],
+                   release: Callable[[int], Awaitable[None]]) -> AsyncIterator[str]:
         status = 499  # until the stream ends: a caller gone mid-stream
         role = True
         try:
@@ -312,9 +316,8 @@ class Gateway:
         finally:
             await release(status)
         # The route can change after the headers went out (a mid-stream failover): the final event holds it.
-        keel = api.keel_field(meta["id"], route, outcome, citations) | extra | {"guard": actions.record()}
         final = {**meta, "object": "chat.completion.chunk" if kind == "chat" else "text_completion", "choices": [],
-                 "usage": outcome.usage, "keel": keel}
+                 "usage": outcome.usage, "keel": keel_info()}
         yield f"event: keel.route\ndata: {json.dumps(final)}\n\n"
         yield "data: [DONE]\n\n"
 
