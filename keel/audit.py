@@ -63,6 +63,14 @@ def sign(digest: dict[str, Any], key: bytes) -> str:
     return hmac.new(key, canonical({k: v for k, v in digest.items() if k != "signature"}), hashlib.sha256).hexdigest()
 
 
+def segment_file(wdir: Path, n: int) -> Path:
+    return wdir / f"records-{n:08d}.jsonl"
+
+
+def digest_file(wdir: Path, n: int) -> Path:
+    return wdir / f"digest-{n:08d}.json"
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
@@ -88,10 +96,10 @@ class AuditWriter:
         self._file = open(self._records(self.segment), "a", encoding="utf-8")  # noqa: SIM115 - lives with the writer
 
     def _records(self, n: int) -> Path:
-        return self.dir / f"records-{n:08d}.jsonl"
+        return segment_file(self.dir, n)
 
     def _digest(self, n: int) -> Path:
-        return self.dir / f"digest-{n:08d}.json"
+        return digest_file(self.dir, n)
 
     def _resume(self) -> None:
         if self.segment > 0 or self._digest(self.segment).exists():
@@ -202,7 +210,7 @@ def _verify_writer(wdir: Path, key: bytes, report: Report) -> Problem | None:
     expected_seq, prev, prev_digest = 0, GENESIS, GENESIS
     last = max([*segments, *digests], default=-1)
     for n in range(last + 1):
-        seg, dig = wdir / f"records-{n:08d}.jsonl", wdir / f"digest-{n:08d}.json"
+        seg, dig = segment_file(wdir, n), digest_file(wdir, n)
         if not seg.exists():
             return Problem(w, seg.name, "segment missing (deleted?)")
         first_seq = expected_seq

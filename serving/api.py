@@ -141,13 +141,15 @@ def audit_fields(rid: str, tenant: str, endpoint: str, model: str | None, status
     answered, never the text itself."""
     import hashlib
 
+    from keel.audit import canonical
+
     out: dict[str, Any] = {"request_id": rid, "tenant": tenant, "endpoint": endpoint, "model": model, "status": status,
                            "latency_ms": round(seconds * 1000, 1)}
     if route is not None:
         out["route"] = {"strategy": route.strategy, "reason": route.reason, "ranked": list(route.ranked),
                         "excluded": route.excluded}
     if body is not None:
-        out["prompt_sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        out["prompt_sha256"] = hashlib.sha256(canonical(body)).hexdigest()
     if outcome is not None:
         out |= {"target": outcome.target, "failovers": outcome.failovers, "usage": outcome.usage,
                 "ttft_ms": round(outcome.ttft_s * 1000, 1) if outcome.ttft_s is not None else None,
@@ -160,9 +162,11 @@ def config_fields(settings: Any) -> dict[str, Any]:
     guard obey, and a hash of the whole (secrets left out), so a change of policy is on the record."""
     import hashlib
 
+    from keel.audit import canonical
+
     doc = settings.model_dump(mode="json", include={"gateway", "guard", "policy"}, exclude={"policy": {"tenants"}})
     doc["tenants"] = [t.model_dump(mode="json", exclude={"api_key_hashes"}) for t in settings.policy.tenants]
-    return {"event": "gateway_started", "config_sha256": hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest(),
+    return {"event": "gateway_started", "config_sha256": hashlib.sha256(canonical(doc)).hexdigest(),
             "targets": [{"name": t.name, "kind": t.kind, "zone": t.zone, "tier": t.tier} for t in settings.policy.targets],
             "data_classes": doc["policy"]["data_classes"], "guard": doc["guard"], "strategy": doc["gateway"]["strategy"]}
 
