@@ -19,7 +19,6 @@ Prints a table and writes benchmarks/results/batch_pipeline.json.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -31,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.common import write_report  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "batch_pipeline.json"
 INGEST_TIME = "2026-11-26T00:00:00+00:00"
 
@@ -214,9 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in report["ratios"].items():
         print(f"  {k:<62} {v:>8.2f}")
     print("  goals: pipeline_vs_naive >= 4, pipeline_vs_stage_sum >= 0.9, time_10x_vs_1x <= 11")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(report, args.out)
     return 0
 
 

@@ -47,20 +47,12 @@ from fastapi.responses import JSONResponse
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.common import latency, ms, write_report  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "gateway.json"
 BODY = {"model": "echo", "messages": [{"role": "user", "content": "What is the refund policy for annual plans?"}],
         "max_tokens": 64}
 PROMPTS = ["Say hello to the team.", "What is the capital of France?", "List three colors.",
            "Give me a title for a blog post about gardening.", "Write one sentence about the sea."]
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
-
-
-def ms(x: float) -> float:
-    return round(x * 1000, 2)
 
 
 def sequential(url: str, body: dict[str, Any], n: int, headers: dict[str, str]) -> list[float]:
@@ -262,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                 samples[k] += v
             diffs["overhead"] += [k - d for k, d in zip(keel, direct)]
             diffs["routing"] += [k - b for k, b in zip(keel_handle, bare)]
-        lat = {k: {"p50_ms": ms(statistics.median(v)), "p99_ms": ms(pct(v, 99)), "n": len(v)} for k, v in samples.items()}
+        lat = {k: latency(v) for k, v in samples.items()}
         report["latency"] = lat
         report["overhead_ms"] = {"p50": round(lat["keel"]["p50_ms"] - lat["direct"]["p50_ms"], 2),
                                  "p99": round(lat["keel"]["p99_ms"] - lat["direct"]["p99_ms"], 2)}
@@ -346,9 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nKeel gateway, {os.cpu_count()} CPUs")
     for name, v in rows:
         print(f"  {name:<52} {v:>16}")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {a.out}")
+    write_report(report, a.out)
     return 0
 
 

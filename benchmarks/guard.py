@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.common import latency, write_report  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "guard.json"
 
 PARAGRAPHS = [
@@ -39,19 +38,6 @@ PARAGRAPHS = [
     "The follow-up covered blood pressure, the change from lisinopril to losartan, and diet advice. ",
     "Please summarise the visit for the discharge letter and list the open questions for the GP. ",
 ]
-
-
-def pct(xs: list[float], p: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, round(p / 100 * len(s)) - 1))]
-
-
-def ms(x: float) -> float:
-    return round(x * 1000, 2)
-
-
-def stats(xs: list[float]) -> dict[str, float]:
-    return {"p50_ms": ms(statistics.median(xs)), "p99_ms": ms(pct(xs, 99)), "n": len(xs)}
 
 
 def prompt_of(llm: Any, tokens: int) -> str:
@@ -134,10 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         "prompt": {"tokens": n_tokens, "chars": len(text), "placeholders": len(protected.vault),
                    "entities": protected.entities},
         "guard_load_s": round(load_s, 2),
-        "pseudonymize": stats(pseudo), "answer_checks_and_restore": stats(checks), "restore_only": stats(restore),
-        "guard_total": stats(total),
+        "pseudonymize": latency(pseudo), "answer_checks_and_restore": latency(checks), "restore_only": latency(restore),
+        "guard_total": latency(total),
         "model": {"name": "SmolLM2-135M llama.cpp", "n_threads": a.n_threads, "max_tokens": 64,
-                  "ttft": stats(ttft), "latency": stats(whole)},
+                  "ttft": latency(ttft), "latency": latency(whole)},
     }
     report["ratio_guard_to_model_latency_p50"] = round(report["guard_total"]["p50_ms"] / report["model"]["latency"]["p50_ms"], 3)
     rows = [("pseudonymize (detect + swap)", report["pseudonymize"]),
@@ -151,9 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in rows:
         print(f"{name:<34}{s['p50_ms']:>10}{s['p99_ms']:>10}{s['n']:>6}")
     print(f"guard / model latency (p50): {report['ratio_guard_to_model_latency_p50']}")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {a.out}")
+    write_report(report, a.out)
     return 0
 
 

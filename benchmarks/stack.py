@@ -30,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.common import write_report  # noqa: E402
 
 from keel import processes, stack  # noqa: E402
 
@@ -118,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'peak PSS, whole stack (goal <= 5 GB)':<40} {m['peak_total']:>8} MiB  {m['peak_by_service']}")
     print(f"  {'PSS at rest':<40} {m['rest_total']:>8} MiB  {m['rest_by_service']}")
     print(f"  {'processes left after keel down (goal 0)':<40} {len(report['down']['left']):>8}")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {a.out}")
+    write_report(report, a.out)
     return 0
 
 
