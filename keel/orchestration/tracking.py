@@ -33,16 +33,14 @@ def log_summary(tracking_uri: str, dag_id: str, run_id: str, task_id: str, summa
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
     exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
-    run = _dag_run(client, exp_id, dag_id, run_id)
-    if run is None:
-        # Parallel tasks of one DAG run (ingest_us, ingest_eu) can both find none and both create one.
-        # Every creator then keeps the oldest run and deletes its own if it is not that one: the oldest
-        # is never deleted, so all converge on it, and the DAG run keeps exactly one MLflow run.
-        mine = client.create_run(exp_id, run_name=f"{dag_id}/{run_id}",
-                                 tags={"airflow_dag_id": dag_id, "airflow_run_id": run_id})
-        run = _dag_run(client, exp_id, dag_id, run_id) or mine
-        if run.info.run_id != mine.info.run_id:
-            client.delete_run(mine.info.run_id)
+    found = client.search_runs(
+        [exp_id], filter_string=f"tags.airflow_dag_id = '{dag_id}' and tags.airflow_run_id = '{run_id}'", max_results=1
+    )
+    if found:
+        run = found[0]
+    else:
+        run = client.create_run(exp_id, run_name=f"{dag_id}/{run_id}",
+                                tags={"airflow_dag_id": dag_id, "airflow_run_id": run_id})
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, 0) for k, v in sorted(numeric_metrics(summary, task_id).items())]
     tags = [RunTag(f"{task_id}.key", str(summary.get("key", ""))),
@@ -51,9 +49,3 @@ def log_summary(tracking_uri: str, dag_id: str, run_id: str, task_id: str, summa
     client.log_text(run.info.run_id, json.dumps({k: v for k, v in summary.items() if k != "manifest"}, indent=2,
                                                 sort_keys=True), f"summaries/{task_id}.json")
     return run.info.run_id
-
-
-def _dag_run(client: Any, exp_id: str, dag_id: str, run_id: str) -> Any:
-    """The oldest MLflow run of this DAG run (ties broken by id, so every caller picks the same), or None."""
-    found = client.search_runs([exp_id], filter_string=f"tags.airflow_dag_id = '{dag_id}' and tags.airflow_run_id = '{run_id}'")
-    return min(found, key=lambda r: (r.info.start_time, r.info.run_id), default=None)
