@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from keel.errors import DataClassNotAllowed, ZoneNotAllowed
+
 
 class DataClass(str, Enum):
     """Data classes, declared from least to most sensitive."""
@@ -53,6 +55,8 @@ _RANK = {dc: i for i, dc in enumerate(DataClass)}
 
 _NAME = r"^[a-z][a-z0-9-]{0,31}$"
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+# The request headers a caller narrows its scope with: the parameter named by a refusal.
+_CLASS_HEADER, _ZONE_HEADER = "x-keel-data-class", "x-keel-zone"
 API_KEY_PREFIX = "keel-"
 EXTERNAL_KINDS = frozenset({"openai"})  # targets outside the cluster: a third party sees what they get
 
@@ -193,17 +197,18 @@ class Policy(_Strict):
 
     def request_zones(self, tenant: Tenant, data_class: DataClass, asked: str | None = None) -> list[str]:
         """Zones a request's data may go to: its class's zones, within the tenant's, within the one
-        the caller asked for (x-keel-zone). Raises PermissionError naming why none is left."""
+        the caller asked for (x-keel-zone). Raises ZoneNotAllowed naming why none is left."""
         zones = [z for z in self.zones_for(data_class) if tenant.allowed_zones is None or z in tenant.allowed_zones]
         if asked is not None:
             if asked not in self.zones:
-                raise PermissionError(f"unknown zone {asked!r}; zones: {sorted(self.zones)}")
+                raise ZoneNotAllowed(f"unknown zone {asked!r}; zones: {sorted(self.zones)}", param=_ZONE_HEADER)
             if asked not in zones:
-                raise PermissionError(f"data class {data_class.value!r} of tenant {tenant.name!r} may not go to zone "
-                                      f"{asked!r} (allowed: {zones})")
+                raise ZoneNotAllowed(f"data class {data_class.value!r} of tenant {tenant.name!r} may not go to zone "
+                                     f"{asked!r} (allowed: {zones})", param=_ZONE_HEADER)
             zones = [asked]
         if not zones:
-            raise PermissionError(f"tenant {tenant.name!r} has no zone where data class {data_class.value!r} may go")
+            raise ZoneNotAllowed(f"tenant {tenant.name!r} has no zone where data class {data_class.value!r} may go",
+                                 param=_ZONE_HEADER)
         return zones
 
     def readable_classes(self, tenant: Tenant, data_class: DataClass, zones: Iterable[str]) -> list[DataClass]:
@@ -239,9 +244,11 @@ def resolve_class(tenant: Tenant, requested: DataClass | None) -> DataClass:
     if requested is None:
         return tenant.default_class
     if requested not in tenant.allowed_classes:
-        raise PermissionError(f"tenant {tenant.name!r} is not allowed data class {requested.value!r}")
+        raise DataClassNotAllowed(f"tenant {tenant.name!r} is not allowed data class {requested.value!r}",
+                                  param=_CLASS_HEADER)
     if requested < tenant.default_class:
-        raise PermissionError(
-            f"data class {requested.value!r} is below tenant {tenant.name!r}'s default {tenant.default_class.value!r}"
+        raise DataClassNotAllowed(
+            f"data class {requested.value!r} is below tenant {tenant.name!r}'s default {tenant.default_class.value!r}",
+            param=_CLASS_HEADER,
         )
     return requested

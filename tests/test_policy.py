@@ -3,6 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
+from keel.errors import DataClassNotAllowed, ZoneNotAllowed
 from keel.policy import DataClass, Policy, hash_api_key, new_api_key, resolve_class
 
 
@@ -54,10 +55,12 @@ def test_request_class_may_be_stricter_never_laxer_or_unallowed():
     acme = policy().tenants[0]
     assert resolve_class(acme, None) == DataClass.internal
     assert resolve_class(acme, DataClass.pii) == DataClass.pii
-    with pytest.raises(PermissionError, match="below"):
+    with pytest.raises(DataClassNotAllowed, match="below") as below:
         resolve_class(acme, DataClass.public)
-    with pytest.raises(PermissionError, match="not allowed"):
+    with pytest.raises(DataClassNotAllowed, match="not allowed") as unallowed:
         resolve_class(acme, DataClass.phi)
+    assert below.value.param == unallowed.value.param == "x-keel-data-class"
+    assert below.value.code == "data_class_not_allowed"
 
 
 def test_request_zones_narrow_by_class_tenant_and_ask():
@@ -66,13 +69,14 @@ def test_request_zones_narrow_by_class_tenant_and_ask():
     assert p.request_zones(acme, DataClass.internal) == ["us", "eu"]
     assert p.request_zones(acme, DataClass.pii) == ["eu"]
     assert p.request_zones(acme, DataClass.internal, "eu") == ["eu"]
-    with pytest.raises(PermissionError, match="may not go to zone 'us'"):
+    with pytest.raises(ZoneNotAllowed, match="may not go to zone 'us'") as refused:
         p.request_zones(acme, DataClass.pii, "us")
-    with pytest.raises(PermissionError, match="unknown zone 'mars'"):
+    assert refused.value.param == "x-keel-zone" and refused.value.code == "zone_not_allowed"
+    with pytest.raises(ZoneNotAllowed, match="unknown zone 'mars'"):
         p.request_zones(acme, DataClass.pii, "mars")
     eu_only = acme.model_copy(update={"allowed_zones": ["eu"]})
     assert p.request_zones(eu_only, DataClass.internal) == ["eu"]
-    with pytest.raises(PermissionError, match="no zone"):
+    with pytest.raises(ZoneNotAllowed, match="no zone"):
         p.request_zones(eu_only, DataClass.phi)
 
 
