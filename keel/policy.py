@@ -10,15 +10,16 @@ import hashlib
 import re
 import secrets
 from collections.abc import Iterable
-from enum import Enum
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from keel.errors import DataClassNotAllowed, ZoneNotAllowed
+from keel.target_kinds import Feature, is_external
 
 
-class DataClass(str, Enum):
+class DataClass(StrEnum):
     """Data classes, declared from least to most sensitive."""
 
     public = "public"
@@ -30,22 +31,22 @@ class DataClass(str, Enum):
     def rank(self) -> int:
         return _RANK[self]
 
-    def __lt__(self, other: object) -> bool:  # type: ignore[override]
+    def __lt__(self, other: object) -> bool:
         if not isinstance(other, DataClass):
             return NotImplemented
         return self.rank < other.rank
 
-    def __le__(self, other: object) -> bool:  # type: ignore[override]
+    def __le__(self, other: object) -> bool:
         if not isinstance(other, DataClass):
             return NotImplemented
         return self.rank <= other.rank
 
-    def __gt__(self, other: object) -> bool:  # type: ignore[override]
+    def __gt__(self, other: object) -> bool:
         if not isinstance(other, DataClass):
             return NotImplemented
         return self.rank > other.rank
 
-    def __ge__(self, other: object) -> bool:  # type: ignore[override]
+    def __ge__(self, other: object) -> bool:
         if not isinstance(other, DataClass):
             return NotImplemented
         return self.rank >= other.rank
@@ -58,7 +59,6 @@ _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 # The request headers a caller narrows its scope with: the parameter named by a refusal.
 _CLASS_HEADER, _ZONE_HEADER = "x-keel-data-class", "x-keel-zone"
 API_KEY_PREFIX = "keel-"
-EXTERNAL_KINDS = frozenset({"openai"})  # targets outside the cluster: a third party sees what they get
 
 
 class _Strict(BaseModel):
@@ -96,15 +96,17 @@ class ModelTarget(_Strict):
     """A model the gateway can route to."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,63}$")
-    kind: Literal["llama_cpp", "vllm", "openai"]
+    # A declared target kind (keel.target_kinds); checked, with `options`, where targets are built
+    # and by `keel config check`, not here: loading a policy must not load the serving stack.
+    kind: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
     zone: str  # where the model runs: data of a class is routed here only if the class may live here
     price_per_1k_input: float = Field(ge=0)
     price_per_1k_output: float = Field(ge=0)
     tier: Literal["small", "large"]
     max_context: int = Field(gt=0)
     # Request features this target honours; a request using another gets a clear 400 from it.
-    supports: list[Literal["tools", "response_format"]] = Field(default_factory=list)
-    # Backend-specific settings (model path, base_url, engine args); each backend validates its own.
+    supports: list[Feature] = Field(default_factory=list)
+    # Backend-specific settings (model path, base_url, engine args), validated by the kind's options schema.
     options: dict[str, object] = Field(default_factory=dict)
 
 
@@ -221,9 +223,11 @@ class Policy(_Strict):
 
     def pseudonymizes(self, data_class: DataClass, target_kinds: Iterable[str]) -> bool:
         """Whether a request of this class is pseudonymized before these targets (any of which may
-        answer it, by failover): always for external ones, and for every one when the class says so."""
+        answer it, by failover): always for external ones (an undeclared kind counts as external), and
+        for every one when the class says so."""
         kinds = set(target_kinds)
-        return bool(kinds & EXTERNAL_KINDS) or (bool(kinds) and self.data_classes[data_class].pseudonymize == "all_targets")
+        return any(is_external(k) for k in kinds) or (
+            bool(kinds) and self.data_classes[data_class].pseudonymize == "all_targets")
 
 
 def hash_api_key(api_key: str) -> str:

@@ -6,10 +6,17 @@ from pydantic import ValidationError
 from keel.errors import DataClassNotAllowed, ZoneNotAllowed
 from keel.policy import DataClass, Policy, hash_api_key, new_api_key, resolve_class
 
+FREE = {"price_per_1k_input": 0, "price_per_1k_output": 0, "tier": "small", "max_context": 8192}
+
+
+def target(**fields) -> dict:
+    return {"name": "x", "kind": "llama_cpp", "zone": "us", **FREE, **fields}
+
 
 def policy(**over) -> Policy:
     doc = {
-        "zones": {"us": {"region": "us-east-1", "storage": "/data/us"}, "eu": {"region": "eu-west-1", "storage": "s3://keel-eu/data"}},
+        "zones": {"us": {"region": "us-east-1", "storage": "/data/us"},
+                  "eu": {"region": "eu-west-1", "storage": "s3://keel-eu/data"}},
         "data_classes": {
             "public": {"allowed_zones": ["us", "eu"]},
             "internal": {"allowed_zones": ["us", "eu"]},
@@ -17,11 +24,13 @@ def policy(**over) -> Policy:
             "phi": {"allowed_zones": ["us"]},
         },
         "targets": [
-            {"name": "small-us", "kind": "llama_cpp", "zone": "us", "price_per_1k_input": 0, "price_per_1k_output": 0, "tier": "small", "max_context": 8192},
-            {"name": "large-eu", "kind": "openai", "zone": "eu", "price_per_1k_input": 0.5, "price_per_1k_output": 1.5, "tier": "large", "max_context": 128000},
+            target(name="small-us"),
+            target(name="large-eu", kind="openai", zone="eu", price_per_1k_input=0.5, price_per_1k_output=1.5,
+                   tier="large", max_context=128000),
         ],
         "tenants": [
-            {"name": "acme", "api_key_hashes": [hash_api_key("keel-acme-key")], "allowed_classes": ["public", "internal", "pii"], "default_class": "internal"},
+            {"name": "acme", "api_key_hashes": [hash_api_key("keel-acme-key")],
+             "allowed_classes": ["public", "internal", "pii"], "default_class": "internal"},
         ],
     }
     doc.update(over)
@@ -95,14 +104,20 @@ def test_pseudonymization_policy_by_class_and_target_kind():
 @pytest.mark.parametrize(
     ("override", "field", "reason"),
     [
-        ({"targets": [{"name": "x", "kind": "llama_cpp", "zone": "mars", "price_per_1k_input": 0, "price_per_1k_output": 0, "tier": "small", "max_context": 1}]}, None, "unknown zone 'mars'"),
+        ({"targets": [target(zone="mars", max_context=1)]}, None, "unknown zone 'mars'"),
         ({"data_classes": {"public": {"allowed_zones": ["us"]}}}, None, "missing"),
-        ({"tenants": [{"name": "t", "api_key_hashes": ["keel-plaintext"], "allowed_classes": ["public"], "default_class": "public"}]}, "api_key_hashes", "stored hashed"),
-        ({"tenants": [{"name": "t", "allowed_classes": ["public"], "default_class": "phi"}]}, None, "not in allowed_classes"),
-        ({"tenants": [{"name": "t", "allowed_classes": ["public"], "default_class": "public", "allowed_zones": ["mars"]}]}, None, "unknown zone 'mars'"),
+        ({"tenants": [{"name": "t", "api_key_hashes": ["keel-plaintext"], "allowed_classes": ["public"],
+                       "default_class": "public"}]}, "api_key_hashes", "stored hashed"),
+        ({"tenants": [{"name": "t", "allowed_classes": ["public"], "default_class": "phi"}]}, None,
+         "not in allowed_classes"),
+        ({"tenants": [{"name": "t", "allowed_classes": ["public"], "default_class": "public",
+                       "allowed_zones": ["mars"]}]}, None, "unknown zone 'mars'"),
         ({"zones": {"US East": {"region": "us-east-1", "storage": "/x"}}}, "zones", "short lowercase"),
-        ({"zones": {"us": {"region": "us-east-1", "storage": "/x", "bucket": "typo"}}}, "bucket", "Extra inputs are not permitted"),
-        ({"targets": [{"name": "x", "kind": "llama_cpp", "zone": "us", "price_per_1k_input": -1, "price_per_1k_output": 0, "tier": "small", "max_context": 1}]}, "price_per_1k_input", "greater than or equal to 0"),
+        ({"zones": {"us": {"region": "us-east-1", "storage": "/x", "bucket": "typo"}}}, "bucket",
+         "Extra inputs are not permitted"),
+        ({"targets": [target(price_per_1k_input=-1, max_context=1)]}, "price_per_1k_input",
+         "greater than or equal to 0"),
+        ({"targets": [target(kind="Llama CPP")]}, "kind", "String should match pattern"),
     ],
 )
 def test_invalid_policy_is_rejected_with_field_and_reason(override, field, reason):

@@ -1,38 +1,29 @@
-"""Model targets behind one protocol (serving.targets.base.Target); a new backend is one module here."""
+"""Model targets behind one protocol (serving.targets.base.Target).
+
+A new backend is one module here declaring `KIND = TargetKind(...)` plus its entry point in
+pyproject.toml (see keel.target_kinds); these two functions only look kinds up.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
+from keel.errors import ConfigError
 from keel.policy import ModelTarget
+from keel.settings import GatewaySettings
+from keel.target_kinds import resolve
 from serving.targets.base import Target
 
 
 def deployment_for(config: ModelTarget) -> Any | None:
     """The Ray Serve application a target needs inside the cluster (None for external endpoints)."""
-    if config.kind == "llama_cpp":
-        from serving.targets import llama_cpp
-
-        return llama_cpp.deployment(config)
-    if config.kind == "vllm":
-        from serving.targets import vllm
-
-        return vllm.deployment(config)
-    return None
+    kind, options = resolve(config)
+    return None if kind.deployment is None else kind.deployment(config, options)
 
 
-def make_target(config: ModelTarget, handle: Any, gateway: Any) -> Target:
+def make_target(config: ModelTarget, handle: Any, gateway: GatewaySettings) -> Target:
     """The gateway's side of a target; `handle` is its deployment's handle for in-cluster kinds."""
-    if config.kind == "openai":
-        from serving.targets.openai_http import OpenAIHTTPTarget
-
-        return OpenAIHTTPTarget(config, gateway.connect_timeout_s)
-    if handle is None:
-        raise ValueError(f"target {config.name}: kind {config.kind} needs its deployment")
-    if config.kind == "llama_cpp":
-        from serving.targets.llama_cpp import LlamaCppTarget
-
-        return LlamaCppTarget(config, handle)
-    from serving.targets.vllm import VLLMTarget
-
-    return VLLMTarget(config, handle)
+    kind, options = resolve(config)
+    if kind.deployment is not None and handle is None:
+        raise ConfigError(f"targets.{config.name}: kind {config.kind!r} needs its deployment, and none was deployed")
+    return cast(Target, kind.target(config, options, handle, gateway))

@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from pydantic import BaseModel, ConfigDict
+
 from keel.policy import ModelTarget
 
 Kind = Literal["chat", "completion"]
@@ -42,6 +44,13 @@ class TargetError(Exception):
         return self.kind != "client"
 
 
+class TargetOptions(BaseModel):
+    """Base of every kind's options schema (`ModelTarget.options`)."""
+
+    # Unknown keys are errors: a typo in keel.yaml must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 class Target(Protocol):
     config: ModelTarget
 
@@ -61,7 +70,8 @@ def instructed_continuation(kind: Kind, body: dict[str, Any], sent: str) -> dict
     then an instruction to go on. (Backends that can prefill the assistant turn do better.)"""
     if kind == "completion":
         return {**body, "prompt": body["prompt"] + sent}
-    messages = [*body["messages"], {"role": "assistant", "content": sent}, {"role": "user", "content": CONTINUE_INSTRUCTION}]
+    messages = [*body["messages"], {"role": "assistant", "content": sent},
+                {"role": "user", "content": CONTINUE_INSTRUCTION}]
     return {**body, "messages": messages}
 
 

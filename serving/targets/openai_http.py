@@ -1,8 +1,6 @@
 """External OpenAI-compatible HTTP endpoints: another provider, a vLLM server, another Keel.
 
-options: base_url (required, e.g. http://host:port/v1), model (the upstream's model id; default
-the target's name), api_key_env (the environment variable holding its key; keys never live in
-keel.yaml).
+External: whatever leaves the cluster for it is pseudonymized first, for every data class.
 """
 
 from __future__ import annotations
@@ -13,27 +11,46 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+from pydantic import Field, SecretStr, field_validator
 
+from keel.errors import ConfigError
 from keel.policy import ModelTarget
-from serving.targets.base import Chunk, Kind, TargetError, chunk_from_event, instructed_continuation
+from keel.settings import GatewaySettings
+from keel.target_kinds import TargetKind
+from serving.targets.base import Chunk, Kind, TargetError, TargetOptions, chunk_from_event, instructed_continuation
+
+
+class OpenAIOptions(TargetOptions):
+    base_url: str = Field(pattern=r"^https?://\S+$", description="e.g. http://host:port/v1")
+    model: str | None = Field(None, min_length=1, description="the upstream's model id; default the target's name")
+    # The environment variable (or file in $KEEL_SECRETS_DIR) holding its key: keys never live in keel.yaml.
+    api_key_env: str | None = Field(None, min_length=1)
+    # The key itself, read from api_key_env where the gateway is deployed (serving.app) and handed to the replicas.
+    api_key: SecretStr | None = None
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _never_in_config(cls, v: object) -> object:
+        if v is not None and not isinstance(v, SecretStr):
+            raise ValueError("keys never live in keel.yaml; name the variable holding it in api_key_env")
+        return v
 
 
 class OpenAIHTTPTarget:
-    def __init__(self, config: ModelTarget, connect_timeout_s: float = 3.0) -> None:
+    def __init__(self, config: ModelTarget, options: OpenAIOptions, handle: None, gateway: GatewaySettings) -> None:
         self.config = config
-        opts = config.options
-        if not opts.get("base_url"):
-            raise ValueError(f"target {config.name}: options.base_url is required for kind openai")
-        self.model = str(opts.get("model") or config.name)
+        self.model = options.model or config.name
         headers = {}
-        if env := opts.get("api_key_env"):
-            key = os.environ.get(str(env))
+        if env := options.api_key_env:
+            # Read where the gateway was deployed (serving.app); from this process's environment only failing that.
+            key = options.api_key.get_secret_value() if options.api_key else os.environ.get(env)
             if not key:
-                raise ValueError(f"target {config.name}: environment variable {env} (its API key) is not set")
+                raise ConfigError(f"targets.{config.name}.options.api_key_env: environment variable {env} "
+                                  "(its API key) is not set")
             headers["Authorization"] = f"Bearer {key}"
-        self.base_url = str(opts["base_url"]).rstrip("/")
+        self.base_url = options.base_url.rstrip("/")
         self.headers = headers
-        self.connect_timeout_s = connect_timeout_s
+        self.connect_timeout_s = gateway.connect_timeout_s
         self._session: aiohttp.ClientSession | None = None
 
     def session(self) -> aiohttp.ClientSession:
@@ -103,3 +120,7 @@ def _float(v: str | None) -> float | None:
         return float(v) if v else None
     except ValueError:
         return None
+
+
+KIND = TargetKind(name="openai", external=True, options=OpenAIOptions, target=OpenAIHTTPTarget,
+                  supports=frozenset({"tools", "response_format"}))

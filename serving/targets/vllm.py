@@ -3,40 +3,46 @@
 Ray Serve LLM routes by model id only and has no cross-model failover, so Keel's gateway stays
 the ingress and calls the LLMServer deployment through a handle like any other target.
 Needs the `gpu` extra (vllm) and a GPU in the Ray cluster.
-
-options: model (the model source: a hub id or a local folder), engine_kwargs (vLLM engine
-arguments, e.g. {max_model_len: 8192}), accelerator_type (e.g. H100), replicas (default 1).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
+from pydantic import Field
 from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from keel.policy import ModelTarget
-from serving.targets.base import Chunk, Kind, TargetError, chunk_from_event
+from keel.settings import GatewaySettings
+from keel.target_kinds import TargetKind
+from serving.targets.base import Chunk, Kind, TargetError, TargetOptions, chunk_from_event
 
 
-def deployment(config: ModelTarget) -> serve.Application:
+class VLLMOptions(TargetOptions):
+    model: str = Field(min_length=1, description="the model source: a hub id or a local folder")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vLLM engine arguments, e.g. max_model_len")
+    accelerator_type: str | None = Field(None, min_length=1, description="e.g. H100")
+    replicas: int = Field(1, ge=1)
+
+
+def deployment(config: ModelTarget, options: VLLMOptions) -> serve.Application:
     from ray.serve.llm import LLMConfig, build_llm_deployment
 
-    o = config.options
-    if not o.get("model"):
-        raise ValueError(f"target {config.name}: options.model (model source) is required for kind vllm")
     llm_config = LLMConfig(
-        model_loading_config={"model_id": config.name, "model_source": str(o["model"])},
-        engine_kwargs=dict(o.get("engine_kwargs") or {}),  # type: ignore[call-overload]
-        deployment_config={"num_replicas": int(o.get("replicas", 1))},  # type: ignore[call-overload]
-        **({"accelerator_type": str(o["accelerator_type"])} if o.get("accelerator_type") else {}),
+        model_loading_config={"model_id": config.name, "model_source": options.model},
+        engine_kwargs=dict(options.engine_kwargs),
+        deployment_config={"num_replicas": options.replicas},
+        **({"accelerator_type": options.accelerator_type} if options.accelerator_type else {}),
     )
     return build_llm_deployment(llm_config, name_prefix=f"vllm-{config.name}-".replace("/", "-"))
 
 
 class VLLMTarget:
-    def __init__(self, config: ModelTarget, handle: serve.handle.DeploymentHandle) -> None:
+    def __init__(self, config: ModelTarget, options: VLLMOptions, handle: DeploymentHandle[Any],
+                 gateway: GatewaySettings) -> None:
         self.config = config
         self.handle = handle.options(stream=True)
 
@@ -54,7 +60,7 @@ class VLLMTarget:
         req = ChatCompletionRequest(**payload) if kind == "chat" else CompletionRequest(**payload)
         method = self.handle.chat if kind == "chat" else self.handle.completions
         try:
-            async for part in method.remote(req):
+            async for part in cast(DeploymentResponseGenerator[Any], method.remote(req)):
                 for line in (part if isinstance(part, str) else "").splitlines():
                     if not line.startswith("data:") or line.strip() == "data: [DONE]":
                         continue
@@ -73,3 +79,7 @@ class VLLMTarget:
 
     async def aclose(self) -> None:
         return None
+
+
+KIND = TargetKind(name="vllm", external=False, options=VLLMOptions, target=VLLMTarget, deployment=deployment,
+                  supports=frozenset({"tools", "response_format"}))
