@@ -1,0 +1,300 @@
+"""Every error Keel raises on purpose, under one root, each with a machine-readable code.
+
+    KeelError                         code                      HTTP  retried in a batch job
+    ├── ConfigError                   config_invalid             500   no  (bug)
+    ├── BadRequest                    invalid_request            400   no  (bug)
+    │   ├── InvalidJSON               invalid_json
+    │   ├── MissingParameter          missing_required_parameter
+    │   ├── InvalidParameter          invalid_parameter
+    │   ├── UnsupportedParameter      unsupported_parameter
+    │   ├── ContextLengthExceeded     context_length_exceeded
+    │   └── InvalidDataClass          invalid_data_class
+    ├── AuthenticationError           invalid_api_key            401
+    │   └── MissingAPIKey             missing_api_key
+    ├── PermissionDenied              permission_denied          403   no  (bug)
+    │   ├── DataClassNotAllowed       data_class_not_allowed
+    │   ├── ZoneNotAllowed            zone_not_allowed
+    │   └── ResidencyError            residency
+    ├── NotFound                      not_found                  404
+    │   ├── ModelNotFound             model_not_found
+    │   ├── SnapshotNotFound          snapshot_not_found
+    │   └── SourceNotFound            source_not_found
+    ├── RateLimited                   rate_limit_exceeded        429   yes (rate_limit)
+    │   └── Overloaded                overloaded
+    ├── ServiceUnavailable            service_unavailable        503   yes (transient)
+    │   ├── NoHealthyTarget           no_healthy_target
+    │   ├── AllTargetsFailed          all_targets_failed
+    │   └── TransientError            transient
+    ├── GuardFailed                   guard_failed               500   no  (bug)
+    ├── TargetRejected                (the target's)             (the target's 4xx)
+    ├── DataQualityError              data_quality               -     no  (data_quality)
+    └── StackError                    stack                      -     no  (bug)
+
+A new kind of failure is a new class here (its code, its status, its batch kind), never a text
+pattern somewhere else. The HTTP status and OpenAI error type of every error come from one table,
+`HTTP`, looked up along the class's ancestry; the batch kind from the class's `kind`.
+`classify` names the kind of anything else (a dropped connection, a lost Ray actor, the text a
+failed Ray job left in its log), since those are not Keel's own classes.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Any, ClassVar
+
+
+class FailureKind(str, Enum):
+    """What a failed batch task is, which decides whether it is retried."""
+
+    RATE_LIMIT = "rate_limit"  # a quota or a 429: retry later, with backoff
+    TRANSIENT = "transient"  # network, timeouts, a lost Ray node/actor/object: retry with backoff
+    DATA_QUALITY = "data_quality"  # bad input or a failed gate: retrying cannot help, a person must look
+    BUG = "bug"  # anything else, a residency violation or a bad config included: do not retry
+
+    @property
+    def retryable(self) -> bool:
+        return self in (FailureKind.RATE_LIMIT, FailureKind.TRANSIENT)
+
+
+class KeelError(Exception):
+    """The root. `code` is machine-readable and stable; the message is for people."""
+
+    code: ClassVar[str] = "keel_error"
+    kind: FailureKind = FailureKind.BUG  # by class; a failed Ray job carries the kind its log names
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param, self.retry_after = message, param, retry_after
+
+
+class ConfigError(KeelError, ValueError):
+    """A configuration that cannot be used; the message names the file or variable, the field and the reason."""
+
+    code = "config_invalid"
+
+
+class BadRequest(KeelError):
+    code = "invalid_request"
+
+
+class InvalidJSON(BadRequest):
+    code = "invalid_json"
+
+
+class MissingParameter(BadRequest):
+    code = "missing_required_parameter"
+
+
+class InvalidParameter(BadRequest):
+    code = "invalid_parameter"
+
+
+class UnsupportedParameter(BadRequest):
+    code = "unsupported_parameter"
+
+
+class ContextLengthExceeded(BadRequest):
+    code = "context_length_exceeded"
+
+
+class InvalidDataClass(BadRequest):
+    code = "invalid_data_class"
+
+
+class AuthenticationError(KeelError):
+    code = "invalid_api_key"
+
+
+class MissingAPIKey(AuthenticationError):
+    code = "missing_api_key"
+
+
+class PermissionDenied(KeelError):
+    code = "permission_denied"
+
+
+class DataClassNotAllowed(PermissionDenied):
+    code = "data_class_not_allowed"
+
+
+class ZoneNotAllowed(PermissionDenied):
+    code = "zone_not_allowed"
+
+
+class ResidencyError(PermissionDenied):
+    """Data that would be stored or sent outside the zones its class allows."""
+
+    code = "residency"
+
+
+class NotFound(KeelError):
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class SnapshotNotFound(NotFound):
+    """A batch stage's input snapshot that was never committed (or was pruned)."""
+
+    code = "snapshot_not_found"
+
+
+class SourceNotFound(NotFound):
+    """A configured landing source that is not there."""
+
+    code = "source_not_found"
+
+
+class RateLimited(KeelError):
+    code = "rate_limit_exceeded"
+    kind = FailureKind.RATE_LIMIT
+
+
+class Overloaded(RateLimited):
+    """Keel's own capacity (admission, every target busy), not the tenant's quota."""
+
+    code = "overloaded"
+
+
+class ServiceUnavailable(KeelError):
+    code = "service_unavailable"
+    kind = FailureKind.TRANSIENT
+
+
+class NoHealthyTarget(ServiceUnavailable):
+    code = "no_healthy_target"
+
+
+class AllTargetsFailed(ServiceUnavailable):
+    code = "all_targets_failed"
+
+
+class TransientError(ServiceUnavailable):
+    code = "transient"
+
+
+class GuardFailed(KeelError):
+    """The PII guard could not process a request: it fails closed, nothing is sent."""
+
+    code = "guard_failed"
+
+
+class TargetRejected(KeelError):
+    """A model target refused a request as the caller's fault (its own 4xx, e.g. a prompt its tokenizer
+    finds too long): the caller gets the target's status, code and message, as if it had asked it directly."""
+
+    code = "target_rejected"
+
+    def __init__(self, message: str, *, status: int, target_code: str | None, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.status, self.target_code = status, target_code
+
+
+class DataQualityError(KeelError):
+    """Input or output data that fails a check; the run stops and downstream stays blocked."""
+
+    code = "data_quality"
+    kind = FailureKind.DATA_QUALITY
+
+
+class StackError(KeelError):
+    """The local stack (`keel up`) cannot start, run or stop a service."""
+
+    code = "stack"
+
+
+# HTTP status and OpenAI error type, by the nearest class in an error's ancestry.
+HTTP: dict[type[KeelError], tuple[int, str]] = {
+    BadRequest: (400, "invalid_request_error"),
+    AuthenticationError: (401, "authentication_error"),
+    PermissionDenied: (403, "permission_error"),
+    NotFound: (404, "not_found_error"),
+    RateLimited: (429, "rate_limit_error"),
+    ServiceUnavailable: (503, "service_unavailable"),
+    KeelError: (500, "server_error"),
+}
+_TYPE_OF_STATUS = {status: kind for status, kind in HTTP.values()}
+
+
+def http_status(error: KeelError) -> tuple[int, str]:
+    """(HTTP status, OpenAI error type) of an error."""
+    if isinstance(error, TargetRejected):  # passed on as the target answered
+        return error.status, _TYPE_OF_STATUS.get(error.status, "invalid_request_error")
+    for cls in type(error).__mro__:
+        if cls in HTTP:
+            return HTTP[cls]  # type: ignore[index]
+    return HTTP[KeelError]
+
+
+def error_body(error: KeelError) -> dict[str, Any]:
+    """OpenAI's error object for an error."""
+    code = error.target_code if isinstance(error, TargetRejected) else error.code
+    return {"error": {"message": error.message, "type": http_status(error)[1], "param": error.param, "code": code}}
+
+
+# -- foreign failures ----------------------------------------------------------------------------
+# Not Keel's classes: matched by type name and message, and against a failed Ray job's log tail.
+_PATTERNS: list[tuple[FailureKind, re.Pattern[str]]] = [
+    (FailureKind.DATA_QUALITY, re.compile(r"failed validation")),
+    (FailureKind.RATE_LIMIT, re.compile(r"\b429\b|Too Many Requests|rate.?limit|quota|throttl|SlowDown", re.I)),
+    (
+        FailureKind.TRANSIENT,
+        re.compile(
+            r"ConnectionError|ConnectionRefused|ConnectionReset|ConnectTimeout|ReadTimeout|TimeoutError|"
+            r"Temporary failure|temporarily unavailable|Service Unavailable|\b50[234]\b|BrokenPipe|"
+            r"ActorDiedError|ActorUnavailableError|NodeDiedError|ObjectLostError|OwnerDiedError|RaySystemError|"
+            r"WorkerCrashedError|OutOfMemoryError|GetTimeoutError|job supervisor actor died",
+        ),
+    ),
+]
+
+
+def classify(error: BaseException | str | None) -> FailureKind:
+    """The failure kind of an exception (Keel's own by class, through its chain) or of a log text."""
+    if error is None:
+        return FailureKind.BUG
+    if isinstance(error, str):
+        return _from_text(error)
+    for exc in _chain(error):
+        if isinstance(exc, KeelError):
+            return exc.kind
+        if isinstance(exc, ConnectionError | TimeoutError):
+            return FailureKind.TRANSIENT
+    return _from_text("\n".join(f"{type(e).__name__}: {e}" for e in _chain(error)))
+
+
+def _from_text(text: str) -> FailureKind:
+    # A traceback of one of Keel's own errors (a Ray job's log) names its class: its kind is the class's.
+    classes = _keel_classes()
+    for name in _EXCEPTION_LINE.findall(text):
+        if name in classes:
+            return classes[name].kind
+    for kind, pattern in _PATTERNS:
+        if pattern.search(text):
+            return kind
+    return FailureKind.BUG
+
+
+def _keel_classes() -> dict[str, type[KeelError]]:
+    found: dict[str, type[KeelError]] = {}
+    todo: list[type[KeelError]] = [KeelError]
+    while todo:
+        cls = todo.pop()
+        found[cls.__name__] = cls
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+_EXCEPTION_LINE = re.compile(r"\b([A-Z]\w+): ")
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    e: BaseException | None = error
+    while e is not None and e not in seen:
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    return seen
