@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.keel-installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install up status down test test-slow test-all bench-pii lock clean help
+.PHONY: install up status down test test-slow test-all lint bench-pii lock clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -15,6 +15,7 @@ help:
 	@echo "make install    create .venv (Python 3.11) and install Keel with its whole default stack"
 	@echo "make test       run the default test suite (slow suites excluded)"
 	@echo "make test-slow  run the suites marked slow"
+	@echo "make lint       ruff, mypy --strict on the runtime packages, import-linter's layering contracts"
 	@echo "make bench-pii  PII accuracy benchmark: Keel vs Presidio defaults"
 	@echo "make lock       refresh constraints.txt from the installed venv"
 
@@ -46,6 +47,11 @@ test-slow: install
 	$(PYTEST) -m "slow" || [ $$? -eq 5 ]
 
 test-all: test test-slow
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench-pii: install
 	$(BIN)/python benchmarks/pii_accuracy.py

@@ -225,7 +225,7 @@ def http_status(error: KeelError) -> tuple[int, str]:
         return error.status, _TYPE_OF_STATUS.get(error.status, "invalid_request_error")
     for cls in type(error).__mro__:
         if cls in HTTP:
-            return HTTP[cls]  # type: ignore[index]
+            return HTTP[cls]
     return HTTP[KeelError]
 
 
