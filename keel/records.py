@@ -38,7 +38,8 @@ def read_records(stream: BinaryIO, max_text_bytes: int) -> Iterator[Record]:
             head = raw[:4096]
             while raw and not raw.endswith(b"\n"):  # discard the rest of the oversized line
                 raw = stream.readline(1 << 20)
-            yield Record(line_no, _recover_id(head), error=f"line exceeds the size limit ({max_text_bytes} bytes of text)")
+            yield Record(line_no, _recover_id(head),
+                         error=f"line exceeds the size limit ({max_text_bytes} bytes of text)")
             continue
         if not raw.strip():
             continue  # blank lines carry no record (a trailing newline is not an input)

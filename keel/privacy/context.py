@@ -11,6 +11,7 @@ from __future__ import annotations
 from bisect import bisect_right
 
 from presidio_analyzer.context_aware_enhancers import LemmaContextAwareEnhancer
+from spacy.tokens import Doc
 
 
 class IndexedContextEnhancer(LemmaContextAwareEnhancer):
@@ -19,7 +20,10 @@ class IndexedContextEnhancer(LemmaContextAwareEnhancer):
         self._doc: object = None
         self._ends: list[int] = []
 
-    def _find_index_of_match_token(self, word: str, start: int, tokens, tokens_indices: list[int]) -> int:  # noqa: ANN001
+    # Presidio's is a staticmethod; this one keeps the last document's offsets, and Presidio calls it through self.
+    def _find_index_of_match_token(  # type: ignore[override]
+        self, word: str, start: int, tokens: Doc, tokens_indices: list[int]
+    ) -> int:
         if tokens is not self._doc:
             self._doc = tokens
             self._ends = [i + len(t) for i, t in zip(tokens_indices, tokens, strict=True)]

@@ -70,7 +70,7 @@ class PrivacyEngine:
 
     def __init__(self, settings: PrivacySettings | None = None, profile: Profile = "keel") -> None:
         from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
-        from presidio_analyzer.nlp_engine import NlpEngineProvider
+        from presidio_analyzer.nlp_engine import NlpEngineProvider, SpacyNlpEngine
 
         from keel.privacy.recognizers import keel_recognizers
 
@@ -84,14 +84,16 @@ class PrivacyEngine:
                 "models": [{"lang_code": lang, "model_name": self.settings.spacy_model}],
             }
         ).create_engine()
-        if profile == "keel":
+        if profile == "keel" and isinstance(nlp_engine, SpacyNlpEngine):
             # Nothing in Presidio or Keel reads the dependency parse (NER listens to tok2vec, the
             # context enhancer reads lemmas), and the parser costs about a quarter of spaCy's time.
-            nlp_engine.nlp[lang].disable_pipes(*(p for p in ("parser",) if p in nlp_engine.nlp[lang].pipe_names))
+            pipeline = nlp_engine.get_nlp(lang)
+            pipeline.disable_pipes(*(p for p in ("parser",) if p in pipeline.pipe_names))
         registry = RecognizerRegistry(supported_languages=[lang])
         registry.load_predefined_recognizers(languages=[lang], nlp_engine=nlp_engine)
         if profile == "keel":
-            registry.recognizers = [r for r in registry.recognizers if r.name not in _REPLACED]
+            # `name` is set in Presidio's __init__, whose body the type checker does not read.
+            registry.recognizers = [r for r in registry.recognizers if r.name not in _REPLACED]  # type: ignore[has-type]
             for recognizer in keel_recognizers(lang):
                 registry.add_recognizer(recognizer)
             self.entities: list[str] | None = list(self.settings.entities or DEFAULT_ENTITIES)
@@ -126,7 +128,8 @@ class PrivacyEngine:
                 pieces.append((i, offset, window))
         found: list[list[Span]] = [[] for _ in texts]
         artifacts = self.nlp_engine.process_batch(
-            [w for _, _, w in pieces], language=self.settings.language, batch_size=batch_size or self.settings.batch_size
+            [w for _, _, w in pieces], language=self.settings.language,
+            batch_size=batch_size or self.settings.batch_size
         )
         for (i, offset, _), (window, nlp_artifacts) in zip(pieces, artifacts, strict=True):
             results = self.analyzer.analyze(

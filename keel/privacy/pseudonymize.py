@@ -57,8 +57,8 @@ def pseudonymize_spans(
     vault = vault if vault is not None else Vault()
     by_value = {v: k for k, v in vault.values.items()}
     next_index: dict[str, int] = {}
-    for token in vault.values:
-        m = PLACEHOLDER.fullmatch(token)
+    for minted in vault.values:
+        m = PLACEHOLDER.fullmatch(minted)
         if m:
             next_index[m.group(1)] = max(next_index.get(m.group(1), 0), int(m.group(2)))
 

@@ -15,12 +15,14 @@ import hmac
 import re
 from typing import Literal
 
+from keel.errors import ConfigError
 from keel.privacy.spans import Span
 
 RedactionMode = Literal["typed", "hashed"]
 
 # Values whose formatting varies ("212-555-0199" vs "(212) 555 0199") link on their characters only.
-_ALNUM_TYPES = {"PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "IBAN_CODE", "UK_NHS", "US_BANK_NUMBER", "MEDICAL_RECORD_NUMBER"}
+_ALNUM_TYPES = {"PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "IBAN_CODE", "UK_NHS", "US_BANK_NUMBER",
+                "MEDICAL_RECORD_NUMBER"}
 
 
 def normalise(entity_type: str, value: str) -> str:
@@ -39,9 +41,9 @@ def token_for(entity_type: str, value: str, mode: RedactionMode, key: bytes) -> 
 def redact_spans(text: str, spans: list[Span], mode: RedactionMode = "typed", key: bytes = b"") -> str:
     """Replace each (non-overlapping) span with its token."""
     if mode not in ("typed", "hashed"):
-        raise ValueError(f"unknown redaction mode {mode!r}: use 'typed' or 'hashed'")
+        raise ConfigError(f"unknown redaction mode {mode!r}: use 'typed' or 'hashed'")
     if mode == "hashed" and not key:
-        raise ValueError("hashed redaction needs a secret key")
+        raise ConfigError("hashed redaction needs a secret key (privacy.hash_key)")
     out: list[str] = []
     pos = 0
     for span in sorted(spans):

@@ -1,7 +1,6 @@
 """Shared base for Keel's pattern recognizers."""
 
 import regex
-
 from presidio_analyzer import Pattern, PatternRecognizer
 
 
@@ -15,6 +14,9 @@ class KeelPatternRecognizer(PatternRecognizer):
     ENTITY: str
     PATTERNS: list[Pattern]
     CONTEXT: list[str] = []
+    # Set by Presidio's __init__; declared here because the type checker does not read installed code's bodies.
+    name: str
+    patterns: list[Pattern]
 
     def __init__(self, supported_language: str = "en") -> None:
         super().__init__(

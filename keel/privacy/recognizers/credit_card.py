@@ -36,7 +36,8 @@ def luhn_ok(digits: str) -> bool:
 class CreditCardLuhnRecognizer(KeelPatternRecognizer):
     ENTITY = "CREDIT_CARD"
     PATTERNS = [
-        Pattern("grouped 4-4-4-4(-3)", rf"{_EDGE_L}\d{{4}}(?:[ -]\d{{4}}){{2}}[ -]\d{{4}}(?:[ -]\d{{1,3}})?{_EDGE_R}", 0.5),
+        Pattern("grouped 4-4-4-4(-3)", rf"{_EDGE_L}\d{{4}}(?:[ -]\d{{4}}){{2}}[ -]\d{{4}}(?:[ -]\d{{1,3}})?{_EDGE_R}",
+                0.5),
         Pattern("grouped 4-6-5", rf"{_EDGE_L}3\d{{3}}[ -]\d{{6}}[ -]\d{{5}}{_EDGE_R}", 0.5),
         Pattern("12-19 digits", rf"{_EDGE_L}\d{{12,19}}{_EDGE_R}", 0.4),
     ]
@@ -47,7 +48,8 @@ class CreditCardLuhnRecognizer(KeelPatternRecognizer):
         # None keeps the pattern's score; True would force it to 1.0.
         return None if 12 <= len(digits) <= 19 and luhn_ok(digits) else False
 
-    def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None, regex_flags: int | None = None) -> list[RecognizerResult]:
+    def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None,
+                regex_flags: int | None = None) -> list[RecognizerResult]:
         results = super().analyze(text, entities, nlp_artifacts, regex_flags)
         for r in results:
             # Without a known issuer prefix a Luhn-valid run is as likely an order or account number:

@@ -21,5 +21,6 @@ _CUE = r"(?:dob|d\.o\.b\.?|date of birth|birth ?date|birthday|born(?: on)?|b\.)"
 class DateOfBirthRecognizer(KeelPatternRecognizer):
     ENTITY = "DATE_OF_BIRTH"
     CONTEXT = ["born", "birth", "dob"]
-    PATTERNS = [Pattern("date after a birth cue", rf"(?i)(?<=\b{_CUE}[^\w\n]{{0,3}}(?:is |was |it's |of |on )?){_DATE}\b", 0.85)]
+    PATTERNS = [Pattern("date after a birth cue",
+                        rf"(?i)(?<=\b{_CUE}[^\w\n]{{0,3}}(?:is |was |it's |of |on )?){_DATE}\b", 0.85)]
 

@@ -15,7 +15,8 @@ class MedicalRecordNumberRecognizer(KeelPatternRecognizer):
     PATTERNS = [
         Pattern(
             "labelled MRN",
-            r"(?i)(?<=\b(?:mrn|medical record(?: number| no\.?| #)?|chart(?: number| no\.?| #)?|patient id|patient number)[\s:#.-]{1,4})"
+            r"(?i)(?<=\b(?:mrn|medical record(?: number| no\.?| #)?|chart(?: number| no\.?| #)?"
+            r"|patient id|patient number)[\s:#.-]{1,4})"
             r"[A-Z]{0,3}-?\d{5,12}\b",
             0.85,
         ),

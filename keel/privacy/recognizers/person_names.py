@@ -28,6 +28,7 @@ for its locales (scripts/build_name_lists.py rebuilds it).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -36,26 +37,30 @@ from presidio_analyzer import EntityRecognizer, RecognizerResult
 from presidio_analyzer.nlp_engine import NlpArtifacts
 from spacy.lang.en.stop_words import STOP_WORDS
 
-HONORIFICS = {"mr", "mrs", "ms", "miss", "mx", "dr", "prof", "professor", "sir", "dame", "madam", "lord", "lady", "rev", "mister"}
+HONORIFICS = {"mr", "mrs", "ms", "miss", "mx", "dr", "prof", "professor", "sir", "dame", "madam", "lord", "lady", "rev",
+              "mister"}
 # Titles: they introduce a name ("Captain Okafor") but are never part of one ("Princess Royal").
-TITLES = {"prince", "princess", "king", "queen", "duke", "duchess", "emperor", "empress", "pope", "captain", "president",
-          "senator", "judge", "sergeant", "officer", "chief", "general", "colonel", "lieutenant", "father", "sister", "brother",
-          "uncle", "aunt", "saint", "royal", "baron", "count", "countess", "sheikh"}
+TITLES = {"prince", "princess", "king", "queen", "duke", "duchess", "emperor", "empress", "pope", "captain",
+          "president", "senator", "judge", "sergeant", "officer", "chief", "general", "colonel", "lieutenant", "father",
+          "sister", "brother", "uncle", "aunt", "saint", "royal", "baron", "count", "countess", "sheikh"}
 # spaCy labels that, with no name evidence, say a capitalised word is something other than a person.
-NOT_PERSON_LABELS = {"GPE", "LOC", "FAC", "PRODUCT", "EVENT", "WORK_OF_ART", "LAW", "LANGUAGE", "DATE", "TIME", "MONEY", "QUANTITY", "PERCENT", "CARDINAL", "ORDINAL"}
+NOT_PERSON_LABELS = {"GPE", "LOC", "FAC", "PRODUCT", "EVENT", "WORK_OF_ART", "LAW", "LANGUAGE", "DATE", "TIME", "MONEY",
+                     "QUANTITY", "PERCENT", "CARDINAL", "ORDINAL"}
 # Lower-case words that sit inside names: "Christiane de Vaan", "Ludwig van der Berg".
-PARTICLES = {"de", "van", "der", "den", "von", "da", "di", "del", "della", "dos", "das", "du", "la", "le", "ten", "ter", "bin", "ibn", "al", "el", "zu", "af", "y"}
+PARTICLES = {"de", "van", "der", "den", "von", "da", "di", "del", "della", "dos", "das", "du", "la", "le", "ten", "ter",
+             "bin", "ibn", "al", "el", "zu", "af", "y"}
 # Words that make a capitalised run an organisation, a place or a title rather than a person.
 NOT_NAME_WORDS = {
-    "inc", "corp", "corporation", "ltd", "llc", "plc", "co", "company", "group", "bank", "trust", "fund", "holdings", "capital",
-    "partners", "university", "college", "school", "hospital", "clinic", "institute", "association", "foundation", "society",
-    "acquisition", "technologies", "technology", "systems", "solutions", "services", "international", "industries", "limited",
-    "incorporated", "ag", "sa", "gmbh", "nv", "bv", "ab", "as", "oy", "spa", "srl", "etf", "shares", "index", "series", "club",
-    "street", "st", "avenue", "ave", "road", "rd", "lane", "ln", "drive", "dr", "boulevard", "blvd", "court", "place", "square",
-    "way", "apt", "suite", "unit", "box", "republic", "kingdom", "states", "city", "county", "island", "islands", "province",
-    "region", "district", "airport", "station", "park", "river", "lake", "mount", "bay", "beach", "valley", "north", "south",
-    "east", "west", "new", "saint", "san", "santa", "st.", "fort", "port", "cedex", "app", "website", "email", "e-mail",
-    "phone", "fax", "mobile", "office", "address", "name", "date", "personal", "info", "the", "card", "account", "number",
+    "inc", "corp", "corporation", "ltd", "llc", "plc", "co", "company", "group", "bank", "trust", "fund", "holdings",
+    "capital", "partners", "university", "college", "school", "hospital", "clinic", "institute", "association",
+    "foundation", "society", "acquisition", "technologies", "technology", "systems", "solutions", "services",
+    "international", "industries", "limited", "incorporated", "ag", "sa", "gmbh", "nv", "bv", "ab", "as", "oy", "spa",
+    "srl", "etf", "shares", "index", "series", "club", "street", "st", "avenue", "ave", "road", "rd", "lane", "ln",
+    "drive", "dr", "boulevard", "blvd", "court", "place", "square", "way", "apt", "suite", "unit", "box", "republic",
+    "kingdom", "states", "city", "county", "island", "islands", "province", "region", "district", "airport", "station",
+    "park", "river", "lake", "mount", "bay", "beach", "valley", "north", "south", "east", "west", "new", "saint", "san",
+    "santa", "st.", "fort", "port", "cedex", "app", "website", "email", "e-mail", "phone", "fax", "mobile", "office",
+    "address", "name", "date", "personal", "info", "the", "card", "account", "number",
 }
 # Common English words that are also in the name lists; they count only next to other name tokens.
 AMBIGUOUS = {
@@ -69,40 +74,44 @@ AMBIGUOUS = {
 }
 # Words right before a single name that say a person follows ("called Ella", "thanks, Ella").
 CUES_BEFORE = {
-    "called", "named", "name", "names", "dear", "hi", "hello", "hey", "thanks", "thank", "said", "told", "tell", "ask", "asked",
-    "met", "meet", "meeting", "with", "by", "from", "to", "and", "him", "her", "me", "us", "love", "married", "marry", "son",
-    "daughter", "wife", "husband", "brother", "sister", "mother", "father", "mom", "dad", "friend", "uncle", "aunt",
-    "cousin", "boss", "colleague", "manager", "partner", "assistant", "given", "gave", "heard", "saw", "sent", "contact",
-    "cc", "attn", "attention", "signed", "regards", "cheers", "sincerely", "ms", "mr", "mrs", "dr", "via", "ex",
-    "including", "about", "for", "under", "as", "like", "kid", "baby", "boy", "girl", "guy", "man", "woman", "is",
-    "starring", "featuring", "feat", "directed", "written", "produced", "says", "asks", "replied", "added", "according",
+    "called", "named", "name", "names", "dear", "hi", "hello", "hey", "thanks", "thank", "said", "told", "tell", "ask",
+    "asked", "met", "meet", "meeting", "with", "by", "from", "to", "and", "him", "her", "me", "us", "love", "married",
+    "marry", "son", "daughter", "wife", "husband", "brother", "sister", "mother", "father", "mom", "dad", "friend",
+    "uncle", "aunt", "cousin", "boss", "colleague", "manager", "partner", "assistant", "given", "gave", "heard", "saw",
+    "sent", "contact", "cc", "attn", "attention", "signed", "regards", "cheers", "sincerely", "ms", "mr", "mrs", "dr",
+    "via", "ex", "including", "about", "for", "under", "as", "like", "kid", "baby", "boy", "girl", "guy", "man",
+    "woman", "is", "starring", "featuring", "feat", "directed", "written", "produced", "says", "asks", "replied",
+    "added", "according",
 }
 # Cues strong enough for a word no name list knows ("named Batirbek", "leave me Vinka", "Batirbek said").
 PEOPLE_CUES_BEFORE = {
-    "called", "named", "name", "dear", "hi", "hello", "hey", "thanks", "thank", "said", "told", "tell", "ask", "asked", "met",
-    "married", "marry", "son", "daughter", "wife", "husband", "brother", "sister", "mother", "father", "mom", "dad", "friend",
-    "uncle", "aunt", "cousin", "boss", "colleague", "manager", "partner", "assistant", "him", "her", "me", "kid", "baby",
-    "boy", "girl", "guy", "man", "woman", "attn", "regards", "cheers", "sincerely", "signed", "given", "gave", "heard", "ex",
+    "called", "named", "name", "dear", "hi", "hello", "hey", "thanks", "thank", "said", "told", "tell", "ask", "asked",
+    "met", "married", "marry", "son", "daughter", "wife", "husband", "brother", "sister", "mother", "father", "mom",
+    "dad", "friend", "uncle", "aunt", "cousin", "boss", "colleague", "manager", "partner", "assistant", "him", "her",
+    "me", "kid", "baby", "boy", "girl", "guy", "man", "woman", "attn", "regards", "cheers", "sincerely", "signed",
+    "given", "gave", "heard", "ex",
 }
 PEOPLE_CUES_AFTER = {
-    "said", "says", "asked", "asks", "told", "tells", "replied", "wrote", "writes", "shouted", "lives", "lived", "spent",
-    "thinks", "thought", "himself", "herself", "who", "began", "married", "died", "smiled", "laughed", "answered",
+    "said", "says", "asked", "asks", "told", "tells", "replied", "wrote", "writes", "shouted", "lives", "lived",
+    "spent", "thinks", "thought", "himself", "herself", "who", "began", "married", "died", "smiled", "laughed",
+    "answered",
 }
 # Words right after a single name that say it is a person ("Ella said", "Ella's").
 CUES_AFTER = {
-    "said", "says", "asked", "asks", "told", "tells", "replied", "wrote", "writes", "is", "was", "has", "had", "will", "would",
-    "can", "could", "lives", "lived", "spent", "went", "called", "thinks", "thought", "wants", "wanted",
-    "who", "himself", "herself", "speak", "speaks", "talking", "listed", "loves", "likes", "knows", "works", "worked",
+    "said", "says", "asked", "asks", "told", "tells", "replied", "wrote", "writes", "is", "was", "has", "had", "will",
+    "would", "can", "could", "lives", "lived", "spent", "went", "called", "thinks", "thought", "wants", "wanted", "who",
+    "himself", "herself", "speak", "speaks", "talking", "listed", "loves", "likes", "knows", "works", "worked",
 }
 
 _PLACE_LABELS = {"GPE", "LOC", "FAC"}
 # Words that are never part of a name but, unlike "Inc" or "Street", say nothing when they follow one
 # ("Amanda Rodriguez The meeting ...").
-_LABELS = {"the", "as", "new", "app", "website", "email", "e-mail", "phone", "fax", "mobile", "office", "address", "name",
-           "date", "personal", "info", "card", "account", "number", "no", "id"}
+_LABELS = {"the", "as", "new", "app", "website", "email", "e-mail", "phone", "fax", "mobile", "office", "address",
+           "name", "date", "personal", "info", "card", "account", "number", "no", "id"}
 _VETO_LABELS = _PLACE_LABELS | {"DATE", "TIME", "MONEY", "QUANTITY", "PERCENT", "CARDINAL", "ORDINAL", "LANGUAGE"}
 # Words that introduce a name but are not part of it ("Hi Karítas", "Dr. Rustad", "Thanks Anna").
-NOT_IN_RUN = HONORIFICS | TITLES | {"hi", "hello", "hey", "dear", "thanks", "thank", "regards", "cheers", "sincerely", "attn", "greetings"}
+NOT_IN_RUN = HONORIFICS | TITLES | {"hi", "hello", "hey", "dear", "thanks", "thank", "regards", "cheers", "sincerely",
+                                    "attn", "greetings"}
 # Strong cues: what follows is a name whatever the word ("My name is Rive", "called Will").
 STRONG_CUES = {"name", "named", "called", "dear", "hi", "hello", "hey", "mr", "mrs", "ms", "dr"}
 
@@ -114,7 +123,11 @@ def _list_gap(toks: list[_Tok], lo: int, hi: int) -> bool:
     if hi == lo:
         return bool(regex.fullmatch(r"\s*(?:,|&)\s*", toks[hi].gap))
     mid = toks[lo]
-    return mid.low in ("and", "or") and bool(regex.fullmatch(r",?\s*", mid.gap)) and bool(regex.fullmatch(r"\s*", toks[hi].gap))
+    return (
+        mid.low in ("and", "or")
+        and bool(regex.fullmatch(r",?\s*", mid.gap))
+        and bool(regex.fullmatch(r"\s*", toks[hi].gap))
+    )
 
 
 # "I'm", "Don't", "We'll", "C'mon": contractions, not names like "O'Brien" or "D'Angelo".
@@ -145,7 +158,8 @@ def _wordnet() -> dict[str, frozenset[str]]:
         root = Path(spacy.util.get_package_path(get_settings().privacy.spacy_model))
         folder = next(root.glob("**/lemmatizer/lookups"))
         table = Lookups().from_disk(folder).get_table("lemma_index")
-        return {pos: frozenset(w for w in table[pos] if w.isalpha()) for pos in ("noun", "verb", "adj", "adv") if pos in table}
+        parts = ("noun", "verb", "adj", "adv")
+        return {pos: frozenset(w for w in table[pos] if w.isalpha()) for pos in parts if pos in table}
     except Exception:  # noqa: BLE001 - a missing table only makes the recognisers stricter
         return {}
 
@@ -165,7 +179,8 @@ def common_words() -> frozenset[str]:
 
 
 def _inflected(low: str, words: frozenset[str]) -> bool:
-    return low in words or any(low.endswith(suf) and low[: -len(suf)] in words for suf in ("s", "es", "ed", "ing", "ly"))
+    suffixes = ("s", "es", "ed", "ing", "ly")
+    return low in words or any(low.endswith(suf) and low[: -len(suf)] in words for suf in suffixes)
 
 
 def is_english_word(low: str) -> bool:
@@ -211,7 +226,18 @@ class _Tok:
         self.gap = ""
 
 
+@dataclass
+class _Run:
+    """Tokens [first, end) that may be one name, and their score (0: not a name)."""
+
+    first: int
+    end: int
+    score: float
+
+
 class PersonNameRecognizer(EntityRecognizer):
+    name: str  # set by Presidio's __init__
+
     def __init__(self, supported_language: str = "en") -> None:
         super().__init__(
             supported_entities=["PERSON"], supported_language=supported_language, name="KeelPersonNameRecognizer"
@@ -221,11 +247,12 @@ class PersonNameRecognizer(EntityRecognizer):
         self.first, self.last = gazetteer()
         self.common = common_words()
 
-    def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
+    def analyze(self, text: str, entities: list[str],
+                nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
         if "PERSON" not in entities:
             return []
         toks = self._tokens(text, nlp_artifacts)
-        runs: list[list[int | float]] = []  # [first token, end token, score]
+        runs: list[_Run] = []
         i = 0
         while i < len(toks):
             if not self._starts_run(toks[i]):
@@ -240,31 +267,32 @@ class PersonNameRecognizer(EntityRecognizer):
             k = i
             while k < j - 1 and self._everyday(toks[k]):  # nor start on one ("Killed My Baby")
                 k += 1
-            runs.append([k, j, self._score_run(toks, k, j)])
+            runs.append(_Run(k, j, self._score_run(toks, k, j)))
             i = j
         self._lists(toks, runs)
         results = []
-        for i, j, score in runs:
-            if score:
-                last = toks[j - 1]
+        for run in runs:
+            if run.score:
+                last = toks[run.end - 1]
                 end = last.end + (1 if last.initial and text[last.end : last.end + 1] == "." else 0)
-                results.append(self._result(toks[i].start, end, score))
+                results.append(self._result(toks[run.first].start, end, run.score))
         return results
 
-    def _lists(self, toks: list[_Tok], runs: list[list]) -> None:
+    def _lists(self, toks: list[_Tok], runs: list[_Run]) -> None:
         """A capitalised word in a list with names is a name too: "Platt, David, Claudia and Oscar"."""
         for _ in range(2):
-            for k, (i, j, score) in enumerate(runs):
-                if score or j - i != 1 or toks[i].low in NOT_NAME_WORDS or toks[i].low in STOP_WORDS:
+            for k, run in enumerate(runs):
+                i, j = run.first, run.end
+                if run.score or j - i != 1 or toks[i].low in NOT_NAME_WORDS or toks[i].low in STOP_WORDS:
                     continue
                 linked = 0
                 for m in (k - 1, k + 1):
-                    if 0 <= m < len(runs) and runs[m][2]:
-                        lo, hi = (runs[m][1], i) if m < k else (j, runs[m][0])
+                    if 0 <= m < len(runs) and runs[m].score:
+                        lo, hi = (runs[m].end, i) if m < k else (j, runs[m].first)
                         if hi - lo <= 1 and _list_gap(toks, lo, hi):
                             linked += 1
                 if linked:
-                    runs[k][2] = 0.5
+                    run.score = 0.5
 
     # -- tokens ------------------------------------------------------------------------------
 
@@ -302,7 +330,9 @@ class PersonNameRecognizer(EntityRecognizer):
     def _name_word(self, t: _Tok) -> bool:
         if _CONTRACTION.match(t.text) or t.low in NOT_IN_RUN:
             return False
-        return t.cap and not t.initial and t.low not in NOT_NAME_WORDS and (t.low not in STOP_WORDS or t.low in AMBIGUOUS)
+        return (
+            t.cap and not t.initial and t.low not in NOT_NAME_WORDS and (t.low not in STOP_WORDS or t.low in AMBIGUOUS)
+        )
 
     def _starts_run(self, t: _Tok) -> bool:
         if t.initial:
@@ -347,7 +377,9 @@ class PersonNameRecognizer(EntityRecognizer):
         common = [t for t in words if (t in known and self._common(t.low)) or (t not in known and self._english(t.low))]
         foreign = [t for t in words if t not in common]
         strong = prev is not None and (
-            prev.low in STRONG_CUES or prev.low in HONORIFICS or (prev.low in ("is", "was") and i > 1 and toks[i - 2].low == "name")
+            prev.low in STRONG_CUES
+            or prev.low in HONORIFICS
+            or (prev.low in ("is", "was") and i > 1 and toks[i - 2].low == "name")
         )
         cue_before = strong or (prev is not None and prev.low in CUES_BEFORE)
         cue_after = (
@@ -387,7 +419,9 @@ class PersonNameRecognizer(EntityRecognizer):
         if t.ent in _PLACE_LABELS:
             return 0.0
         cued = cue_before or cue_after or vocative
-        people_after = (nxt is not None and nxt.low in PEOPLE_CUES_AFTER) or bool(regex.match(r"[ \t]*:|['’]s\b", after))
+        people_after = (nxt is not None and nxt.low in PEOPLE_CUES_AFTER) or bool(
+            regex.match(r"[ \t]*:|['’]s\b", after)
+        )
         if known and t in common:  # "Grant", "Baby": only right behind a cue or before a people verb
             return 0.5 if (cue_before or people_after or vocative) and t.pos in ("PROPN", "") else 0.0
         if known and self._english(t.low):  # a noun too ("visa", "apple"): only with a cue
@@ -421,7 +455,6 @@ class PersonNameRecognizer(EntityRecognizer):
             start=start,
             end=end,
             score=score,
-            analysis_explanation=None,
             recognition_metadata={
                 RecognizerResult.RECOGNIZER_NAME_KEY: self.name,
                 RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: self.id,

@@ -13,7 +13,8 @@ class SecretRecognizer(KeelPatternRecognizer):
     ENTITY = "SECRET"
     PATTERNS = [
         Pattern("AWS access key id", r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA)[0-9A-Z]{16}\b", 0.9),
-        Pattern("GitHub token", r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36,255}\b|\bgithub_pat_[A-Za-z0-9_]{22,255}\b", 0.95),
+        Pattern("GitHub token", r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36,255}\b|\bgithub_pat_[A-Za-z0-9_]{22,255}\b",
+                0.95),
         Pattern("Slack token", r"\bxox[abposr]-[A-Za-z0-9-]{10,250}\b", 0.95),
         Pattern("OpenAI/Anthropic-style key", r"\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,200}\b", 0.9),
         Pattern("Stripe key", r"\b(?:sk|pk|rk)_(?:live|test)_[A-Za-z0-9]{16,99}\b", 0.95),

@@ -27,7 +27,8 @@ class KeelSpacyRecognizer(SpacyRecognizer):
     def __init__(self, supported_language: str = "en") -> None:
         super().__init__(supported_language=supported_language, name="KeelSpacyRecognizer")
 
-    def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
+    def analyze(self, text: str, entities: list[str],
+                nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
         results = []
         for r in super().analyze(text, entities, nlp_artifacts):
             if r.entity_type == "PERSON":

@@ -37,10 +37,10 @@ _HNUM = (
 )  # house number after the street name
 # The USPS Publication 28 (appendix C1) street suffixes, spelled out, that the list below lacks.
 _USPS_SUFFIXES = {
-    "branch", "bridge", "brook", "brooks", "burg", "burgs", "camp", "canyon", "cape", "centers", "circles", "cliff", "cliffs",
-    "corner", "corners", "course", "courts", "coves", "crest", "crossroad", "curve", "dale", "dam", "divide", "drives",
-    "extension", "extensions", "fall", "falls", "ferry", "flat", "flats", "ford", "fords", "forest", "forge", "forges",
-    "forks", "garden", "gateway", "glens", "greens", "groves", "harbors", "hills", "inlet", "islands", "isle",
+    "branch", "bridge", "brook", "brooks", "burg", "burgs", "camp", "canyon", "cape", "centers", "circles", "cliff",
+    "cliffs", "corner", "corners", "course", "courts", "coves", "crest", "crossroad", "curve", "dale", "dam", "divide",
+    "drives", "extension", "extensions", "fall", "falls", "ferry", "flat", "flats", "ford", "fords", "forest", "forge",
+    "forges", "forks", "garden", "gateway", "glens", "greens", "groves", "harbors", "hills", "inlet", "islands", "isle",
     "junctions", "key", "keys", "land", "light", "lights", "loaf", "lodge", "mall", "manors", "mills", "mountain",
     "mountains", "neck", "overpass", "parks", "parkways", "passage", "pine", "points", "radial", "ramp", "rapid",
     "rapids", "rest", "ridges", "roads", "squares", "streets", "trafficway", "unions", "valleys", "views", "walks",
@@ -63,13 +63,19 @@ _TYPE = (
 )
 # Lower-case words that belong inside a street or place name.
 _LOWER_OK = {
-    "de", "del", "della", "des", "du", "da", "das", "do", "dos", "di", "la", "le", "les", "el", "los", "las", "y", "e", "i",
-    "van", "der", "den", "von", "zu", "am", "an", "im", "auf", "nad", "pod", "pri", "ob", "na", "u", "v", "ve", "w", "z",
-    "och", "og", "t", "s", "à", "en", "sur", "sous", "bei",
+    "de", "del", "della", "des", "du", "da", "das", "do", "dos", "di", "la", "le", "les", "el", "los", "las", "y", "e",
+    "i", "van", "der", "den", "von", "zu", "am", "an", "im", "auf", "nad", "pod", "pri", "ob", "na", "u", "v", "ve",
+    "w", "z", "och", "og", "t", "s", "à", "en", "sur", "sous", "bei",
 }
 _PARTICLE = "(?:" + "|".join(sorted(_LOWER_OK, key=len, reverse=True)) + ")"
-_UNIT = r"(?i:apt|apartment|suite|ste|unit|flat|floor|room|rm|bldg|building|box)\.?[ \t]*#?[ \t]*\d[\w-]{0,5}(?!\w)|#[ \t]?\d{1,5}(?!\w)"
-_POST = r"(?:\d{4,5}(?:-\d{3,4})?|\d{3}[ \t]\d{2}|[A-Z]{1,2}\d[A-Z\d]?[ \t]\d[A-Z]{2}|[A-Z]\d[A-Z][ \t]\d[A-Z]\d)(?![\w.]|[-/]\d)"
+_UNIT = (
+    r"(?i:apt|apartment|suite|ste|unit|flat|floor|room|rm|bldg|building|box)\.?[ \t]*#?[ \t]*\d[\w-]{0,5}(?!\w)"
+    r"|#[ \t]?\d{1,5}(?!\w)"
+)
+_POST = (
+    r"(?:\d{4,5}(?:-\d{3,4})?|\d{3}[ \t]\d{2}|[A-Z]{1,2}\d[A-Z\d]?[ \t]\d[A-Z]{2}|[A-Z]\d[A-Z][ \t]\d[A-Z]\d)"
+    r"(?![\w.]|[-/]\d)"
+)
 _NOT_PLACE = (
     r"(?!(?i:mobile|phone|tel|fax|desk|office|e-?mail|website|web|name|address|date|personal|card|please|i|we|it|this|"
     r"that|my|our|he|she|they|you|and|or|but|for|in|on|at|to|from|is|was|cc|id|no)\b)"
@@ -78,7 +84,10 @@ _PLACE = (
     rf"{_NOT_PLACE}{_CAP}(?:(?:[ \t]+|-)(?:{_NOT_PLACE}{_CAP}|(?-i:{_PARTICLE})(?=[ \t]+[\p{{Lu}}\p{{Lt}}])))"
     r"{0,4}(?:[ \t]+\d{1,2}(?![\w.]))?(?:[ \t]+\([^()\n]{1,15}\))?"
 )
-_ITEM = rf"(?:{_UNIT}|{_PLACE}(?:,?[ \t]+[A-Z]{{2,3}}(?!\w))?(?:,?[ \t]+{_POST})?|[A-Z]{{2,3}}(?!\w)(?:[ \t]+{_POST})?|{_POST})"
+_ITEM = (
+    rf"(?:{_UNIT}|{_PLACE}(?:,?[ \t]+[A-Z]{{2,3}}(?!\w))?(?:,?[ \t]+{_POST})?"
+    rf"|[A-Z]{{2,3}}(?!\w)(?:[ \t]+{_POST})?|{_POST})"
+)
 _BREAK = r"(?:\r?\n|\\[nr])"
 # A new line of the address: the break, blank lines, indentation, a bullet or quote prefix, a leading comma.
 _NEWLINE = rf"(?:[ \t]*,?[ \t]*{_BREAK}(?:[ \t]*{_BREAK})*[ \t]*(?:[^\w\s\\,(+]{{1,3}}[ \t]*)?,?[ \t]*)"
@@ -86,7 +95,8 @@ _SEP = rf"(?:{_NEWLINE}|[ \t]*,[ \t]*|[ \t]+)"
 _TAIL = rf"(?:{_SEP}{_ITEM}){{0,7}}"
 
 _NUMBER_FIRST = (
-    rf"{_L}{_NUM}(?:[ \t]+\d{{1,6}})?[ \t]+(?:{_W}[ \t]+){{0,3}}(?:{_CAP}|\d{{1,4}}(?:st|nd|rd|th)|[NSEW]\.?)[ \t]+(?i:{_TYPE})(?=\W|$)"
+    rf"{_L}{_NUM}(?:[ \t]+\d{{1,6}})?[ \t]+(?:{_W}[ \t]+){{0,3}}"
+    rf"(?:{_CAP}|\d{{1,4}}(?:st|nd|rd|th)|[NSEW]\.?)[ \t]+(?i:{_TYPE})(?=\W|$)"
 )
 # At least one word before the type: a lone type word and a number is a gate or a room, not a street.
 _STREET_WORD_FIRST = rf"{_L}{_CAP}(?:[ \t]+{_W}){{1,3}}(?<=\b(?i:{_TYPE}))[ \t]+{_HNUM}"
@@ -95,14 +105,16 @@ _COMPOUND_STREET = (
     rf"veien|vej|gade|katu|tie|kuja|v|g|str)\.?[ \t]+{_HNUM}"
 )
 _ROMANCE = (
-    rf"{_L}{_NUM}[ \t]+(?i:rue|route|rte|chemin|voie|cours|via|viale|strada|piazza|largo|calle|c/|avenida|avda|paseo|plaza|"
-    rf"camino|carretera|travessa|praça|avenue|rua|rúa|carrer|boulevard|bd|place|allée|impasse|quai)\.?[ \t]+(?:{_W}[ \t]?){{1,4}}"
+    rf"{_L}{_NUM}[ \t]+(?i:rue|route|rte|chemin|voie|cours|via|viale|strada|piazza|largo|calle|c/|avenida|avda|"
+    rf"paseo|plaza|camino|carretera|travessa|praça|avenue|rua|rúa|carrer|boulevard|bd|place|allée|impasse|quai)"
+    rf"\.?[ \t]+(?:{_W}[ \t]?){{1,4}}"
 )
 # Lower-case street words: "Luige tee 56", "Király u. 23.", "Bem rkp. 97.", "Martin Linges veg 149".
 _STREET_WORDS = {
-    "tee", "põik", "vei", "veg", "veien", "vegen", "vej", "gate", "gata", "gatan", "gränd", "väg", "vägen", "stig", "tie", "katu",
-    "kuja", "polku", "rakpart", "utca", "út", "útja", "u", "rkp", "krt", "tér", "straat", "laan", "weg", "gasse", "allee", "rua",
-    "rue", "via", "calle", "carrer", "ulica", "ul", "al", "os", "pl", "str", "route", "chemin", "cesta", "trg", "ulice", "náměstí",
+    "tee", "põik", "vei", "veg", "veien", "vegen", "vej", "gate", "gata", "gatan", "gränd", "väg", "vägen", "stig",
+    "tie", "katu", "kuja", "polku", "rakpart", "utca", "út", "útja", "u", "rkp", "krt", "tér", "straat", "laan", "weg",
+    "gasse", "allee", "rua", "rue", "via", "calle", "carrer", "ulica", "ul", "al", "os", "pl", "str", "route", "chemin",
+    "cesta", "trg", "ulice", "náměstí",
 }
 _INNER_STRICT = (
     rf"(?:{_CAP}|(?-i:{'|'.join(sorted(_LOWER_OK | _STREET_WORDS, key=len, reverse=True))})\.?(?![\w'’])"
@@ -113,9 +125,15 @@ _PREFIX = r"(?:(?i:ul|al|os|r|av|avda|c|pl|str)(?:\.|/)?[ \t]+)?"
 _NAME_NUMBER = rf"{_PREFIX}{_CAP}(?:[ \t]+{_INNER_STRICT}){{0,4}}[ \t]+{_HNUM}"
 # Behind a building number any lower-case word may sit in the street name ("Trg revolucije 61");
 # English ones are weeded out after matching.
-_UNIT_FIRST = rf"(?:(?i:apt|apartment|suite|ste|unit|flat)\.?[ \t]*#?[ \t]*\d[\w-]{{0,5}}[ \t]+)?"
-_BUILDING_NAME_NUMBER = rf"{_L}{_UNIT_FIRST}{_NUM}(?:[ \t]+\d{{1,6}})?[ \t]+{_PREFIX}{_CAP}(?:[ \t]+(?:{_CAP}|[^\W\d_][\w'’-]*\.?)){{0,4}}[ \t]+{_HNUM}"
-_PO_BOX = rf"{_L}(?:{_NUM}[ \t]+)?(?i:p\.?[ \t]?o\.?[ \t]?box|post[ \t]?office[ \t]box|postbox|postfach|apartado|caixa postal)[ \t]+\d{{1,6}}(?!\w)"
+_UNIT_FIRST = r"(?:(?i:apt|apartment|suite|ste|unit|flat)\.?[ \t]*#?[ \t]*\d[\w-]{0,5}[ \t]+)?"
+_BUILDING_NAME_NUMBER = (
+    rf"{_L}{_UNIT_FIRST}{_NUM}(?:[ \t]+\d{{1,6}})?[ \t]+{_PREFIX}{_CAP}"
+    rf"(?:[ \t]+(?:{_CAP}|[^\W\d_][\w'’-]*\.?)){{0,4}}[ \t]+{_HNUM}"
+)
+_PO_BOX = (
+    rf"{_L}(?:{_NUM}[ \t]+)?"
+    r"(?i:p\.?[ \t]?o\.?[ \t]?box|post[ \t]?office[ \t]box|postbox|postfach|apartado|caixa postal)[ \t]+\d{1,6}(?!\w)"
+)
 _CORNER = (
     rf"(?<=(?i:\bcorner[ \t]+of)[ \t]+)(?:[\w.'’-]+[ \t]+){{1,7}}?and[ \t]+"
     rf"(?:{_NUM}[ \t]+)?{_CAP}(?:[ \t]+(?:{_CAP}|{_HNUM})){{0,4}}"
@@ -128,13 +146,15 @@ _NAMED_STREET = (
     r"Strasse|Straße|Straat|Street)(?![\w'’])"
 )
 _MILITARY = (
-    rf"{_L}(?:PSC[ \t]+\d{{4}},?[ \t]+Box[ \t]+\d{{4}}|Unit[ \t]+\d{{4}}[ \t]+Box[ \t]+\d{{4}}|USNS[ \t]+\w+|USNV[ \t]+\w+|USS[ \t]+\w+|USCGC[ \t]+\w+)"
+    rf"{_L}(?:PSC[ \t]+\d{{4}},?[ \t]+Box[ \t]+\d{{4}}|Unit[ \t]+\d{{4}}[ \t]+Box[ \t]+\d{{4}}"
+    r"|USNS[ \t]+\w+|USNV[ \t]+\w+|USS[ \t]+\w+|USCGC[ \t]+\w+)"
     rf"(?:\s|\\n)*,?(?:\s|\\n)*(?:APO|FPO|DPO)[ \t]+A[AEP][ \t]+\d{{5}}\b"
 )
 
 
 _DATE = regex.compile(
-    r"(?i)\b(?:jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*\.?[ \t]+(?:\d{1,2}[ \t,]+)?(?:1[89]|20)\d\d\b"
+    r"(?i)\b(?:jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*\.?[ \t]+"
+    r"(?:\d{1,2}[ \t,]+)?(?:1[89]|20)\d\d\b"
 )
 
 
@@ -151,7 +171,8 @@ class StreetAddressRecognizer(KeelPatternRecognizer):
         Pattern("compound street then number", _COMPOUND_STREET + _TAIL, 0.86),
         Pattern("romance street", _ROMANCE + _TAIL, 0.86),
         Pattern("building, street name, number [lower]", _BUILDING_NAME_NUMBER + _TAIL, 0.86),
-        Pattern("street name, number, type [lower]", rf"{_L}{_NAME_NUMBER}[ \t]+(?i:street|st\.?|road|rd\.?|avenue|ave\.?)(?!\w)" + _TAIL, 0.5),
+        Pattern("street name, number, type [lower]",
+                rf"{_L}{_NAME_NUMBER}[ \t]+(?i:street|st\.?|road|rd\.?|avenue|ave\.?)(?!\w)" + _TAIL, 0.5),
         # Followed by a unit or another address line: "Gilsbakka 57\n Apt. 710", "Viru 65 Petr Points\n Suite 736".
         Pattern(
             "street name, number, more lines [lower][foreign]",
@@ -163,7 +184,8 @@ class StreetAddressRecognizer(KeelPatternRecognizer):
         Pattern("named street", _NAMED_STREET, 0.4),
     ]
     # Presidio matches these as substrings of the lemmas before the match ("located" -> "locate").
-    CONTEXT = ["address", "live", "locate", "street", "ship", "deliver", "mail", "visit", "send", "sent", "move", "stay", "enter"]
+    CONTEXT = ["address", "live", "locate", "street", "ship", "deliver", "mail", "visit", "send", "sent", "move",
+               "stay", "enter"]
 
     def __init__(self, supported_language: str = "en") -> None:
         super().__init__(supported_language)
@@ -175,7 +197,8 @@ class StreetAddressRecognizer(KeelPatternRecognizer):
             for p in self.patterns
         ]
 
-    def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None, regex_flags: int | None = None) -> list[RecognizerResult]:
+    def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None,
+                regex_flags: int | None = None) -> list[RecognizerResult]:
         results = [
             r
             for single in self._singles
@@ -199,7 +222,7 @@ def _plausible(pattern: str, value: str) -> bool:
     line = regex.split(r"\r?\n|\\[nr]|,", value, maxsplit=1)[0]
     if _DATE.search(line):
         return False  # "29 December 1944"
-    name_words = []
+    name_words: list[str] = []
     for w in regex.findall(r"[^\W\d_][\w'’-]*", line):
         low = w.casefold()
         if regex.match(r"(?i:apt|apartment|suite|ste|unit|flat|floor|room|rm|bldg|building|box)$", w):

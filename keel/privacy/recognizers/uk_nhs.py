@@ -13,7 +13,7 @@ from keel.privacy.recognizers._base import KeelPatternRecognizer
 def nhs_checksum_ok(digits: str) -> bool:
     if len(digits) != 10 or not digits.isdigit():
         return False
-    total = sum(int(d) * w for d, w in zip(digits[:9], range(10, 1, -1)))
+    total = sum(int(d) * w for d, w in zip(digits[:9], range(10, 1, -1), strict=True))
     check = 11 - total % 11
     check = 0 if check == 11 else check
     return check != 10 and check == int(digits[9])
@@ -25,7 +25,8 @@ class UkNhsRecognizer(KeelPatternRecognizer):
         Pattern("NHS 3-3-4 spaced", r"\b\d{3} \d{3} \d{4}\b", 0.3),
         Pattern("NHS 10 digits", r"\b\d{10}\b", 0.2),
         # Behind an explicit "NHS number" label: above the phone recognizer's score for 3-3-4 digits.
-        Pattern("labelled NHS number", r"(?<=(?i:\bNHS)(?:\s+(?i:number|no\.?|#))?[\s:#.-]{1,4})\d{3}[ -]?\d{3}[ -]?\d{4}\b", 0.9),
+        Pattern("labelled NHS number",
+                r"(?<=(?i:\bNHS)(?:\s+(?i:number|no\.?|#))?[\s:#.-]{1,4})\d{3}[ -]?\d{3}[ -]?\d{4}\b", 0.9),
     ]
     CONTEXT = ["nhs", "national health service", "nhs number", "nhs no", "patient", "gp"]
 
