@@ -25,9 +25,16 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # torch is imported where it runs: `prepare` and the help need none of it
+    import torch
+
+    Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (token ids, attention mask) -> hidden states
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "benchmarks" / "data" / "gpu_bundle"
@@ -68,9 +75,8 @@ def prepare(bundle: Path, n_chunks: int, n_ref: int) -> None:
     print(f"bundle: {len(texts)} chunks, {sum(map(len, ids))} tokens, {size:.1f} MiB in {bundle}")
 
 
-def _model(weights: dict, device: str, dtype):  # type: ignore[no-untyped-def]
-    import torch
-    import torch.nn.functional as F
+def _model(weights: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -> tuple[Forward, str]:
+    import torch.nn.functional as nnf
 
     w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
     try:
@@ -81,40 +87,40 @@ def _model(weights: dict, device: str, dtype):  # type: ignore[no-untyped-def]
         bert = BertModel(cfg, add_pooling_layer=False).to(device=device, dtype=dtype).eval()
         bert.load_state_dict(w, strict=False)
 
-        def forward(ids, mask):  # type: ignore[no-untyped-def]
+        def bert_forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             return bert(input_ids=ids, attention_mask=mask).last_hidden_state
 
-        return forward, "transformers BertModel"
+        return bert_forward, "transformers BertModel"
     except ImportError:
         pass
 
-    H, heads, eps = CONFIG["hidden"], CONFIG["heads"], CONFIG["eps"]
+    hidden, heads, eps = CONFIG["hidden"], CONFIG["heads"], CONFIG["eps"]
 
-    def ln(x, p):  # type: ignore[no-untyped-def]
-        return F.layer_norm(x, (H,), w[p + ".weight"], w[p + ".bias"], eps)
+    def ln(x: torch.Tensor, p: str) -> torch.Tensor:
+        return nnf.layer_norm(x, (hidden,), w[p + ".weight"], w[p + ".bias"], eps)
 
-    def lin(x, p):  # type: ignore[no-untyped-def]
-        return F.linear(x, w[p + ".weight"], w[p + ".bias"])
+    def lin(x: torch.Tensor, p: str) -> torch.Tensor:
+        return nnf.linear(x, w[p + ".weight"], w[p + ".bias"])
 
-    def forward(ids, mask):  # type: ignore[no-untyped-def]
-        B, T = ids.shape
-        x = w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:T] \
+    def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        batch, seq = ids.shape
+        x = w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:seq] \
             + w["embeddings.token_type_embeddings.weight"][0]
         x = ln(x, "embeddings.LayerNorm")
         keep = mask.bool()[:, None, None, :]
         for i in range(CONFIG["layers"]):
             p = f"encoder.layer.{i}."
-            q, k, v = (lin(x, p + f"attention.self.{n}").view(B, T, heads, -1).transpose(1, 2)
+            q, k, v = (lin(x, p + f"attention.self.{n}").view(batch, seq, heads, -1).transpose(1, 2)
                        for n in ("query", "key", "value"))
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).reshape(B, T, H)
+            a = nnf.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).reshape(batch, seq, hidden)
             x = ln(x + lin(a, p + "attention.output.dense"), p + "attention.output.LayerNorm")
-            x = ln(x + lin(F.gelu(lin(x, p + "intermediate.dense")), p + "output.dense"), p + "output.LayerNorm")
+            x = ln(x + lin(nnf.gelu(lin(x, p + "intermediate.dense")), p + "output.dense"), p + "output.LayerNorm")
         return x
 
     return forward, "plain torch MiniLM"
 
 
-def embed(forward, seqs: list[np.ndarray], batch: int, device: str) -> np.ndarray:  # type: ignore[no-untyped-def]
+def embed(forward: Forward, seqs: list[np.ndarray], batch: int, device: str) -> np.ndarray:
     import torch
 
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -122,9 +128,9 @@ def embed(forward, seqs: list[np.ndarray], batch: int, device: str) -> np.ndarra
     with torch.inference_mode():
         for s in range(0, len(order), batch):
             idx = order[s : s + batch]
-            T = max(len(seqs[i]) for i in idx)
-            ids = np.zeros((len(idx), T), np.int64)
-            mask = np.zeros((len(idx), T), np.int64)
+            longest = max(len(seqs[i]) for i in idx)
+            ids = np.zeros((len(idx), longest), np.int64)
+            mask = np.zeros((len(idx), longest), np.int64)
             for r, i in enumerate(idx):
                 ids[r, : len(seqs[i])], mask[r, : len(seqs[i])] = seqs[i], 1
             ids_t, mask_t = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
@@ -142,14 +148,14 @@ def run(bundle: Path, device: str, out: Path, cpu_sample: int, repeats: int) -> 
     seqs = np.split(flat, np.cumsum(lengths)[:-1])
     weights = torch.load(bundle / "weights_fp16.pt")
     ref = np.load(bundle / "reference.npy")
-    report: dict = {"torch": torch.__version__, "python": platform.python_version(), "chunks": len(seqs),
+    report: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(), "chunks": len(seqs),
                     "tokens": int(lengths.sum()), "runs": []}
     if device == "cuda":
         report["gpu"] = torch.cuda.get_device_name(0)
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32; fp16 is the fast path
     report["cpu_threads"] = torch.get_num_threads()
 
-    def measure(dev: str, dtype, batch: int, data: list[np.ndarray]) -> dict:  # type: ignore[no-untyped-def]
+    def measure(dev: str, dtype: torch.dtype, batch: int, data: list[np.ndarray]) -> dict[str, Any]:
         forward, impl = _model(weights, dev, dtype)
         embed(forward, data[:batch], batch, dev)  # warm up (kernels, allocator)
         times = []

@@ -31,7 +31,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import write_report  # noqa: E402
-
 from keel import processes, stack  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "stack.json"
@@ -87,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         first_answer = threading.Thread(target=_first_answer, args=(clone, ports["gateway"], marks, t0), daemon=True)
         first_answer.start()
         log = []
-        for line in up.stdout:  # type: ignore[union-attr]
+        assert up.stdout is not None  # stdout=PIPE
+        for line in up.stdout:
             log.append(line.rstrip())
             if " healthy " in line:
                 marks[f"{line.split()[0]}_healthy"] = time.monotonic() - t0
@@ -101,9 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         peak_t, peak = max(sampler.samples, key=lambda s: sum(s[1].values()))
         report["seconds_from_clone"] = {k: round(v, 1) for k, v in marks.items()}
         report["pss_mib"] = {
-            "peak_total": round(sum(peak.values()) / 2**20), "peak_by_service": {k: round(v / 2**20) for k, v in peak.items()},
+            "peak_total": round(sum(peak.values()) / 2**20),
+            "peak_by_service": {k: round(v / 2**20) for k, v in peak.items()},
             "peak_at_s": round(peak_t - t0, 1),
-            "rest_total": round(sum(rest.values()) / 2**20), "rest_by_service": {k: round(v / 2**20) for k, v in rest.items()},
+            "rest_total": round(sum(rest.values()) / 2**20),
+            "rest_by_service": {k: round(v / 2**20) for k, v in rest.items()},
         }
     finally:
         sampler.stop.set()

@@ -16,6 +16,13 @@ from pathlib import Path
 import faker.providers.person as person_pkg
 
 OUT = Path(__file__).resolve().parent.parent / "keel" / "privacy" / "data"
+# The attributes of Faker's person providers that hold first and last names.
+FIRST_NAME_ATTRS = (
+    "first_names", "first_names_male", "first_names_female", "first_names_nonbinary", "first_romanized_names",
+    "first_romanized_names_male", "first_romanized_names_female", "first_name_male_romanized",
+    "first_name_female_romanized",
+)
+LAST_NAME_ATTRS = ("last_names", "last_romanized_names", "last_name_romanized")
 
 
 def latin(name: str) -> bool:
@@ -42,10 +49,8 @@ def main() -> None:
     last: set[str] = set()
     for mod in pkgutil.iter_modules(person_pkg.__path__):
         provider = importlib.import_module(f"faker.providers.person.{mod.name}").Provider
-        first |= names_of(provider, ("first_names", "first_names_male", "first_names_female", "first_names_nonbinary",
-                                     "first_romanized_names", "first_name_male_romanized", "first_name_female_romanized",
-                                     "first_romanized_names_male", "first_romanized_names_female"))
-        last |= names_of(provider, ("last_names", "last_romanized_names", "last_name_romanized"))
+        first |= names_of(provider, FIRST_NAME_ATTRS)
+        last |= names_of(provider, LAST_NAME_ATTRS)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "first_names.txt").write_text("\n".join(sorted(first)) + "\n", encoding="utf-8")
     (OUT / "last_names.txt").write_text("\n".join(sorted(last)) + "\n", encoding="utf-8")
