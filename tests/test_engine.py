@@ -1,6 +1,7 @@
 """The privacy engine through real Presidio + spaCy: detection, batching, long texts, redaction."""
 
 import re
+from itertools import pairwise
 
 import pytest
 from pydantic import SecretStr
@@ -42,7 +43,8 @@ def test_phi_and_secrets_are_detected(engine):
 
 
 def test_batch_equals_one_by_one(engine):
-    texts = [SAMPLE, "Nothing to see here.", "Email ana@example.org, card 4111 1111 1111 1111.", "Dr. Ruth Bader lives at 17 Elm Street."]
+    texts = [SAMPLE, "Nothing to see here.", "Email ana@example.org, card 4111 1111 1111 1111.",
+             "Dr. Ruth Bader lives at 17 Elm Street."]
     assert engine.detect_batch(texts) == [engine.detect(t) for t in texts]
 
 
@@ -61,7 +63,7 @@ def test_long_text_is_chunked_with_exact_offsets():
     spans = engine.detect(text)
     got = [text[s.start : s.end] for s in spans if s.type == "EMAIL_ADDRESS"]
     assert got == emails
-    assert all(a.end <= b.start for a, b in zip(spans, spans[1:]))
+    assert all(a.end <= b.start for a, b in pairwise(spans))
 
 
 def test_typed_and_hashed_redaction(engine):

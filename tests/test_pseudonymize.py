@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from keel.privacy.pseudonymize import Vault, pseudonymize_spans, restore
 from keel.privacy.spans import Span
 
-LOOKALIKES = ["<PERSON_1>", "<PERSON_2>", "<EMAIL_ADDRESS_1>", "[PERSON]", "[PERSON:7f3a]", "<PHONE_NUMBER_1>", "<b>", "<>", "<PERSON_>", "<3"]
+LOOKALIKES = ["<PERSON_1>", "<PERSON_2>", "<EMAIL_ADDRESS_1>", "[PERSON]", "[PERSON:7f3a]", "<PHONE_NUMBER_1>", "<b>",
+              "<>", "<PERSON_>", "<3"]
 FILLER = [
     "Please contact", "regarding the invoice.", "Thanks,", "and", "ticket #4411 was reopened", "said",
     "The meeting moved to Thursday.", "cc:", "—", "\n", "Order 12 shipped;", "email:", "phone:", "card on file:",

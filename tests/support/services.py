@@ -39,7 +39,8 @@ def start_ray_head(root: Path, num_cpus: int = 2) -> RayHead:
     gcs, dash = free_port(), free_port()
     cmd = ray_head_command("127.0.0.1", gcs, dash, num_cpus, root / "t")
     log = open(root / "ray-head.log", "wb")  # noqa: SIM115 - lives as long as the head
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     head = RayHead(f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", env, proc)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -60,7 +61,8 @@ def start_ray_head(root: Path, num_cpus: int = 2) -> RayHead:
     raise RuntimeError(f"ray head not healthy in 120 s: {(root / 'ray-head.log').read_text()[-3000:]}")
 
 
-def write_config(root: Path, dashboard_port: int | None = None, state_dir: Path | None = None, **pipeline: object) -> Path:
+def write_config(root: Path, dashboard_port: int | None = None, state_dir: Path | None = None,
+                 **pipeline: object) -> Path:
     """The example config with zone storage and state under `root` (landing sources stay data/sample)."""
     doc = yaml.safe_load((ROOT / "config" / "keel.example.yaml").read_text())
     doc["state_dir"] = str(state_dir or root / "state")
