@@ -63,4 +63,4 @@ lock: install
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v -e '^keel' -e '^#' > constraints.txt
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache .import_linter_cache build *.egg-info
