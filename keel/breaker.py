@@ -8,11 +8,13 @@ failure opens it again. Pure state with an injectable clock, so it is tested wit
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 State = Literal["closed", "open", "half_open"]
+TRANSITIONS_KEPT = 32  # a replica lives for weeks: the latest transitions only
 
 
 @dataclass
@@ -24,7 +26,8 @@ class CircuitBreaker:
     consecutive: int = 0
     opened_at: float | None = None
     probing: bool = False
-    transitions: list[tuple[float, State]] = field(default_factory=list)  # for metrics and tests
+    # (time, new state), newest last; for tests and debugging (metrics read `status`).
+    transitions: deque[tuple[float, State]] = field(default_factory=lambda: deque(maxlen=TRANSITIONS_KEPT))
 
     def allow(self) -> bool:
         """May a request go to this target now? (In half-open, only one probe at a time.)"""
