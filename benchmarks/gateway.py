@@ -1,7 +1,7 @@
 """Gateway overhead, throughput, routing cost, breaker reaction and tokens/s: all in one run.
 
 On a local Ray head, one Serve application holds the Keel gateway with four targets:
-  echo, echo2    external OpenAI-compatible echo servers (serving/fault_server.py, answers at once)
+  echo, echo2    external OpenAI-compatible echo servers (tests/support/fault_server.py, answers at once)
   echo-handle    an in-cluster echo deployment called through a DeploymentHandle
   smollm2        the real llama.cpp target (SmolLM2-135M, CPU)
 and a second application, /bare, is the baseline for the routing cost: a bare FastAPI ingress
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     echoes = {}
     for name in ("echo", "echo2"):
         port = free_port()
-        echoes[name] = (Service(name, [sys.executable, "-m", "serving.fault_server", "--port", str(port)], {},
+        echoes[name] = (Service(name, [sys.executable, "-m", "tests.support.fault_server", "--port", str(port)], {},
                                 work / f"{name}.log", cwd=ROOT), f"http://127.0.0.1:{port}")
         echoes[name][0].wait_http(echoes[name][1] + "/v1/models", timeout=30)
     try:

@@ -28,6 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import latency, write_report  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "guard.json"
 
 PARAGRAPHS = [

@@ -1,6 +1,6 @@
 """Compliance on the request path, end to end on a real Ray Serve: the PII guard, residency, tenants.
 
-Three capture servers (serving.fault_server, real processes) stand in for external providers, one
+Three capture servers (tests.support.fault_server, real processes) stand in for external providers, one
 in `us` and two in `eu`, and keep every byte they receive. Two gateways run side by side on the
 same targets: `keel` (the guard on, as shipped) and `control` (the guard off): the positive control
 that shows the captures DO see the values when nothing protects them, so the checks can fail.
@@ -19,7 +19,8 @@ import yaml
 from tests.support.faults import Fault
 from tests.support.services import free_port, write_config
 
-NAME, EMAIL, SSN, CARD, MRN = "Maria Gonzalez", "maria.gonzalez@example.com", "536-22-8841", "4111 1111 1111 1111", "4451234"
+NAME, EMAIL, SSN = "Maria Gonzalez", "maria.gonzalez@example.com", "536-22-8841"
+CARD, MRN = "4111 1111 1111 1111", "4451234"
 PHONE = "(212) 555-0199"
 PROMPTS = [
     f"I am {NAME}; my SSN is {SSN}.",
@@ -52,19 +53,22 @@ def cx(ray_driver, tmp_path_factory):
     doc = yaml.safe_load(write_config(root).read_text())
     port = free_port()
     doc["ports"]["gateway"] = port
-    doc["gateway"] = {"strategy": "cost", "breaker_failures": 2, "breaker_cooldown_s": 3.0, "first_token_timeout_s": 3.0}
+    doc["gateway"] = {"strategy": "cost", "breaker_failures": 2, "breaker_cooldown_s": 3.0,
+                      "first_token_timeout_s": 3.0}
     doc["guard"] = {"toxicity": "block"}
     doc["policy"]["data_classes"]["pii"]["allowed_zones"] = ["eu"]  # pii is pinned to eu
     doc["pipeline"]["sources"] = []  # the sample's us pii source would break that residency rule
     price = {"us-cap": 0.1, "eu-cap": 0.2, "eu-cap2": 0.3}  # cost strategy: us-cap first wherever allowed
     doc["policy"]["targets"] = [
-        {"name": n, "kind": "openai", "zone": n.split("-")[0], "price_per_1k_input": price[n], "price_per_1k_output": price[n],
+        {"name": n, "kind": "openai", "zone": n.split("-")[0], "price_per_1k_input": price[n],
+         "price_per_1k_output": price[n],
          "tier": "small", "max_context": 4096, "options": {"base_url": f.url + "/v1"}}
         for n, f in caps.items()
     ]
     doc["policy"]["tenants"] = [
         {"name": "acme", "allowed_classes": ["public", "internal", "pii", "phi"], "default_class": "internal"},
-        {"name": "basic", "allowed_classes": ["public", "internal"], "default_class": "internal", "allowed_zones": ["us"]},
+        {"name": "basic", "allowed_classes": ["public", "internal"], "default_class": "internal",
+         "allowed_zones": ["us"]},
         {"name": "metered", "allowed_classes": ["internal"], "default_class": "internal", "requests_per_minute": 3},
     ]
     cfg = root / "keel.yaml"
@@ -126,7 +130,8 @@ def test_capture_never_sees_a_value_and_the_caller_gets_them_back(cx, caps):
         r = c.chat.completions.create(model="us-cap", messages=[{"role": "user", "content": ask}])
         assert r.choices[0].message.content.startswith(f"Echo: {ask}.")  # the model echoed placeholders
         text, finish, keel = streamed(c.chat.completions.create(
-            model="us-cap", messages=[{"role": "system", "content": f"The user is {NAME}."}, {"role": "user", "content": ask}],
+            model="us-cap",
+            messages=[{"role": "system", "content": f"The user is {NAME}."}, {"role": "user", "content": ask}],
             stream=True))
         assert text.startswith(f"Echo: {ask}.") and finish == "stop"
         assert keel["guard"]["pseudonymized"] and keel["data_class"] == "internal"
@@ -156,7 +161,8 @@ def test_new_identifiers_in_an_answer_are_redacted_and_toxicity_is_blocked(cx, c
     assert r.model_extra["keel"]["guard"]["output_redacted"] == {"PHONE_NUMBER": 1, "EMAIL_ADDRESS": 1}
     caps["us-cap"].control(append=" You are a stupid idiot and I hate you.")
     blocked = client(cx).chat.completions.create(model="us-cap", messages=[{"role": "user", "content": "hello"}])
-    assert blocked.choices[0].finish_reason == "content_filter" and "idiot" not in (blocked.choices[0].message.content or "")
+    assert blocked.choices[0].finish_reason == "content_filter"
+    assert "idiot" not in (blocked.choices[0].message.content or "")
     text, finish, keel = streamed(client(cx).chat.completions.create(
         model="us-cap", messages=[{"role": "user", "content": "hello"}], stream=True))
     assert finish == "content_filter" and "idiot" not in text and keel["guard"]["toxicity_action"] == "blocked"
@@ -167,7 +173,8 @@ def test_new_identifiers_in_an_answer_are_redacted_and_toxicity_is_blocked(cx, c
 
 def test_a_class_pinned_to_eu_never_reaches_us_and_fails_closed_when_eu_is_down(cx, caps):
     c = client(cx)
-    r = c.chat.completions.with_raw_response.create(model="keel/auto", messages=[{"role": "user", "content": "eu only"}],
+    r = c.chat.completions.with_raw_response.create(model="keel/auto",
+                                                    messages=[{"role": "user", "content": "eu only"}],
                                                     extra_headers={"x-keel-data-class": "pii"})
     keel = r.parse().model_extra["keel"]
     assert keel["route"]["target"] == "eu-cap" and keel["zones"] == ["eu"]
@@ -179,7 +186,8 @@ def test_a_class_pinned_to_eu_never_reaches_us_and_fails_closed_when_eu_is_down(
     caps["us-cap"].reset()
     for f in ("eu-cap", "eu-cap2"):
         caps[f].control(mode="error")
-    down = post(cx, {"model": "keel/auto", "messages": [{"role": "user", "content": "eu is down"}]}, x_keel_data_class="pii")
+    down = post(cx, {"model": "keel/auto", "messages": [{"role": "user", "content": "eu is down"}]},
+                x_keel_data_class="pii")
     assert down.status_code == 503 and down.json()["error"]["code"] == "all_targets_failed"
     assert "zones ['eu']" in down.json()["error"]["message"] and "another zone" in down.json()["error"]["message"]
     post(cx, {"model": "keel/auto", "messages": [{"role": "user", "content": "again"}]}, x_keel_data_class="pii")
@@ -210,8 +218,10 @@ def test_a_request_asking_for_more_than_its_tenant_may_is_refused(cx, caps, tena
 
 
 def test_stricter_class_is_allowed_and_routes_within_its_zones(cx, caps):
-    r = post(cx, {"model": "keel/auto", "messages": [{"role": "user", "content": "hi"}]}, "acme", x_keel_data_class="phi")
-    assert r.status_code == 200 and r.json()["keel"]["route"]["target"] == "us-cap" and r.json()["keel"]["data_class"] == "phi"
+    r = post(cx, {"model": "keel/auto", "messages": [{"role": "user", "content": "hi"}]}, "acme",
+             x_keel_data_class="phi")
+    assert r.status_code == 200
+    assert r.json()["keel"]["route"]["target"] == "us-cap" and r.json()["keel"]["data_class"] == "phi"
 
 
 def test_per_tenant_rate_limit_answers_429_with_retry_after(cx, caps):
@@ -232,7 +242,8 @@ def test_audit_records_carry_class_zone_and_guard_counts_and_no_value_anywhere(c
     r = post(cx, {"model": "keel/auto", "messages": [{"role": "user", "content": PROMPTS[0]}]}, x_keel_data_class="pii")
     rid = r.headers["x-request-id"]
     time.sleep(0.2)
-    rec = httpx.get(f"{cx['base']}/v1/audit/{rid}", headers={"Authorization": f"Bearer {cx['keys']['acme']}"}).json()["data"][0]
+    rec = httpx.get(f"{cx['base']}/v1/audit/{rid}",
+                    headers={"Authorization": f"Bearer {cx['keys']['acme']}"}).json()["data"][0]
     assert (rec["data_class"], rec["zone"], rec["target"]) == ("pii", "eu", "eu-cap")
     assert rec["guard"]["pseudonymized"] and rec["guard"]["pii_entities"].get("PERSON") == 1
     s = cx["settings"]

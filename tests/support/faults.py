@@ -1,4 +1,4 @@
-"""Fault servers (serving.fault_server) run as real processes: failing providers and capture servers."""
+"""Fault servers (tests.support.fault_server) run as real processes: failing providers and capture servers."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ class Fault:
         self.start()
 
     def start(self) -> None:
-        self.proc = Service(self.name, [sys.executable, "-m", "serving.fault_server", "--port", str(self.port)], {},
+        command = [sys.executable, "-m", "tests.support.fault_server", "--port", str(self.port)]
+        self.proc = Service(self.name, command, {},
                             self.root / f"{self.name}.log", cwd=Path(__file__).resolve().parents[2])
         self.proc.wait_http(f"{self.url}/v1/models", timeout=30)
 

@@ -1,6 +1,6 @@
 """A small OpenAI-compatible server that can be told to fail: for failover tests and benchmarks.
 
-    python -m serving.fault_server --port 9100 [--mode ok] [--delay-s 0.0]
+    python -m tests.support.fault_server --port 9100 [--mode ok] [--delay-s 0.0]
 
 It answers /v1/chat/completions and /v1/completions (streaming and not) with a deterministic
 answer: "Echo: <the last user message>." plus a fixed sentence. Asked to continue a cut answer
@@ -50,7 +50,8 @@ def answer_for(kind: str, body: dict[str, Any]) -> tuple[str, str]:
     users = [m for m in msgs if m.get("role") == "user"]
     ask = users[-1].get("content") if users else ""
     ask = ask if isinstance(ask, str) else " ".join(p.get("text", "") for p in ask or [])
-    if isinstance(body.get("response_format"), dict) and body["response_format"].get("type") in ("json_object", "json_schema"):
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
         return json.dumps({"echo": ask[:200]}), given
     return f"Echo: {ask[:200]}. {TAIL}", given
 
@@ -104,7 +105,8 @@ class FaultServer:
 
     async def _answer(self, request: web.Request, kind: str) -> web.StreamResponse:
         raw = await request.read()
-        self.raw += f"{request.method} {request.path_qs} HTTP/{request.version.major}.{request.version.minor}\r\n".encode()
+        version = f"{request.version.major}.{request.version.minor}"
+        self.raw += f"{request.method} {request.path_qs} HTTP/{version}\r\n".encode()
         self.raw += b"".join(k + b": " + v + b"\r\n" for k, v in request.raw_headers) + b"\r\n" + raw
         body = json.loads(raw)
         self.requests.append(body)
@@ -124,7 +126,8 @@ class FaultServer:
         tool_call = None
         if kind == "chat" and body.get("tools"):
             name = body["tools"][0]["function"]["name"]
-            tool_call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": name, "arguments": "{\"x\": 1}"}}
+            tool_call = {"index": 0, "id": "call_1", "type": "function",
+                         "function": {"name": name, "arguments": "{\"x\": 1}"}}
         usage = {"prompt_tokens": len(json.dumps(body.get("messages") or body.get("prompt")).split()),
                  "completion_tokens": len(toks), "total_tokens": 0}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -141,9 +144,9 @@ class FaultServer:
                 if tool_call:
                     msg["tool_calls"] = [{k: v for k, v in tool_call.items() if k != "index"}]
                 choice = {"index": 0, "message": msg, "finish_reason": "tool_calls" if tool_call else "stop"}
-            return web.json_response({"id": "fault-1", "object": "chat.completion" if kind == "chat" else "text_completion",
-                                      "created": int(time.time()), "model": body.get("model"), "choices": [choice],
-                                      "usage": usage})
+            kind_name = "chat.completion" if kind == "chat" else "text_completion"
+            return web.json_response({"id": "fault-1", "object": kind_name, "created": int(time.time()),
+                                      "model": body.get("model"), "choices": [choice], "usage": usage})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
 
@@ -166,7 +169,8 @@ class FaultServer:
                     await asyncio.sleep(c["delay_s"])
                 piece = {"text": tok} if kind == "completion" else {"delta": {"content": tok}}
                 await send({"index": 0, **piece, "finish_reason": None})
-            await send({"index": 0, **({"text": ""} if kind == "completion" else {"delta": {}}), "finish_reason": "stop"})
+            await send({"index": 0, **({"text": ""} if kind == "completion" else {"delta": {}}),
+                        "finish_reason": "stop"})
         if (body.get("stream_options") or {}).get("include_usage"):
             event = {"id": "fault-1", "object": "chat.completion.chunk", "created": int(time.time()),
                      "model": body.get("model"), "choices": [], "usage": usage}
