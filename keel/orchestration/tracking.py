@@ -44,7 +44,7 @@ def log_summary(tracking_uri: str, dag_id: str, run_id: str, task_id: str, summa
     client.log_batch(run.info.run_id, metrics=metrics, tags=tags)
     client.log_text(run.info.run_id, json.dumps({k: v for k, v in summary.items() if k != "manifest"}, indent=2,
                                                 sort_keys=True), f"summaries/{task_id}.json")
-    return run.info.run_id
+    return str(run.info.run_id)
 
 
 def _create_once(client: Any, exp_id: str, dag_id: str, run_id: str, wait_s: float = 30.0) -> Any:
@@ -64,7 +64,8 @@ def _create_once(client: Any, exp_id: str, dag_id: str, run_id: str, wait_s: flo
                 return client.get_run(named)
             time.sleep(0.2)
         lock_id = None  # its holder died before naming the run: a second run beats losing this one's numbers
-    run = client.create_run(exp_id, run_name=f"{dag_id}/{run_id}", tags={"airflow_dag_id": dag_id, "airflow_run_id": run_id})
+    run = client.create_run(exp_id, run_name=f"{dag_id}/{run_id}",
+                            tags={"airflow_dag_id": dag_id, "airflow_run_id": run_id})
     if lock_id is not None:
         client.set_experiment_tag(lock_id, "run_id", run.info.run_id)
         client.delete_experiment(lock_id)  # out of the UI's list; a deleted experiment keeps its name taken

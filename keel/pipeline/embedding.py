@@ -62,7 +62,7 @@ class Embedder:
         if not texts:
             return np.zeros((0, DIM), np.float32)
         if self.runtime == "torch":
-            return self._st.encode(texts, batch_size=batch_size, normalize_embeddings=True).astype(np.float32)
+            return np.asarray(self._st.encode(texts, batch_size=batch_size, normalize_embeddings=True), np.float32)
         # Sort by length so each call pads to similar lengths; cap each call's tokens; put rows back in order.
         enc = self._tok.encode_batch(texts)
         order = sorted(range(len(texts)), key=lambda i: len(enc[i].ids))
@@ -87,7 +87,8 @@ class Embedder:
         hidden = self._session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
         m = mask[..., None].astype(np.float32)
         v = (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)  # mean pooling, as the model card says
-        return (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+        unit: np.ndarray = (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+        return unit
 
 
 def ensure_exported(cache_dir: Path) -> Path:
@@ -113,7 +114,8 @@ def _exported_onnx(cache_dir: Path) -> Path:
             self.bert = AutoModel.from_pretrained(str(model_dir())).eval()
 
         def forward(self, input_ids, attention_mask, token_type_ids):  # type: ignore[no-untyped-def]
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+            out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            return out.last_hidden_state
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")

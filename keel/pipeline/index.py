@@ -67,17 +67,21 @@ class Hit:
         return self.__dict__.copy()
 
 
-def search(storage: ZoneStorage, query_vector: np.ndarray, k: int = 5, classes: Sequence[str] | None = None) -> list[Hit]:
+def search(storage: ZoneStorage, query_vector: np.ndarray, k: int = 5,
+           classes: Sequence[str] | None = None) -> list[Hit]:
     """Top-k chunks of the zone's current index (empty when the zone has none yet), of `classes` only
     when given: filtered before the nearest-neighbour search, so k of them come back when k exist."""
     import lancedb
+    from lancedb.query import LanceVectorQueryBuilder
 
     store = SnapshotStore(storage, "index")
     current = store.current()
     if current is None:
         return []
     db = lancedb.connect(store.uri(current["key"]) + "/lance", storage_options=storage_options(storage) or None)
-    query = db.open_table(TABLE).search(query_vector.astype(np.float32)).metric("cosine").limit(k)
+    # A vector for a query gives a vector query builder; the table's search() is typed as their base.
+    search: LanceVectorQueryBuilder = db.open_table(TABLE).search(query_vector.astype(np.float32))  # type: ignore[assignment]
+    query = search.distance_type("cosine").limit(k)
     if classes is not None:
         if not classes:
             return []
