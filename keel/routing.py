@@ -11,12 +11,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Literal
 
 from keel.policy import ModelTarget
 
 Strategy = Literal["latency", "cost", "complexity", "blend"]
-STRATEGIES: tuple[Strategy, ...] = ("latency", "cost", "complexity", "blend")
+DEFAULT_MAX_TOKENS = 512  # the answer's length routing and rate limits assume when a request sets no max_tokens
 # Model aliases a caller can name instead of a concrete target; None means the configured default.
 ALIASES: dict[str, Strategy | None] = {
     "keel/auto": None,
@@ -47,7 +48,8 @@ class LatencyStats:
 
     def observe(self, latency_s: float | None = None, ttft_s: float | None = None) -> None:
         if latency_s is not None:
-            self.latency_s = latency_s if self.latency_s is None else self.latency_s + self.alpha * (latency_s - self.latency_s)
+            self.latency_s = (latency_s if self.latency_s is None
+                              else self.latency_s + self.alpha * (latency_s - self.latency_s))
         if ttft_s is not None:
             self.ttft_s = ttft_s if self.ttft_s is None else self.ttft_s + self.alpha * (ttft_s - self.ttft_s)
 
@@ -76,12 +78,33 @@ class Weights:
     complexity: float = 0.2
 
 
+class Exclusion(StrEnum):
+    """Why a target cannot serve a request; the gateway picks the caller's error by it."""
+
+    RESIDENCY = "residency"
+    CONTEXT = "context"
+    CAPABILITY = "capability"
+    HEALTH = "health"
+
+
+@dataclass(frozen=True)
+class Excluded:
+    reason: Exclusion
+    detail: str  # for people: "zone eu not allowed", "circuit open"
+
+    def __str__(self) -> str:
+        return f"{self.reason.value}: {self.detail}"  # as the response and the audit trail show it
+
+
 @dataclass(frozen=True)
 class Route:
     ranked: tuple[str, ...]
     strategy: str
     reason: str
-    excluded: dict[str, str] = field(default_factory=dict)  # target -> why it cannot serve this request
+    excluded: dict[str, Excluded] = field(default_factory=dict)  # target -> why it cannot serve this request
+
+    def excluded_text(self) -> dict[str, str]:
+        return {name: str(why) for name, why in self.excluded.items()}
 
 
 def plan(
@@ -99,24 +122,17 @@ def plan(
     targets of its tier stay behind it as failover, so naming a model does not give up resilience.
     """
     eligible: list[Candidate] = []
-    excluded: dict[str, str] = {}
+    excluded: dict[str, Excluded] = {}
     for c in candidates:
-        t = c.target
-        if req.allowed_zones is not None and t.zone not in req.allowed_zones:
-            excluded[t.name] = f"residency: zone {t.zone} not allowed"
-        elif req.prompt_tokens + req.max_tokens > t.max_context:
-            excluded[t.name] = f"context: {req.prompt_tokens}+{req.max_tokens} tokens > {t.max_context}"
-        elif missing := sorted(req.needs - set(t.supports)):
-            excluded[t.name] = f"capability: no {', '.join(missing)}"
-        elif not c.available:
-            excluded[t.name] = "health: circuit open"
+        if (why := _exclusion(c, req)) is not None:
+            excluded[c.target.name] = why
         else:
             eligible.append(c)
     want_large = req.complexity >= complexity_threshold
     if pinned is not None:
         named = next((c for c in candidates if c.target.name == pinned), None)
-        why = excluded.get(pinned, "")
-        if named is None or (why and not why.startswith("health")):
+        why = excluded.get(pinned)
+        if named is None or (why is not None and why.reason is not Exclusion.HEALTH):
             return Route((), "pinned", f"{pinned} cannot serve this request", excluded)
         # A named target whose breaker is open is skipped, not fatal: its tier-mates answer instead.
         first = [] if why else [named]
@@ -128,6 +144,19 @@ def plan(
     if not ranked:
         return Route((), strategy, "no eligible target", excluded)
     return Route(tuple(c.target.name for c in ranked), strategy, _why(ranked[0], req, strategy, want_large), excluded)
+
+
+def _exclusion(c: Candidate, req: RouteRequest) -> Excluded | None:
+    t = c.target
+    if req.allowed_zones is not None and t.zone not in req.allowed_zones:
+        return Excluded(Exclusion.RESIDENCY, f"zone {t.zone} not allowed")
+    if req.prompt_tokens + req.max_tokens > t.max_context:
+        return Excluded(Exclusion.CONTEXT, f"{req.prompt_tokens}+{req.max_tokens} tokens > {t.max_context}")
+    if missing := sorted(req.needs - set(t.supports)):
+        return Excluded(Exclusion.CAPABILITY, f"no {', '.join(missing)}")
+    if not c.available:
+        return Excluded(Exclusion.HEALTH, "circuit open")
+    return None
 
 
 def uses_complexity(strategy: Strategy | str, pinned: str | None, weights: Weights) -> bool:

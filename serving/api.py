@@ -6,38 +6,26 @@ input gets OpenAI's error shape with a 4xx, and the hot path does no extra work.
 
 from __future__ import annotations
 
+import base64
 import json
-import uuid
-from typing import TYPE_CHECKING, Any, Literal
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from keel.errors import InvalidJSON, InvalidParameter, KeelError, MissingParameter, error_body, http_status
+from keel.messages import text_of
+
 if TYPE_CHECKING:
+    import numpy as np
+
     from keel.routing import Route
     from serving.failover import Outcome
     from serving.targets.base import Chunk, Kind
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
-               500: "server_error", 503: "service_unavailable"}
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
-                 retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param, self.retry_after = status, message, code, param, retry_after
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.code}}
-
-    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        h = dict(headers or {})
-        if self.retry_after is not None:
-            h["retry-after"] = str(self.retry_after)
-        return JSONResponse(self.body(), status_code=self.status, headers=h)
+M = TypeVar("M", bound=BaseModel)
 
 
 class Message(BaseModel):
@@ -84,91 +72,37 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
 
 
-def parse(raw: bytes, model: type[BaseModel]) -> Any:
+def parse(raw: bytes, model: type[M]) -> M:
     try:
         data = json.loads(raw)
     except ValueError as e:
-        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+        raise InvalidJSON(f"request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object", code="invalid_json")
+        raise InvalidJSON("request body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
-        missing = err["type"] == "missing"
-        raise APIError(400, f"{'missing required parameter' if missing else 'invalid parameter'} "
-                            f"{param!r}: {err['msg']}", param=param,
-                       code="missing_required_parameter" if missing else "invalid_parameter") from None
-
-
-def text_of(content: str | list[dict[str, Any]] | None) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    return "\n".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
+        if err["type"] == "missing":
+            raise MissingParameter(f"missing required parameter {param!r}: {err['msg']}", param=param) from None
+        raise InvalidParameter(f"invalid parameter {param!r}: {err['msg']}", param=param) from None
 
 
 # -- responses ----------------------------------------------------------------------------------
 
 
-def request_id() -> str:
-    """The request's id: Serve's own (it sets the x-request-id response header, honouring a caller's
-    x-request-id), so logs, the response header and Keel's records all carry one id."""
-    try:
-        from ray.serve.context import _get_serve_request_context
-
-        rid = _get_serve_request_context().request_id
-    except Exception:  # noqa: BLE001 - outside a Serve replica (unit tests): make one
-        rid = ""
-    return rid or "req-" + uuid.uuid4().hex[:24]
+def error_response(error: KeelError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """An error in OpenAI's shape, with its status (and Retry-After when the caller should come back)."""
+    h = dict(headers or {})
+    if error.retry_after is not None:
+        h["retry-after"] = str(math.ceil(error.retry_after))
+    return JSONResponse(error_body(error), status_code=http_status(error)[0], headers=h)
 
 
-def replica_name() -> str:
-    """This Serve replica's unique id (one audit chain per replica), or the process id outside Serve."""
-    try:
-        from ray import serve
-
-        return str(serve.get_replica_context().replica_id.unique_id)
-    except Exception:  # noqa: BLE001 - not in a replica (unit tests)
-        import os
-
-        return f"pid{os.getpid()}"
-
-
-def audit_fields(rid: str, tenant: str, endpoint: str, model: str | None, status: int, route: Route | None,
-                 outcome: Outcome | None, body: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
-    """One interaction for the audit trail: the decision and its numbers, hashes of what was sent and
-    answered, never the text itself."""
-    import hashlib
-
-    from keel.audit import canonical
-
-    out: dict[str, Any] = {"request_id": rid, "tenant": tenant, "endpoint": endpoint, "model": model, "status": status,
-                           "latency_ms": round(seconds * 1000, 1)}
-    if route is not None:
-        out["route"] = {"strategy": route.strategy, "reason": route.reason, "ranked": list(route.ranked),
-                        "excluded": route.excluded}
-    if body is not None:
-        out["prompt_sha256"] = hashlib.sha256(canonical(body)).hexdigest()
-    if outcome is not None:
-        out |= {"target": outcome.target, "failovers": outcome.failovers, "usage": outcome.usage,
-                "ttft_ms": round(outcome.ttft_s * 1000, 1) if outcome.ttft_s is not None else None,
-                "response_sha256": outcome.answer.hexdigest() if outcome.target else None}
-    return out
-
-
-def config_fields(settings: Any) -> dict[str, Any]:
-    """The configuration a replica decides under, for the audit trail: what routing, residency and the
-    guard obey, and a hash of the whole (secrets left out), so a change of policy is on the record."""
-    import hashlib
-
-    from keel.audit import canonical
-
-    doc = settings.model_dump(mode="json", include={"gateway", "guard", "policy"}, exclude={"policy": {"tenants"}})
-    doc["tenants"] = [t.model_dump(mode="json", exclude={"api_key_hashes"}) for t in settings.policy.tenants]
-    return {"event": "gateway_started", "config_sha256": hashlib.sha256(canonical(doc)).hexdigest(),
-            "targets": [{"name": t.name, "kind": t.kind, "zone": t.zone, "tier": t.tier} for t in settings.policy.targets],
-            "data_classes": doc["policy"]["data_classes"], "guard": doc["guard"], "strategy": doc["gateway"]["strategy"]}
+def error_event(error: KeelError) -> str:
+    """An error after a stream began: the status line is gone, so it is an event of its own."""
+    return f"data: {json.dumps(error_body(error))}\n\n"
 
 
 def target_body(kind: Kind, req: Any) -> tuple[dict[str, Any], str, str]:
@@ -187,17 +121,19 @@ def route_header(target: str | None, route: Route) -> str:
     return f"target={target or 'none'}; strategy={route.strategy}; reason={route.reason}"
 
 
-def keel_field(rid: str, route: Route, outcome: Outcome, citations: list[dict[str, Any]] | None) -> dict[str, Any]:
+def keel_field(rid: str, route: Route, outcome: Outcome, citations: list[dict[str, Any]] | None, data_class: str,
+               zones: list[str], guard: dict[str, Any]) -> dict[str, Any]:
+    """The response's `keel` field: the final route, every failover, what retrieval and the guard did."""
     out: dict[str, Any] = {
         "request_id": rid,
         "route": {"target": outcome.target, "strategy": route.strategy, "reason": route.reason,
-                  "ranked": list(route.ranked), "excluded": route.excluded},
+                  "ranked": list(route.ranked), "excluded": route.excluded_text()},
         "failovers": outcome.failovers,
         "ttft_ms": round(outcome.ttft_s * 1000, 1) if outcome.ttft_s is not None else None,
     }
     if citations is not None:
         out["citations"] = citations
-    return out
+    return out | {"data_class": data_class, "zones": zones, "guard": guard}
 
 
 def sse_chunk(kind: Kind, meta: dict[str, Any], c: Chunk, role: bool = False) -> str:
@@ -214,16 +150,26 @@ def sse_chunk(kind: Kind, meta: dict[str, Any], c: Chunk, role: bool = False) ->
 
 
 def gathered(kind: Kind, meta: dict[str, Any], chunks: list[Chunk], outcome: Outcome) -> dict[str, Any]:
+    """A whole answer: the stream's chunks in one body. Its finish_reason is the last chunk's (the
+    guard's "content_filter" when it blocked the answer)."""
     text = "".join(c.text for c in chunks)
     usage = outcome.usage or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    finish = next((c.finish_reason for c in reversed(chunks) if c.finish_reason), outcome.finish_reason)
     if kind == "completion":
-        choice: dict[str, Any] = {"index": 0, "text": text, "finish_reason": outcome.finish_reason, "logprobs": None}
+        choice: dict[str, Any] = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
         return {**meta, "object": "text_completion", "choices": [choice], "usage": usage}
     message: dict[str, Any] = {"role": "assistant", "content": text or None}
     if calls := merge_tool_calls(chunks):
         message["tool_calls"] = calls
-    choice = {"index": 0, "message": message, "finish_reason": outcome.finish_reason, "logprobs": None}
+    choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
     return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
+
+
+def embeddings(model: str, vectors: np.ndarray, encoding_format: str, tokens: int) -> dict[str, Any]:
+    data = [{"object": "embedding", "index": i,
+             "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if encoding_format == "base64"
+             else v.tolist()} for i, v in enumerate(vectors)]
+    return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 def merge_tool_calls(chunks: list[Chunk]) -> list[dict[str, Any]]:

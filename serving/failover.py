@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -55,98 +56,140 @@ class Outcome:
     answer: Any = field(default_factory=hashlib.sha256)  # of the text the caller got, for the audit trail
 
 
-class NoTargetLeft(Exception):
+class NoTargetLeftError(Exception):
     def __init__(self, outcome: Outcome, last: TargetError | None, busy: bool) -> None:
         super().__init__("every target failed or is unavailable")
         self.outcome, self.last, self.busy = outcome, last, busy
 
 
 async def run(
-    states: dict[str, TargetState], ranked: Sequence[str], kind: Kind, body: dict[str, Any], limits: Limits,
+    states: Mapping[str, TargetState], ranked: Sequence[str], kind: Kind, body: dict[str, Any], limits: Limits,
     outcome: Outcome,
-) -> AsyncIterator[Chunk]:
-    start = time.monotonic()
-    deadline = start + limits.request_timeout_s
+) -> AsyncGenerator[Chunk, None]:
+    """The answer of the first target in `ranked` that gives a whole one, continued by the next when one
+    fails midway. Raises NoTargetLeftError when none is left, or a target's client error (the
+    request's fault) before any text, as the target reported it."""
+    walk = _Walk(states, ranked, limits, outcome)
     sent = ""
-    last: TargetError | None = None
-    busy = True
-    for name in ranked:
-        st = states[name]
-        if time.monotonic() >= deadline:
-            break
-        if st.in_flight >= st.max_in_flight:
-            outcome.failovers.append({"target": name, "error": "busy", "after_chars": len(sent)})
-            continue
-        busy = False
-        if not st.breaker.allow():
-            outcome.failovers.append({"target": name, "error": "circuit_open", "after_chars": len(sent)})
-            continue
-        outcome.target = name  # the target answering now; final once the loop returns
-        request = st.target.continuation(kind, body, sent) if sent else body
+    while (st := walk.next(sent)) is not None:
         trim = _Overlap(sent) if sent else None
-        st.in_flight += 1
-        t0 = time.monotonic()
-        first: float | None = None
-        verdict = False
         try:
-            stream = st.target.stream(kind, request)
+            stream = st.target.stream(kind, st.target.continuation(kind, body, sent) if sent else body)
             limit = _Deadline()
             try:
                 while True:
-                    wait = limits.first_token_timeout_s if first is None else limits.stall_timeout_s
+                    wait = limits.first_token_timeout_s if walk.first is None else limits.stall_timeout_s
                     try:
-                        chunk = await limit.run(anext(stream), min(wait, deadline - time.monotonic()))
+                        chunk = await limit.run(anext(stream), min(wait, walk.deadline - time.monotonic()))
                     except StopAsyncIteration:
                         break
                     except TimeoutError:
-                        what = "stall" if first is not None else "timeout"
-                        raise TargetError(what, f"{name}: no token for {wait:.1f}s") from None
-                    if first is None and (chunk.text or chunk.tool_calls):
-                        first = time.monotonic() - t0
-                        if outcome.ttft_s is None:
-                            outcome.ttft_s = time.monotonic() - start
+                        raise TargetError("stall" if walk.first is not None else "timeout",
+                                          f"{st.target.config.name}: no token for {wait:.1f}s") from None
+                    if walk.first is None and (chunk.text or chunk.tool_calls):
+                        walk.first_token()
                     text = trim.feed(chunk.text, final=chunk.finish_reason is not None) if trim else chunk.text
                     if text or chunk.tool_calls or chunk.finish_reason or chunk.usage:
                         sent += text
-                        outcome.answer.update(text.encode())
-                        yield Chunk(text, chunk.tool_calls, chunk.finish_reason, chunk.usage)
-                    if chunk.finish_reason:
-                        outcome.finish_reason = chunk.finish_reason
-                    if chunk.usage:
-                        outcome.usage = chunk.usage
+                        yield walk.passed(chunk, text)
             finally:
                 limit.close()
-                await stream.aclose()
-            if outcome.finish_reason is None:
-                raise TargetError("cut", f"{name}: stream ended without a finish_reason")
-            st.breaker.success()
-            verdict = True
-            st.served += 1
-            st.stats.observe(latency_s=time.monotonic() - t0, ttft_s=first)
+                if isinstance(stream, AsyncGenerator):
+                    await stream.aclose()
+            walk.succeeded(st)
             return
         except TargetError as e:
-            if not e.fails_over and not sent:
-                st.breaker.success()  # the target is fine; the request is not
-                verdict = True
+            if not walk.failed(st, e, sent):
                 raise
-            st.breaker.failure()
-            verdict = True
-            st.failed += 1
-            last = e
-            outcome.failovers.append({"target": name, "error": e.kind, "message": str(e)[:200], "after_chars": len(sent)})
         finally:
-            st.in_flight -= 1
-            if not verdict:
-                st.breaker.release()  # the caller went away mid-request: no verdict on the target
-    outcome.target = None
-    raise NoTargetLeft(outcome, last, busy and last is None)
+            walk.done(st)
+    raise walk.exhausted()
 
 
-async def prepend(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-    """The stream again, with its first chunk (taken early, to answer errors before any header) back in front."""
-    yield first
-    async for chunk in rest:
-        yield chunk
+class _Walk:
+    """One request's way down its ranked targets: which one answers now, and each one's verdict."""
+
+    def __init__(self, states: Mapping[str, TargetState], ranked: Sequence[str], limits: Limits,
+                 outcome: Outcome) -> None:
+        self.states, self.todo, self.outcome = states, iter(ranked), outcome
+        self.start = time.monotonic()
+        self.deadline = self.start + limits.request_timeout_s
+        self.last: TargetError | None = None
+        self.busy = True  # every target tried was at capacity
+        # Of the target answering now: when it began, its time to first token, whether it has a verdict.
+        self.t0, self.verdict = 0.0, False
+        self.first: float | None = None
+
+    def next(self, sent: str) -> TargetState | None:
+        """The next target that may take the request (now holding one of its slots), or None."""
+        for name in self.todo:
+            if time.monotonic() >= self.deadline:
+                return None
+            st = self.states[name]
+            why = "busy" if st.in_flight >= st.max_in_flight else None
+            if why is None:
+                self.busy = False
+                why = None if st.breaker.allow() else "circuit_open"
+            if why is not None:
+                self.outcome.failovers.append({"target": name, "error": why, "after_chars": len(sent)})
+                continue
+            self.outcome.target = name  # final once run returns
+            st.in_flight += 1
+            self.t0, self.first, self.verdict = time.monotonic(), None, False
+            return st
+        return None
+
+    def first_token(self) -> None:
+        self.first = time.monotonic() - self.t0
+        if self.outcome.ttft_s is None:
+            self.outcome.ttft_s = time.monotonic() - self.start
+
+    def passed(self, chunk: Chunk, text: str) -> Chunk:
+        """A chunk on its way to the caller (`text`: what is left of its text once repeats are trimmed)."""
+        self.outcome.answer.update(text.encode())
+        if chunk.finish_reason:
+            self.outcome.finish_reason = chunk.finish_reason
+        if chunk.usage:
+            self.outcome.usage = chunk.usage
+        return Chunk(text, chunk.tool_calls, chunk.finish_reason, chunk.usage)
+
+    def succeeded(self, st: TargetState) -> None:
+        if self.outcome.finish_reason is None:
+            raise TargetError("cut", f"{st.target.config.name}: stream ended without a finish_reason")
+        st.breaker.success()
+        self.verdict = True
+        st.served += 1
+        st.stats.observe(latency_s=time.monotonic() - self.t0, ttft_s=self.first)
+
+    def failed(self, st: TargetState, e: TargetError, sent: str) -> bool:
+        """Counts a failure against the target; False for a client error before any text: the target
+        is fine, the request is not, and the error goes back to the caller."""
+        self.verdict = True
+        if not e.fails_over and not sent:
+            st.breaker.success()
+            return False
+        st.breaker.failure()
+        st.failed += 1
+        self.last = e
+        self.outcome.failovers.append({"target": st.target.config.name, "error": e.kind, "message": str(e)[:200],
+                                       "after_chars": len(sent)})
+        return True
+
+    def done(self, st: TargetState) -> None:
+        st.in_flight -= 1
+        if not self.verdict:
+            st.breaker.release()  # the caller went away mid-request: no verdict on the target
+
+    def exhausted(self) -> NoTargetLeftError:
+        self.outcome.target = None
+        return NoTargetLeftError(self.outcome, self.last, self.busy and self.last is None)
+
+
+def retry_after(states: Iterable[TargetState], floor_s: int) -> int:
+    """When a caller refused for want of a target should come back: when the first open breaker
+    lets a probe through, never sooner than `floor_s`."""
+    waits = [s.breaker.probe_in() for s in states if s.breaker.state == "open"]
+    return max(floor_s, math.ceil(min(waits))) if waits else floor_s
 
 
 class _Deadline:
@@ -171,7 +214,8 @@ class _Deadline:
             self.close()
             self.timer = self.loop.call_at(self.expires, self._check)
         self.task = task = asyncio.current_task()
-        assert task is not None
+        if task is None:
+            raise RuntimeError("a time limit on a wait needs the asyncio task that waits")
         cancelling = task.cancelling()
         self.waiting = True
         try:
@@ -190,13 +234,12 @@ class _Deadline:
 
     def _check(self) -> None:
         self.timer = None
-        if not self.waiting:
+        if not self.waiting or self.task is None:
             return  # re-armed by the next wait
         if self.loop.time() < self.expires:
             self.timer = self.loop.call_at(self.expires, self._check)
         else:
             self.fired = True
-            assert self.task is not None
             self.task.cancel()
 
     def close(self) -> None:

@@ -19,13 +19,16 @@ class Metrics:
     def __init__(self, states: Mapping[str, Any]) -> None:
         self.states = states
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("keel_gateway_requests", "Requests by endpoint and HTTP status", ["endpoint", "status"], registry=r)
+        self.requests = Counter("keel_gateway_requests", "Requests by endpoint and HTTP status", ["endpoint", "status"],
+                                registry=r)
         self.latency = Histogram("keel_gateway_request_seconds", "Whole-request latency", ["endpoint"], registry=r,
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.ttft = Histogram("keel_gateway_ttft_seconds", "Time to first token", registry=r,
                               buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-        self.failovers = Counter("keel_gateway_failovers", "Targets given up on, by reason", ["target", "error"], registry=r)
-        self.served = Counter("keel_gateway_target_served", "Requests answered, by final target", ["target"], registry=r)
+        self.failovers = Counter("keel_gateway_failovers", "Targets given up on, by reason", ["target", "error"],
+                                 registry=r)
+        self.served = Counter("keel_gateway_target_served", "Requests answered, by final target", ["target"],
+                              registry=r)
         self.breaker = Gauge("keel_gateway_breaker_state", "0 closed, 1 half-open, 2 open", ["target"], registry=r)
         self.audit_failures = Counter("keel_gateway_audit_failures", "Audit records that could not be written",
                                       registry=r)

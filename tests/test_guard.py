@@ -48,7 +48,8 @@ def test_one_vault_across_messages_text_parts_and_tool_arguments(guard):
     body = {"messages": [
         {"role": "user", "content": [{"type": "text", "text": "Email maria.gonzalez@example.com today."}]},
         {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "send", "arguments": '{"to": "maria.gonzalez@example.com"}'}}]},
+            {"id": "c1", "type": "function",
+             "function": {"name": "send", "arguments": '{"to": "maria.gonzalez@example.com"}'}}]},
         {"role": "user", "content": "Did maria.gonzalez@example.com answer?"},
     ]}
     p = guard.protect(body)

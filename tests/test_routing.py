@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from keel.breaker import CircuitBreaker
+from keel.breaker import TRANSITIONS_KEPT, CircuitBreaker
 from keel.policy import ModelTarget
-from keel.routing import Candidate, LatencyStats, RouteRequest, complexity_score, plan
+from keel.routing import Candidate, Excluded, Exclusion, LatencyStats, RouteRequest, complexity_score, plan
 
 DATA = Path(__file__).parent / "data"
 
@@ -61,10 +61,13 @@ def test_filters_name_the_reason_for_every_excluded_target():
     req = RouteRequest(100, 100, needs=frozenset({"tools"}), allowed_zones=frozenset({"us"}))
     r = plan([eu, tiny, no_tools, sick, ok], req, "latency")
     assert r.ranked == ("ok",)
-    assert r.excluded["eu-model"].startswith("residency")
-    assert r.excluded["tiny"].startswith("context")
-    assert r.excluded["plain"] == "capability: no tools"
-    assert r.excluded["sick"].startswith("health")
+    reasons = {n: why.reason for n, why in r.excluded.items()}
+    assert reasons == {"eu-model": Exclusion.RESIDENCY, "tiny": Exclusion.CONTEXT, "plain": Exclusion.CAPABILITY,
+                       "sick": Exclusion.HEALTH}
+    assert r.excluded["plain"] == Excluded(Exclusion.CAPABILITY, "no tools")
+    # As the response and the audit trail show them: the reason, then the detail.
+    assert r.excluded_text() == {"eu-model": "residency: zone eu not allowed", "tiny": "context: 100+100 tokens > 150",
+                                 "plain": "capability: no tools", "sick": "health: circuit open"}
 
 
 def test_a_pinned_target_goes_first_with_its_tier_behind_it():
@@ -106,6 +109,17 @@ def test_breaker_opens_after_consecutive_failures_and_probes_back():
     b.success()
     assert b.state == "closed" and b.allow()
     assert [s for _, s in b.transitions] == ["open", "half_open", "open", "half_open", "closed"]
+
+
+def test_breaker_keeps_only_its_latest_transitions():
+    now = [0.0]
+    b = CircuitBreaker(failures=1, cooldown_s=1, clock=lambda: now[0])
+    for _ in range(1000):  # a flapping target, for the life of a replica
+        b.failure()
+        now[0] += 1
+        b.allow()
+        b.success()
+    assert len(b.transitions) == TRANSITIONS_KEPT and b.transitions[-1] == (now[0], "closed")
 
 
 def _accuracy(path: Path) -> float:

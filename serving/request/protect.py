@@ -1,0 +1,41 @@
+"""The PII guard before any target: the body pseudonymized (one vault per request) when the policy
+says so for the targets that may answer it, else passed as sent; either way the answer is checked on
+its way back (check). A guard that fails fails closed: 500, and nothing is sent to any model."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+from keel.errors import GuardFailed
+from keel.guard import AnswerGuard, Guard
+from keel.policy import Policy
+from serving.request.context import RequestContext, required
+
+logger = logging.getLogger("keel.gateway")
+
+
+class Protect:
+    name = "protect"
+
+    def __init__(self, guard: Guard | None, policy: Policy, kinds: Mapping[str, str]) -> None:
+        self.guard, self.policy, self.kinds = guard, policy, kinds  # kinds: target name -> its kind
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        if self.guard is None:
+            return
+        body = required(ctx.body)
+        kinds = [self.kinds[name] for name in required(ctx.route).ranked]
+        if self.policy.pseudonymizes(required(ctx.data_class), kinds):
+            try:
+                protected = await asyncio.to_thread(self.guard.protect, body)
+            except Exception:  # fail closed: nothing unprotected goes out
+                logger.exception("the PII guard failed on request %s", ctx.rid)
+                raise GuardFailed("the PII guard could not process this request; it was not sent to any "
+                                  "model") from None
+            ctx.actions.pseudonymized, ctx.actions.entities = True, protected.entities
+        else:
+            protected = self.guard.unprotected(body)
+        ctx.body = protected.body
+        ctx.answer_guard = AnswerGuard(self.guard, protected, ctx.actions)

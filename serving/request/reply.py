@@ -1,0 +1,98 @@
+"""The response: the answer streamed (server-sent events, the general case) or whole (the same stream
+gathered into one body), or a refusal in OpenAI's error shape. Either way the request is recorded
+once, when its answer is over or its caller has gone."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from keel.errors import KeelError
+from serving import api
+from serving.failover import NoTargetLeftError
+from serving.request.context import RequestContext, required
+from serving.request.generate import Generate
+from serving.request.record import Record
+from serving.targets.base import Chunk, TargetError
+
+
+class Reply:
+    def __init__(self, generate: Generate, record: Record) -> None:
+        self.generate, self.record = generate, record
+
+    async def __call__(self, ctx: RequestContext) -> Response:
+        req, outcome = required(ctx.request), required(ctx.outcome)
+        ctx.headers["x-keel-route"] = api.route_header(outcome.target, required(ctx.route))
+        meta = {"id": ctx.rid, "created": int(time.time()), "model": req.model}
+        if req.stream:
+            return StreamingResponse(self._events(ctx, meta), media_type="text/event-stream",
+                                     headers=ctx.headers | {"cache-control": "no-cache"},
+                                     background=BackgroundTask(self.finish, ctx))
+        try:
+            async with aclosing(self._answer(ctx)) as answer:
+                chunks = [c async for c in answer]
+        finally:
+            await self.finish(ctx)
+        if ctx.error is not None:
+            return api.error_response(ctx.error, ctx.headers)
+        ctx.headers["x-keel-route"] = api.route_header(outcome.target, required(ctx.route))  # after any failover
+        return JSONResponse(api.gathered(ctx.kind, meta, chunks, outcome) | {"keel": self._keel(ctx)},
+                            headers=ctx.headers)
+
+    def refusal(self, ctx: RequestContext, error: KeelError) -> Response:
+        """A request a stage ended: recorded, and answered with its error."""
+        ctx.fail(error)
+        if ctx.outcome is not None:  # generation began: the route it took
+            ctx.headers["x-keel-route"] = api.route_header(ctx.outcome.target, required(ctx.route))
+        self.record(ctx)
+        ctx.finished = True
+        return api.error_response(error, ctx.headers)
+
+    async def finish(self, ctx: RequestContext) -> None:
+        """Once per answer: from its end, or (a caller gone before the stream began) Starlette's background task."""
+        if not ctx.finished:
+            ctx.finished = True
+            await self.generate.release(ctx)
+            self.record(ctx)
+
+    async def _answer(self, ctx: RequestContext) -> AsyncGenerator[Chunk, None]:
+        """The chunks the caller gets; a failure after the first ends the answer with `ctx.error`."""
+        try:
+            if ctx.first is not None:
+                yield ctx.first
+            async for chunk in required(ctx.rest):
+                yield chunk
+        except (NoTargetLeftError, TargetError) as e:
+            ctx.fail(self.generate.failure(e, ctx))
+            return
+        ctx.status = 200
+
+    async def _events(self, ctx: RequestContext, meta: dict[str, Any]) -> AsyncIterator[str]:
+        role = True
+        try:
+            async with aclosing(self._answer(ctx)) as answer:
+                async for chunk in answer:
+                    if role or chunk.text or chunk.tool_calls or chunk.finish_reason:
+                        yield api.sse_chunk(ctx.kind, meta, chunk, role=role)
+                        role = False
+            if ctx.error is not None:
+                yield api.error_event(ctx.error)
+        finally:
+            await self.finish(ctx)
+        # The route can change after the headers went out (a mid-stream failover): the final event holds it.
+        final = {**meta, "object": "chat.completion.chunk" if ctx.kind == "chat" else "text_completion",
+                 "choices": [], "usage": required(ctx.outcome).usage, "keel": self._keel(ctx)}
+        yield f"event: keel.route\ndata: {json.dumps(final)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    @staticmethod
+    def _keel(ctx: RequestContext) -> dict[str, Any]:
+        """The response's `keel` field, taken when the answer is done (a failover may change the route)."""
+        return api.keel_field(ctx.rid, required(ctx.route), required(ctx.outcome), ctx.citations,
+                              required(ctx.data_class).value, ctx.zones, ctx.actions.record())

@@ -1,0 +1,108 @@
+"""The ranked targets for the request (keel.routing: the first is the choice, the rest the failover
+order), in its zones only; when none is left, the error that says why, from the typed exclusions."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from keel.errors import (
+    ContextLengthExceeded,
+    KeelError,
+    ModelNotFound,
+    NoHealthyTarget,
+    ResidencyError,
+    ServiceUnavailable,
+    UnsupportedParameter,
+)
+from keel.routing import (
+    ALIASES,
+    Candidate,
+    Exclusion,
+    Route,
+    RouteRequest,
+    Strategy,
+    Weights,
+    complexity_score,
+    estimate_tokens,
+    plan,
+    uses_complexity,
+)
+from serving.api import ChatRequest, CompletionRequest
+from serving.failover import TargetState, retry_after
+from serving.request.context import RequestContext
+
+
+class Router:
+    name = "route"
+
+    def __init__(self, states: Mapping[str, TargetState], strategy: Strategy, weights: Weights,
+                 complexity_threshold: float, retry_after_s: int) -> None:
+        self.states, self.strategy, self.weights = states, strategy, weights
+        self.complexity_threshold, self.retry_after_s = complexity_threshold, retry_after_s
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        req = ctx.request
+        if req is None:
+            raise RuntimeError("route runs after parse")
+        strategy, pinned = self._strategy(req.model)
+        complexity = complexity_score(ctx.ask) if uses_complexity(strategy, pinned, self.weights) else 0.0
+        rr = RouteRequest(estimate_tokens(ctx.prompt_text), ctx.max_tokens, _needs(req), frozenset(ctx.zones),
+                          complexity)
+        candidates = [Candidate(s.target.config, s.breaker.available, s.stats) for s in self.states.values()]
+        route = plan(candidates, rr, strategy, pinned=pinned, weights=self.weights,
+                     complexity_threshold=self.complexity_threshold)
+        if not route.ranked:
+            raise self._refusal(route, pinned, rr, ctx)
+        ctx.route = route
+
+    def _strategy(self, model: str) -> tuple[Strategy, str | None]:
+        """(strategy, the target the caller named, if it named one)."""
+        if model in ALIASES:
+            return ALIASES[model] or self.strategy, None
+        if model in self.states:
+            return self.strategy, model
+        raise ModelNotFound(f"the model {model!r} does not exist; GET /v1/models lists them", param="model")
+
+    def _refusal(self, route: Route, pinned: str | None, rr: RouteRequest, ctx: RequestContext) -> KeelError:
+        """Why nothing is left, most specific first: a named target's own reason, else the in-zone targets'."""
+        zones = ctx.zones
+        if pinned is None:
+            reasons = list(route.excluded.items())
+        else:
+            reasons = [(pinned, route.excluded[pinned])] if pinned in route.excluded else []
+        if pinned is not None and reasons and reasons[0][1].reason is Exclusion.RESIDENCY:
+            zone = self.states[pinned].target.config.zone
+            return ResidencyError(f"model {pinned!r} runs in zone {zone!r}; this request's data may go only to "
+                                  f"{zones}", param="model")
+        in_zone: dict[Exclusion, str] = {}  # each reason -> the first target in the zones left out for it
+        for name, why in reasons:
+            if why.reason is not Exclusion.RESIDENCY:
+                in_zone.setdefault(why.reason, name)
+        if not in_zone:
+            return ResidencyError(f"no model target runs in the zones this request's data may go to ({zones})")
+        if Exclusion.HEALTH in in_zone:
+            return NoHealthyTarget(f"no healthy model target in zones {zones} can serve this request now; Keel "
+                                   "never sends it to another zone",
+                                   retry_after=retry_after(self.states.values(), self.retry_after_s))
+        if lacking := in_zone.get(Exclusion.CAPABILITY):
+            missing = rr.needs - set(self.states[lacking].target.config.supports)
+            param = "tools" if "tools" in missing else "response_format"
+            return UnsupportedParameter(f"no model target for {ctx.model!r} supports {param}", param=param)
+        if Exclusion.CONTEXT in in_zone:
+            return ContextLengthExceeded(
+                f"the prompt ({rr.prompt_tokens} tokens, estimated) plus max_tokens ({rr.max_tokens}) exceeds every "
+                "eligible target's context window", param="messages" if ctx.kind == "chat" else "prompt")
+        return ServiceUnavailable(f"no model target in zones {zones} can serve this request: "
+                                  f"{'; '.join(f'{n}: {why}' for n, why in reasons)}")
+
+
+def _needs(req: ChatRequest | CompletionRequest) -> frozenset[str]:
+    """The request features a target must support to serve it."""
+    if not isinstance(req, ChatRequest):
+        return frozenset()
+    needs = set()
+    if req.tools:
+        needs.add("tools")
+    if req.response_format and req.response_format.get("type") not in (None, "text"):
+        needs.add("response_format")
+    return frozenset(needs)
