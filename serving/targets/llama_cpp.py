@@ -23,6 +23,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from keel.errors import ConfigError
 from keel.messages import text_of
 from keel.policy import ModelTarget
+from keel.routing import DEFAULT_MAX_TOKENS
 from keel.settings import GatewaySettings
 from keel.target_kinds import TargetKind
 from serving.targets.base import Chunk, Kind, TargetError, TargetOptions
@@ -30,7 +31,6 @@ from serving.targets.base import Chunk, Kind, TargetError, TargetOptions
 if TYPE_CHECKING:
     from llama_cpp.llama_types import ChatCompletionRequestMessage
 
-DEFAULT_MAX_TOKENS = 512
 FLUSH_INTERVAL_S = 0.05  # tokens reach the gateway in batches at most 20 times a second (the first at once)
 SAMPLING = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
 
