@@ -48,6 +48,7 @@ from fastapi.responses import JSONResponse
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import latency, ms, write_report  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "gateway.json"
 BODY = {"model": "echo", "messages": [{"role": "user", "content": "What is the refund policy for annual plans?"}],
         "max_tokens": 64}
@@ -105,8 +106,17 @@ def throughput(url: str, body: dict[str, Any], headers: dict[str, str], seconds:
 
 def routing_microbench(settings: Any, model: str, n: int = 20000) -> float:
     """Per-request pure work of the gateway: parse + target body + complexity (when used) + plan, in µs."""
-    from keel.routing import ALIASES, Candidate, LatencyStats, RouteRequest, Weights, complexity_score, estimate_tokens, plan, \
-        uses_complexity
+    from keel.routing import (
+        ALIASES,
+        Candidate,
+        LatencyStats,
+        RouteRequest,
+        Weights,
+        complexity_score,
+        estimate_tokens,
+        plan,
+        uses_complexity,
+    )
     from serving import api
     from serving.api import target_body
 
