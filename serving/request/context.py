@@ -66,6 +66,7 @@ class RequestContext:
 
     @property
     def kind(self) -> Kind:
+        """What targets are asked for (the embeddings endpoint asks none)."""
         return "chat" if self.endpoint == "chat" else "completion"
 
     def fail(self, error: KeelError) -> None:
