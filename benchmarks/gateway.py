@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -82,7 +83,8 @@ def paired(a: tuple[str, dict[str, Any], dict[str, str]], b: tuple[str, dict[str
     return out
 
 
-def throughput(url: str, body: dict[str, Any], headers: dict[str, str], seconds: float, concurrency: int) -> dict[str, Any]:
+def throughput(url: str, body: dict[str, Any], headers: dict[str, str], seconds: float,
+               concurrency: int) -> dict[str, Any]:
     """Closed-loop load from `concurrency` workers on aiohttp (a lighter client leaves the 2 cores to the server)."""
     import aiohttp
 
@@ -142,7 +144,8 @@ def llama_alone(n_threads: int, max_tokens: int) -> float:
 
     llm = Llama(model_path=model_path({}), n_ctx=2048, n_threads=n_threads, verbose=False)
     eos = llm.detokenize([llm.token_eos()], special=True).decode()
-    fmt = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos, llm.detokenize([llm.token_bos()], special=True).decode())
+    bos = llm.detokenize([llm.token_bos()], special=True).decode()
+    fmt = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos, bos)
     tokens, t0 = 0, time.perf_counter()
     for p in PROMPTS:
         prompt = fmt(messages=[{"role": "user", "content": p}]).prompt
@@ -158,8 +161,9 @@ def llama_gateway(base: str, headers: dict[str, str], max_tokens: int) -> float:
     tokens, t0 = 0, time.perf_counter()
     with httpx.Client(timeout=120, headers=headers) as c:
         for p in PROMPTS:
-            r = c.post(f"{base}/v1/chat/completions", json={"model": "smollm2", "max_tokens": max_tokens, "temperature": 0,
-                                                           "messages": [{"role": "user", "content": p}]})
+            body = {"model": "smollm2", "max_tokens": max_tokens, "temperature": 0,
+                    "messages": [{"role": "user", "content": p}]}
+            r = c.post(f"{base}/v1/chat/completions", json=body)
             r.raise_for_status()
             tokens += r.json()["usage"]["completion_tokens"]
     return tokens / (time.perf_counter() - t0)
@@ -252,18 +256,20 @@ def main(argv: list[str] | None = None) -> int:
         base = f"http://127.0.0.1:{gw_port}"
         keel_url, echo_url = f"{base}/v1/chat/completions", echoes["echo"][1] + "/v1/chat/completions"
         handle_body = {**BODY, "model": "echo-handle"}
-        for url, body in ((keel_url, BODY), (echo_url, BODY), (keel_url, handle_body), (f"{base}/bare/v1/chat/completions", BODY)):
+        bare_url = f"{base}/bare/v1/chat/completions"
+        for url, body in ((keel_url, BODY), (echo_url, BODY), (keel_url, handle_body), (bare_url, BODY)):
             sequential(url, body, 50, auth)  # warm up every path
         samples: dict[str, list[float]] = {"direct": [], "keel": [], "keel_handle": [], "bare_handle": []}
-        diffs: dict[str, list[float]] = {"overhead": [], "routing": []}  # paired: request i of one side minus of the other
+        # paired: request i of one side minus request i of the other
+        diffs: dict[str, list[float]] = {"overhead": [], "routing": []}
         for _ in range(a.rounds):
             direct, keel = paired((echo_url, BODY, {}), (keel_url, BODY, auth), a.requests)
             bare, keel_handle = paired((f"{base}/bare/v1/chat/completions", BODY, {}), (keel_url, handle_body, auth),
                                        a.requests)
             for k, v in (("direct", direct), ("keel", keel), ("bare_handle", bare), ("keel_handle", keel_handle)):
                 samples[k] += v
-            diffs["overhead"] += [k - d for k, d in zip(keel, direct)]
-            diffs["routing"] += [k - b for k, b in zip(keel_handle, bare)]
+            diffs["overhead"] += [k - d for k, d in zip(keel, direct, strict=True)]
+            diffs["routing"] += [k - b for k, b in zip(keel_handle, bare, strict=True)]
         lat = {k: latency(v) for k, v in samples.items()}
         report["latency"] = lat
         report["overhead_ms"] = {"p50": round(lat["keel"]["p50_ms"] - lat["direct"]["p50_ms"], 2),
@@ -317,10 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         report["tokens_per_s"] = {"gateway": round(gw_rate, 1), "llama_alone": round(alone, 1),
                                   "ratio": round(gw_rate / alone, 3)}
     finally:
-        try:
+        with contextlib.suppress(Exception):  # best effort; the head goes next
             serve.shutdown()
-        except Exception:  # noqa: BLE001 - best effort; the head goes next
-            pass
         ray.shutdown()
         head.stop()
         for svc, _ in echoes.values():
@@ -334,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         ("  overhead, median of paired differences, ms", f"{o['median_of_paired_differences']}"),
         ("max req/s through Keel (goal >= 150)", f"{report['throughput']['keel']['req_per_s']}"),
         ("  max req/s straight to the echo server", f"{report['throughput']['direct']['req_per_s']}"),
-        ("bare Serve ingress + handle hop, p50 / p99 ms", f"{lat['bare_handle']['p50_ms']} / {lat['bare_handle']['p99_ms']}"),
+        ("bare Serve ingress + handle hop, p50 / p99 ms",
+         f"{lat['bare_handle']['p50_ms']} / {lat['bare_handle']['p99_ms']}"),
         ("Keel ingress + handle hop, p50 / p99 ms", f"{lat['keel_handle']['p50_ms']} / {lat['keel_handle']['p99_ms']}"),
         ("  routing cost p50 / p99 ms (goal p50 <= 0.5)", f"{r['p50']} / {r['p99']}"),
         ("  routing cost, median of paired differences, ms", f"{r['median_of_paired_differences']}"),
@@ -342,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
          f"{report['routing_microbench_us']['named_target']} / {report['routing_microbench_us']['keel_auto']}"),
         ("target death -> breaker open, ms", f"{report['breaker']['death_to_open_ms']}"),
         ("  client errors meanwhile (goal 0)", f"{report['breaker']['client_errors']}"),
-        ("tokens/s through the gateway / llama.cpp alone", f"{report['tokens_per_s']['gateway']} / {report['tokens_per_s']['llama_alone']}"),
+        ("tokens/s through the gateway / llama.cpp alone",
+         f"{report['tokens_per_s']['gateway']} / {report['tokens_per_s']['llama_alone']}"),
         ("  ratio (goal >= 0.9)", f"{report['tokens_per_s']['ratio']}"),
     ]
     print(f"\nKeel gateway, {os.cpu_count()} CPUs")

@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         restore.append(time.perf_counter() - t)
 
     eos = llm.detokenize([llm.token_eos()], special=True).decode()
-    fmt = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos, llm.detokenize([llm.token_bos()], special=True).decode())
+    bos = llm.detokenize([llm.token_bos()], special=True).decode()
+    fmt = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos, bos)
     chat = fmt(messages=[{"role": "user", "content": sent}]).prompt
     ttft, whole = [], []
     for _ in range(a.model_runs):
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         whole.append(time.perf_counter() - t)
         ttft.append(first or whole[-1])
 
-    total = [p + c for p, c in zip(pseudo, checks)]
+    total = [p + c for p, c in zip(pseudo, checks, strict=True)]
     report = {
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
         "prompt": {"tokens": n_tokens, "chars": len(text), "placeholders": len(protected.vault),
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": {"name": "SmolLM2-135M llama.cpp", "n_threads": a.n_threads, "max_tokens": 64,
                   "ttft": latency(ttft), "latency": latency(whole)},
     }
-    report["ratio_guard_to_model_latency_p50"] = round(report["guard_total"]["p50_ms"] / report["model"]["latency"]["p50_ms"], 3)
+    guard_p50, model_p50 = report["guard_total"]["p50_ms"], report["model"]["latency"]["p50_ms"]
+    report["ratio_guard_to_model_latency_p50"] = round(guard_p50 / model_p50, 3)
     rows = [("pseudonymize (detect + swap)", report["pseudonymize"]),
             ("answer checks + restore", report["answer_checks_and_restore"]),
             ("restore only (streamed)", report["restore_only"]),
