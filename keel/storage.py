@@ -2,7 +2,7 @@
 
 A zone's storage root is a local folder or an `s3://bucket/prefix` (policy.zones.<zone>.storage).
 `ZoneStorage` hands out paths under that root only: a path that escapes it, or a URI of
-another root, raises `ResidencyError`, so residency is an error at the point of access and
+another root, raises `keel.errors.ResidencyError`, so residency is an error at the point of access and
 never a warning in a log. pyarrow's filesystem layer serves both local disks and S3; LanceDB
 and Parquet take the same URIs.
 """
@@ -15,12 +15,9 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from keel.errors import ResidencyError
 from keel.policy import Zone
 from keel.settings import KeelSettings
-
-
-class ResidencyError(PermissionError):
-    """A job tried to touch storage outside its own zone."""
 
 
 @dataclass(frozen=True)
@@ -82,11 +79,11 @@ class ZoneStorage:
     # -- small file helpers -------------------------------------------------------------------
 
     def exists(self, *parts: str) -> bool:
-        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+        return bool(self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound)
 
     def read_bytes(self, *parts: str) -> bytes:
         with self.fs.open_input_stream(self.path(*parts)) as f:
-            return f.read()
+            return bytes(f.read())
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
         path = self.path(*parts)

@@ -1,4 +1,5 @@
-"""Landing files -> raw document records, and raw records -> text. Pure functions, no I/O.
+"""Landing files -> raw document records, and raw records -> text. Pure functions, no I/O; and the
+metadata columns every stage keeps of a document.
 
 A landing file is one document (.txt, .md, .html) or one document per line (.jsonl, each line
 `{"id": ..., "text": ...}`). Ingest keeps the raw bytes of each record untouched, so a record
@@ -17,8 +18,23 @@ import re
 from dataclasses import dataclass
 from html.parser import HTMLParser
 
+import pyarrow as pa
+
+from keel.errors import DataQualityError
 from keel.records import parse_line
 
+# What every stage's table keeps of a document besides its content (raw, scrubbed, quarantined):
+# its id, where it came from, its zone and data class, and when it was first ingested.
+METADATA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("source", pa.string()),
+        ("source_name", pa.string()),
+        ("zone", pa.string()),
+        ("data_class", pa.string()),
+        ("ingest_time", pa.string()),
+    ]
+)
 FORMATS = {".jsonl": "jsonl", ".txt": "text", ".md": "markdown", ".html": "html", ".htm": "html"}
 _JSON_ID = re.compile(rb'"id"\s*:\s*("(?:[^"\\]|\\.){0,256}"|-?\d{1,32})')
 
@@ -49,7 +65,7 @@ def split_file(uri: str, data: bytes) -> list[RawRecord]:
     """The raw records of one landing file."""
     fmt = format_of(uri)
     if fmt is None:
-        raise ValueError(f"unsupported file type: {uri}")
+        raise DataQualityError(f"unsupported file type: {uri}")
     if fmt != "jsonl":
         return [RawRecord(uri, fmt, data)]
     records, seen = [], set()
@@ -110,7 +126,9 @@ def decode(record_format: str, payload: bytes, max_bytes: int) -> Decoded:
 
 
 def _schema_reason(error: str) -> str:
-    return error if error.startswith(("invalid UTF-8", "text is", "empty text", "text contains")) else f"wrong schema: {error}"
+    if error.startswith(("invalid UTF-8", "text is", "empty text", "text contains")):
+        return error
+    return f"wrong schema: {error}"
 
 
 def _json_title(payload: bytes) -> str | None:

@@ -16,22 +16,11 @@ from dataclasses import astuple, dataclass
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from keel.pipeline.documents import RawRecord, format_of, split_file
+from keel.errors import ResidencyError, SourceNotFound
+from keel.pipeline.documents import METADATA, RawRecord, format_of, split_file
 from keel.settings import KeelSettings, LandingSource
-from keel.storage import ResidencyError
 
-RAW_SCHEMA = pa.schema(
-    [
-        ("doc_id", pa.string()),
-        ("source", pa.string()),
-        ("source_name", pa.string()),
-        ("zone", pa.string()),
-        ("data_class", pa.string()),
-        ("format", pa.string()),
-        ("payload", pa.binary()),
-        ("ingest_time", pa.string()),
-    ]
-)
+RAW_SCHEMA = pa.schema([*METADATA, ("format", pa.string()), ("payload", pa.binary())])
 
 
 @dataclass(frozen=True)
@@ -49,7 +38,8 @@ def zone_sources(settings: KeelSettings, zone: str) -> list[LandingSource]:
 
 
 def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(uri if "://" in uri else "file://" + uri)
+    fs, path = pafs.FileSystem.from_uri(uri if "://" in uri else "file://" + uri)
+    return fs, str(path)
 
 
 def list_landing(settings: KeelSettings, zone: str) -> list[LandingFile]:
@@ -59,7 +49,7 @@ def list_landing(settings: KeelSettings, zone: str) -> list[LandingFile]:
         root = settings.resolve(src.uri)
         fs, base = _fs(root)
         if fs.get_file_info(base).type != pafs.FileType.Directory:
-            raise FileNotFoundError(f"landing source {src.name!r}: {root} is not a folder")
+            raise SourceNotFound(f"landing source {src.name!r}: {root} is not a folder")
         scheme = "file://" if "://" not in root else root.split("://", 1)[0] + "://"
         for info in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
             if info.type == pafs.FileType.File and not posixpath.basename(info.path).startswith("."):
@@ -95,25 +85,15 @@ def raw_rows(
 ) -> pa.Table:
     """The raw table; a document keeps the ingest time of its first ingest."""
     classes = {s.name: s.data_class.value for s in zone_sources(settings, zone)}
-    cols: dict[str, list[object]] = {name: [] for name in RAW_SCHEMA.names}
-    seen: set[str] = set()
+    rows: dict[str, dict[str, object]] = {}
     for f, rec in records:
         doc_id = rec.doc_id
-        if doc_id in seen:  # the same bytes at the same source twice cannot happen; be safe anyway
+        if doc_id in rows:  # the same bytes at the same source twice cannot happen; be safe anyway
             continue
-        seen.add(doc_id)
-        for name, value in (
-            ("doc_id", doc_id),
-            ("source", rec.source),
-            ("source_name", f.source_name),
-            ("zone", zone),
-            ("data_class", classes[f.source_name]),
-            ("format", rec.format),
-            ("payload", rec.payload),
-            ("ingest_time", previous_times.get(doc_id, ingest_time)),
-        ):
-            cols[name].append(value)
-    return pa.table(cols, schema=RAW_SCHEMA)
+        rows[doc_id] = {"doc_id": doc_id, "source": rec.source, "source_name": f.source_name, "zone": zone,
+                        "data_class": classes[f.source_name], "ingest_time": previous_times.get(doc_id, ingest_time),
+                        "format": rec.format, "payload": rec.payload}
+    return pa.Table.from_pylist(list(rows.values()), schema=RAW_SCHEMA)
 
 
 def changes(previous: pa.Table | None, current: pa.Table) -> dict[str, object]:

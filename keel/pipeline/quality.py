@@ -52,7 +52,8 @@ def validate(docs: pa.Table, quarantined: int, max_quarantine_share: float) -> d
     ):
         doc_suite.add_expectation(e)
     run_suite = context.suites.add(gx.ExpectationSuite(name="scrub_run"))
-    run_suite.add_expectation(gx.expectations.ExpectColumnMeanToBeBetween(column="quarantined", max_value=max_quarantine_share))
+    run_suite.add_expectation(
+        gx.expectations.ExpectColumnMeanToBeBetween(column="quarantined", max_value=max_quarantine_share))
 
     docs_df = docs.to_pandas(types_mapper=None)
     records_df = pd.DataFrame({"quarantined": [0] * docs.num_rows + [1] * quarantined})
@@ -62,21 +63,15 @@ def validate(docs: pa.Table, quarantined: int, max_quarantine_share: float) -> d
         vd = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
         result = vd.run(batch_parameters={"dataframe": df})
         for r in result.results:
-            cfg = r.expectation_config
-            details = {k: v for k, v in (r.result or {}).items() if k in ("observed_value", "unexpected_count", "unexpected_percent")}
+            cfg = r.expectation_config  # always set on a suite's results
+            check, column = (cfg.type, cfg.kwargs.get("column")) if cfg else ("expectation", None)
+            details = {k: v for k, v in (r.result or {}).items()
+                       if k in ("observed_value", "unexpected_count", "unexpected_percent")}
             if not r.success and "unexpected_index_list" in (r.result or {}):
                 details["unexpected_rows"] = (r.result["unexpected_index_list"] or [])[:20]
-            column = cfg.kwargs.get("column")
-            checks.append({"check": cfg.type + (f"({column})" if column else ""), "success": bool(r.success),
+            checks.append({"check": check + (f"({column})" if column else ""), "success": bool(r.success),
                            "details": _plain(details)})
     return {"success": all(c["success"] for c in checks), "checks": checks}
-
-
-def residual_pii(text: str) -> list[str]:
-    """The entity types whose residual pattern matches `text` (to explain a failed check)."""
-    import re
-
-    return [name for name, pattern in RESIDUAL_PII.items() if re.search(pattern, text)]
 
 
 def _plain(obj: Any) -> Any:

@@ -15,39 +15,16 @@ from typing import Any
 
 import pyarrow as pa
 
-from keel.pipeline.documents import decode
+from keel.pipeline.documents import METADATA, decode
 from keel.privacy.redact import redact_spans
 from keel.settings import KeelSettings
 
-DOCS_SCHEMA = pa.schema(
-    [
-        ("doc_id", pa.string()),
-        ("source", pa.string()),
-        ("source_name", pa.string()),
-        ("zone", pa.string()),
-        ("data_class", pa.string()),
-        ("ingest_time", pa.string()),
-        ("title", pa.string()),
-        ("text", pa.string()),
-        ("findings", pa.string()),  # JSON {entity type: count}
-    ]
-)
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        ("doc_id", pa.string()),
-        ("source", pa.string()),
-        ("source_name", pa.string()),
-        ("zone", pa.string()),
-        ("data_class", pa.string()),
-        ("ingest_time", pa.string()),
-        ("reason", pa.string()),
-        ("payload", pa.binary()),  # kept as received, inside the zone, for a fix and re-run
-    ]
-)
+# findings: JSON {entity type: count}
+DOCS_SCHEMA = pa.schema([*METADATA, ("title", pa.string()), ("text", pa.string()), ("findings", pa.string())])
+# A record that cannot be used, kept as received (inside the zone) with its reason, for a fix and re-run.
+QUARANTINE_SCHEMA = pa.schema([*METADATA, ("reason", pa.string()), ("payload", pa.binary())])
 # One output schema for both kinds, split by the driver: Ray Data blocks need one schema.
-SCRUB_OUT_SCHEMA = pa.schema(
-    [*DOCS_SCHEMA, ("reason", pa.string()), ("payload", pa.binary())]
-)
+SCRUB_OUT_SCHEMA = pa.schema([*DOCS_SCHEMA, ("reason", pa.string()), ("payload", pa.binary())])
 
 
 class Scrubber:
@@ -69,7 +46,7 @@ class Scrubber:
         out: list[dict[str, Any]] = []
         good: list[tuple[dict[str, Any], str, str | None]] = []
         for r in rows:
-            base = {k: r[k] for k in ("doc_id", "source", "source_name", "zone", "data_class", "ingest_time")}
+            base = {k: r[k] for k in METADATA.names}
             if r["format"] == "unsupported":
                 out.append({**base, "reason": "unsupported file type", "payload": r["payload"]})
                 continue
