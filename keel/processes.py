@@ -6,6 +6,7 @@ kernel's view of a process (start time, session, memory), spawning and stopping.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -14,10 +15,6 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-
-
-class StackError(RuntimeError):
-    """A service that would not start; the message names it and its log."""
 
 
 def free_port() -> int:
@@ -85,10 +82,8 @@ def pss_bytes(pids: list[int]) -> int:
 
 def signal_session(sid: int, sig: int) -> None:
     for pid in session_members(sid):
-        try:
+        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def stop_session(sid: int, grace_s: float = 20) -> None:
@@ -106,14 +101,15 @@ def spawn(cmd: list[str], env: dict[str, str], log: Path, cwd: Path | None = Non
     """Start a process as the leader of a new session, its output appended to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+        return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,  # noqa: S603 - Keel's own commands
                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
 
 
 def http_ok(url: str, headers: dict[str, str] | None = None, timeout: float = 3) -> bool:
     """The server answers, with anything but a 5xx."""
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as r:
+        request = urllib.request.Request(url, headers=headers or {})  # noqa: S310 - Keel's own http:// service URLs
+        with urllib.request.urlopen(request, timeout=timeout) as r:  # noqa: S310
             return bool(r.status < 500)
     except urllib.error.HTTPError as e:
         return e.code < 500

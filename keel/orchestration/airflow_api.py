@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from keel.processes import StackError
+from keel.errors import StackError
 
 BIN = Path(sys.executable).parent
 
@@ -55,17 +55,11 @@ class AirflowAPI:
 
     def __init__(self, base: str, user: str, password: str) -> None:
         self.base = base
-        body = json.dumps({"username": user, "password": password}).encode()
-        req = urllib.request.Request(f"{base}/auth/token", body, {"Content-Type": "application/json"}, method="POST")
-        with urllib.request.urlopen(req, timeout=30) as r:
-            self.token = json.loads(r.read())["access_token"]
+        login = _json_call("POST", f"{base}/auth/token", {"username": user, "password": password})
+        self.token = str(login["access_token"])
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        req = urllib.request.Request(self.base + path, json.dumps(body).encode() if body is not None else None,
-                                     {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
-                                     method=method)
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read() or b"{}")
+        return _json_call(method, self.base + path, body, {"Authorization": f"Bearer {self.token}"})
 
     def trigger(self, dag: str) -> dict[str, Any]:
         return dict(self.call("POST", f"/api/v2/dags/{dag}/dagRuns", {"logical_date": None}))
@@ -101,3 +95,12 @@ class AirflowAPI:
                 return done[0]
             time.sleep(3)
         raise StackError(f"no run of {dag} finished in time")
+
+
+def _json_call(method: str, url: str, body: dict[str, Any] | None, headers: dict[str, str] | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    # The URL is the stack's own Airflow (http://host:port from settings), never a caller's.
+    req = urllib.request.Request(url, data, {"Content-Type": "application/json", **(headers or {})},  # noqa: S310
+                                 method=method)
+    with urllib.request.urlopen(req, timeout=30) as r:  # noqa: S310
+        return json.loads(r.read() or b"{}")
