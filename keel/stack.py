@@ -23,9 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from keel.errors import StackError
 from keel.orchestration.airflow_api import AirflowAPI, airflow_credentials, airflow_env
-from keel.processes import (StackError, free_port, http_ok, port_in_use, processes_naming, pss_bytes, session_members,
-                            spawn, start_time, stop_session, tail)
+from keel.processes import (
+    free_port,
+    http_ok,
+    port_in_use,
+    processes_naming,
+    pss_bytes,
+    session_members,
+    spawn,
+    start_time,
+    stop_session,
+    tail,
+)
 from keel.settings import KeelSettings, config_path
 
 BIN = Path(sys.executable).parent
@@ -174,8 +185,9 @@ class LocalStack:
         s, env = self.s, self.env()
         mlflow = self.state / "mlflow"
         mlflow.mkdir(parents=True, exist_ok=True)
+        cpus = os.cpu_count() or 2
         return {
-            "ray": (ray_head_command(s.host, s.ports.ray, s.ports.ray_dashboard, os.cpu_count() or 2, self.ray_temp), env),
+            "ray": (ray_head_command(s.host, s.ports.ray, s.ports.ray_dashboard, cpus, self.ray_temp), env),
             "mlflow": ([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{mlflow}/mlflow.db",
                         "--default-artifact-root", str(mlflow / "artifacts"), "--host", s.host,
                         "--port", str(s.ports.mlflow), "--workers", "1"],
@@ -204,7 +216,8 @@ class LocalStack:
         deadline = time.monotonic() + timeout_s
         while pending:
             if time.monotonic() > deadline:
-                raise StackError(f"not healthy after {timeout_s:.0f} s: {', '.join(sorted(pending))}; logs in {self.logs}")
+                raise StackError(f"not healthy after {timeout_s:.0f} s: {', '.join(sorted(pending))}; "
+                                 f"logs in {self.logs}")
             for name in sorted(pending & set(SERVICES)):
                 proc = self.started.get(name)
                 if (proc is not None and proc.poll() is not None) or self.pid(name) is None:
@@ -231,8 +244,36 @@ class LocalStack:
         return result
 
     def _deploy_gateway(self) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "serving.app", "--config", str(self.config), "--address", f"{self.s.host}:{self.s.ports.ray}"]
-        return spawn(cmd, self.env(), self.logs / "gateway.log", cwd=self.s.home)
+        cmd, env = self.gateway_deployment()
+        return spawn(cmd, env, self.logs / "gateway.log", cwd=self.s.home)
+
+    def deploy(self, address: str | None = None) -> int:
+        """`keel serve`: (re)deploy the gateway in the foreground, its output on this terminal; its exit status."""
+        cmd, env = self.gateway_deployment(address)
+        return subprocess.run(cmd, env={**os.environ, **env}, cwd=self.s.home, check=False).returncode  # noqa: S603 - our own interpreter and module
+
+    def gateway_deployment(self, address: str | None = None) -> tuple[list[str], dict[str, str]]:
+        """The command that deploys the gateway (`python -m serving.app`, a process of its own: the core
+        does not import serving) and its environment: to this stack's Ray head with its token, or to
+        the cluster at `address`, whose token is the caller's RAY_AUTH_* variables if they name one."""
+        env = self.env()
+        if address and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                        or not self.token.exists()):
+            del env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN_PATH"]
+        cmd = [sys.executable, "-m", "serving.app", "--config", str(self.config),
+               "--address", address or self.head_address()]
+        return cmd, env
+
+    def head_address(self) -> str:
+        """host:port of the Ray head this stack's `keel up` started; StackError, in one line, when none runs."""
+        pid = self.pid("ray")
+        if pid is None:
+            raise StackError(f"no Ray head of this stack is running (state in {self.state}): start it with `keel up`, "
+                             f"or name a cluster with --address")
+        if not self.healthy("ray"):
+            raise StackError(f"the Ray head of this stack (pid {pid}) does not answer at {self.urls['ray']}; "
+                             f"log {self.logs / 'ray.log'}")
+        return f"{self.s.host}:{self.s.ports.ray}"
 
     def quickstart_key(self) -> str:
         """A working key for the printed examples, kept (0600) beside the key store so a second `keel up`
@@ -282,7 +323,8 @@ class LocalStack:
             pid = self.pid(name)
             members = session_members(pid) if pid else []
             state = "stopped" if pid is None else ("healthy" if self.healthy(name) else "unhealthy")
-            out.append(ServiceStatus(name, state, self.urls[name], pid, pss_bytes(members), f"{len(members)} processes"))
+            out.append(ServiceStatus(name, state, self.urls[name], pid, pss_bytes(members),
+                                     f"{len(members)} processes"))
             if name == "ray":
                 gw = "stopped" if pid is None else ("healthy" if self.healthy("gateway") else "unhealthy")
                 out.append(ServiceStatus("gateway", gw, self.urls["gateway"], None, 0, "a Serve application in ray"))
