@@ -1,32 +1,38 @@
-"""What every Keel Ray job shares: arguments, Ray connection, the run summary protocol, the audit record.
+"""What every Keel Ray job shares: its command line, the Ray connection, and `StageRun`, the
+boilerplate of one run of a chain stage in one zone.
 
-A job prints its run summary as the last line of its log, `KEEL_RESULT {json}`, which the
-Airflow task parses from the Jobs API logs; it also stores it under `<zone>/runs/`.
+A stage's job is its logic only:
 
-Every run of a batch job also leaves one `transformation` record in its zone's audit trail
-(keel.audit): what it read and committed (snapshot keys and manifest SHA-256s), its counts and
-how it ended, never document text.
+    with stage_run(STAGE, zone, config) as job:
+        source = job.read_input(input_key)        # the input snapshot; names this run's key
+        if (done := job.committed()) is not None:
+            return job.skip(done, done["counts"]) # found, not redone: no asset event follows
+        staging = job.begin()
+        ...                                       # write the output into staging
+        manifest = job.commit(staging, {...}, counts)
+    return job.result(manifest, counts=counts)
+
+The stores it reads and commits come from its line in keel.orchestration.chain. The summary it
+returns is printed as the job's last log line (keel.orchestration.job_result) for the Airflow task.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import re
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
-from keel.audit import Trails
-from keel.failures import classify
-
-RESULT_PREFIX = "KEEL_RESULT "
-log = logging.getLogger("keel.jobs")
+from keel.errors import ConfigError
+from keel.orchestration.chain import Stage
+from keel.orchestration.job_result import format_result
+from keel.pipeline.snapshots import SnapshotStore, Staging, manifest_hash, snapshot_key
+from keel.settings import KeelSettings, get_settings, load_settings
+from keel.storage import ZoneStorage
+from ray_jobs._audit import Transformation, audited, manifest_ref
 
 
 class Timer:
@@ -42,6 +48,78 @@ class Timer:
             yield
         finally:
             self.durations[name] = round(self.durations.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+
+class StageRun:
+    """One run of a chain stage in one zone: its settings, zone storage and snapshot stores, its
+    idempotency key, its audit record and timings, and its summary."""
+
+    def __init__(self, stage: Stage, zone: str, settings: KeelSettings, audit: Transformation) -> None:
+        self.stage, self.zone, self.settings, self.audit = stage, zone, settings, audit
+        self.version = settings.config_version()
+        self.storage = ZoneStorage.for_zone(settings, zone)
+        self.store = SnapshotStore(self.storage, stage.commits, keep=settings.pipeline.keep_snapshots)
+        self.timer = Timer()
+        self.key = ""
+        self.inputs: dict[str, Any] = {}  # what the manifest names as this run's input
+        self.summary: dict[str, Any] = {"stage": stage.commits, "zone": zone}
+
+    @property
+    def input_store(self) -> SnapshotStore:
+        """The snapshot store this stage reads."""
+        if self.stage.reads is None:
+            raise ConfigError(f"the chain declares stage {self.stage.name} as reading the landing, not a snapshot")
+        return SnapshotStore(self.storage, self.stage.reads, keep=self.store.keep)
+
+    def read_input(self, key: str | None) -> dict[str, Any]:
+        """The manifest of the input snapshot `key` (None: the input store's CURRENT); this run's key follows."""
+        manifest = self.input_store.resolve(key)
+        self.audit.input = manifest_ref(manifest)
+        reads = self.input_store.stage
+        self.inputs = {reads: manifest["key"], f"{reads}_manifest_sha256": manifest_hash(manifest)}
+        self._keyed(manifest_hash(manifest), input={reads: manifest["key"]})
+        return manifest
+
+    def read_landing(self, listing_hash: str, files: int) -> None:
+        """A stage reading the landing: the listing is its input manifest, its hash names every
+        file's path, size and mtime."""
+        self.audit.input = {"stage": "landing", "sha256": listing_hash}
+        self.inputs = {"listing_files": files}
+        self._keyed(listing_hash, files=files)
+
+    def _keyed(self, input_hash: str, **summary: Any) -> None:
+        self.key = snapshot_key(self.stage.commits, input_hash, self.version)
+        self.summary.update(key=self.key, **summary)
+
+    def committed(self) -> dict[str, Any] | None:
+        """This run's output, if a run with the same key committed it already."""
+        return self.store.committed(self.key)
+
+    def skip(self, done: dict[str, Any], audit_counts: dict[str, Any], **summary: Any) -> dict[str, Any]:
+        """The summary of a run that found its output committed: on record, but nothing new, so
+        its task ends skipped and publishes no asset event."""
+        self.audit.output, self.audit.counts, self.audit.skipped = done, audit_counts, True
+        return self.result(done, skipped="already committed", **summary)
+
+    def begin(self) -> Staging:
+        return self.store.begin(self.key)
+
+    def commit(self, staging: Staging, fields: dict[str, Any], audit_counts: dict[str, Any]) -> dict[str, Any]:
+        """Commit the staged output with its manifest (`fields`, plus its inputs and config version)."""
+        manifest = self.store.commit(staging, {"inputs": self.inputs, "config_version": self.version, **fields})
+        self.audit.output, self.audit.counts = manifest, audit_counts
+        return manifest
+
+    def result(self, manifest: dict[str, Any], **summary: Any) -> dict[str, Any]:
+        return {**self.summary, **summary, "manifest": manifest, "durations": self.timer.durations}
+
+
+@contextmanager
+def stage_run(stage: Stage, zone: str, config: str | None = None) -> Iterator[StageRun]:
+    """A run of `stage` in `zone`, audited when it ends (committed, skipped or failed with its kind)."""
+    settings = load_settings(config) if config else get_settings()
+    with audited(settings, stage.commits, zone) as audit:
+        yield StageRun(stage, zone, settings, audit)
 
 
 def init_ray() -> None:
@@ -61,112 +139,25 @@ def free_resources() -> dict[str, float]:
     llama.cpp target holds a CPU) keep theirs, and a pool larger than the free CPUs waits forever."""
     import ray
 
-    free = ray.available_resources()
+    free = ray.available_resources()  # type: ignore[no-untyped-call]  # ray leaves it unannotated
     return {k: free.get(k, 0.0) for k in ("CPU", "GPU")}
-
-
-def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--zone", required=True, help="the zone whose storage this job reads and writes")
-    p.add_argument("--config", default=None, help="keel.yaml (default: $KEEL_CONFIG, ./keel.yaml, the example)")
-    if extra:
-        extra(p)
-    return p.parse_args()
 
 
 def emit(summary: dict[str, Any]) -> None:
     """Print the run summary as the job's last log line (the manifest stays in storage)."""
-    print(RESULT_PREFIX + json.dumps({k: v for k, v in summary.items() if k != "manifest"}, sort_keys=True), flush=True)
+    print(format_result(summary), flush=True)
 
 
-def parse_result(logs: str) -> dict[str, Any] | None:
-    for line in reversed(logs.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX) :])
-    return None
-
-
-# -- the audit record of one run ----------------------------------------------------------------
-# keel.storage and keel.pipeline are imported where used: the Airflow side imports this module
-# (parse_result) and need not load pyarrow for it.
-
-
-def manifest_ref(manifest: dict[str, Any]) -> dict[str, str]:
-    """A committed snapshot as the audit trail names it: the manifest lists every file's SHA-256,
-    so the manifest's own SHA-256 pins the snapshot's bytes (and equals that of `_manifest.json`)."""
-    from keel.pipeline.snapshots import manifest_hash
-
-    return {"stage": manifest["stage"], "key": manifest["key"], "sha256": manifest_hash(manifest)}
-
-
-def transformation_fields(*, job: str, job_id: str, zone: str, data_classes: list[str], status: str,
-                          input: dict[str, Any] | None, output: dict[str, Any] | None, counts: dict[str, Any],
-                          config_version: str, duration_s: float, airflow: dict[str, str] | None = None,
-                          error_kind: str | None = None) -> dict[str, Any]:
-    """The fields of one `transformation` audit record (pure). `output` is the committed manifest;
-    counts must be numbers, so no document text or value can slip into the trail through them."""
-    fields: dict[str, Any] = {
-        "job": job, "job_id": job_id, **(airflow or {}), "zone": zone, "data_classes": sorted(data_classes),
-        "status": status, "input": input, "output": manifest_ref(output) if output else None,
-        "counts": {k: int(v) for k, v in counts.items()}, "config_version": config_version,
-        "duration_s": round(duration_s, 3),
-    }
-    if error_kind:
-        fields["error_kind"] = error_kind
-    return fields
-
-
-def job_context() -> tuple[str, dict[str, str]]:
-    """This run's Ray job submission id and the Airflow run that submitted it. The Jobs API hands a
-    job its metadata (the submission id, and the airflow_* entries keel.orchestration.stages sets,
-    as it tags MLflow runs) in this env var; a job called in-process (tests, a shell) has none,
-    so a uuid names the run."""
-    config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
-    meta = config.get("metadata") or {}
-    airflow = {k: str(meta[k]) for k in ("airflow_dag_id", "airflow_run_id") if meta.get(k)}
-    return str(meta.get("job_submission_id") or uuid.uuid4().hex), airflow
-
-
-@dataclass
-class Transformation:
-    """What a run did, filled in by the job as it learns it; `audited` records it when the run ends."""
-
-    input: dict[str, Any] | None = None  # a manifest_ref, or what stands for one (ingest: the listing)
-    output: dict[str, Any] | None = None  # the committed manifest
-    counts: dict[str, Any] = field(default_factory=dict)
-    skipped: bool = False  # the output was already committed: this run only found it
-
-
-@contextmanager
-def audited(settings: Any, job: str, zone: str) -> Iterator[Transformation]:
-    """Append one `transformation` record to the zone's audit trail when the run ends: "committed",
-    "skipped" (a re-run that found its output committed: recorded, so every run is, but no new
-    data) or "failed" with the failure kind. A failed run raises its own error, not an audit one."""
-    run, t0 = Transformation(), time.perf_counter()
-    job_id, airflow = job_context()
-    data_classes = sorted({s.data_class.value for s in settings.pipeline.sources if s.zone == zone})
-
-    def record(status: str, error_kind: str | None = None) -> None:
-        fields = transformation_fields(job=job, job_id=job_id, zone=zone, data_classes=data_classes, status=status,
-                                       input=run.input, output=run.output, counts=run.counts,
-                                       config_version=settings.config_version(),
-                                       duration_s=time.perf_counter() - t0, airflow=airflow, error_kind=error_kind)
-        _append(settings, zone, re.sub(r"[^A-Za-z0-9_.-]", "_", f"job-{job}-{job_id}")[:128], fields)
-
-    try:
-        yield run
-    except Exception as e:
-        try:
-            record("failed", classify(e).value)
-        except Exception:
-            log.exception("zone %s: could not record the failed %s run in the audit trail", zone, job)
-        raise
-    record("skipped" if run.skipped else "committed")
-
-
-def _append(settings: Any, zone: str, writer: str, fields: dict[str, Any]) -> None:
-    trails = Trails(settings, writer)
-    try:
-        trails.append(zone, "transformation", **fields)
-    finally:
-        trails.close()
+def main(stage: Stage, description: str | None, run: Callable[[str, Any, str | None], dict[str, Any]]) -> None:
+    """A stage job's command line: `--zone`, `--config`, and its input: `--input-key` for a stage
+    reading a snapshot, `--run-time` for one reading the landing; then `run(zone, input, config)`."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--zone", required=True, help="the zone whose storage this job reads and writes")
+    p.add_argument("--config", default=None, help="keel.yaml (default: $KEEL_CONFIG, ./keel.yaml, the example)")
+    if stage.reads:
+        p.add_argument("--input-key", default=None, help=f"the {stage.reads} snapshot to read (default: CURRENT)")
+    else:
+        p.add_argument("--run-time", required=True, help="the DAG run's logical time, stored on new documents")
+    args = p.parse_args()
+    init_ray()
+    emit(run(args.zone, args.input_key if stage.reads else args.run_time, args.config))

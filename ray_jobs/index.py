@@ -1,6 +1,6 @@
 """Ray job: chunk, embed and index the zone's validated scrubbed snapshot.
 
-    python -m ray_jobs.index --zone us [--scrubbed-key KEY]
+    python -m ray_jobs.index --zone us [--input-key SCRUBBED_KEY]
 
 Refuses a snapshot that has not passed validation (the downstream block holds even when the
 job is started by hand). Chunks already embedded under the same config are reused by chunk id.
@@ -13,50 +13,42 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from keel.failures import DataQualityError
+from keel.errors import ConfigError, DataQualityError
+from keel.orchestration import chain
 from keel.pipeline import index
-from keel.pipeline.snapshots import SnapshotStore, manifest_hash, read_parts, snapshot_key, write_parts
-from keel.settings import KeelSettings, get_settings, load_settings
-from keel.storage import ZoneStorage
+from keel.pipeline.snapshots import SnapshotStore, read_parts, write_parts
+from keel.settings import KeelSettings
 from ray_jobs import validate
-from ray_jobs._job import Timer, audited, emit, free_resources, init_ray, manifest_ref, parse_args
+from ray_jobs._job import free_resources, main, stage_run
+
+STAGE = chain.stage("index")
 
 
-def run(zone: str, scrubbed_key: str | None = None, config: str | None = None) -> dict[str, Any]:
-    settings = load_settings(config) if config else get_settings()
-    version = settings.config_version()
-    storage = ZoneStorage.for_zone(settings, zone)
-    scrubbed_store = SnapshotStore(storage, "scrubbed", keep=settings.pipeline.keep_snapshots)
-    store = SnapshotStore(storage, "index", keep=settings.pipeline.keep_snapshots)
-    with audited(settings, "index", zone) as audit:
-        scrubbed = scrubbed_store.resolve(scrubbed_key)
-        audit.input = manifest_ref(scrubbed)
-        if not validate.passed(storage, scrubbed, version):
-            raise DataQualityError(f"zone {zone}: scrubbed snapshot {scrubbed['key']} has not passed validation: blocked")
-        key = snapshot_key("index", manifest_hash(scrubbed), version)
-        summary: dict[str, Any] = {"stage": "index", "zone": zone, "key": key, "input": {"scrubbed": scrubbed["key"]}}
-        if (done := store.committed(key)) is not None:
-            audit.output, audit.counts, audit.skipped = done, done["counts"], True
-            return {**summary, "skipped": "already committed", "counts": done["counts"], "manifest": done}
+def run(zone: str, input_key: str | None = None, config: str | None = None) -> dict[str, Any]:
+    with stage_run(STAGE, zone, config) as job:
+        scrubbed = job.read_input(input_key)
+        if not validate.passed(job.storage, scrubbed, job.version):
+            raise DataQualityError(
+                f"zone {zone}: scrubbed snapshot {scrubbed['key']} has not passed validation: blocked")
+        if (done := job.committed()) is not None:
+            return job.skip(done, done["counts"], counts=done["counts"])
 
-        timer = Timer()
-        with timer.stage("plan"):
-            docs = read_parts(scrubbed_store, scrubbed, "documents")
-            known = _previous_vectors(store, version)
-        with timer.stage("chunk_embed"):
-            chunks = _chunk_embed(settings, docs, frozenset(known["chunk_id"].to_pylist()))
-        with timer.stage("write"):
+        with job.timer.stage("plan"):
+            docs = read_parts(job.input_store, scrubbed, "documents")
+            known = _previous_vectors(job.store, job.version)
+        with job.timer.stage("chunk_embed"):
+            chunks = _chunk_embed(job.settings, docs, frozenset(known["chunk_id"].to_pylist()))
+        with job.timer.stage("write"):
             chunks = _fill_known(chunks, known)
-            staging = store.begin(key)
+            staging = job.begin()
             write_parts(staging, "chunks", chunks, sort_by="chunk_id")
-            index.write_table(storage.uri(staging.path, "lance"), chunks.sort_by("chunk_id"), storage)
-            reused = int(pc.sum(pc.is_in(chunks["chunk_id"], value_set=known["chunk_id"].combine_chunks())).as_py() or 0)
+            index.write_table(job.storage.uri(staging.path, "lance"), chunks.sort_by("chunk_id"), job.storage)
+            was_known = pc.is_in(chunks["chunk_id"], value_set=known["chunk_id"].combine_chunks())
+            reused = int(pc.sum(was_known).as_py() or 0)
             counts = {"documents": docs.num_rows, "chunks": chunks.num_rows, "embedded": chunks.num_rows - reused,
                       "reused": reused}
-            manifest = store.commit(staging, {"inputs": {"scrubbed": scrubbed["key"]}, "config_version": version,
-                                              "counts": counts})
-        audit.output, audit.counts = manifest, counts
-    return {**summary, "counts": counts, "manifest": manifest, "durations": timer.durations}
+            manifest = job.commit(staging, {"counts": counts}, counts)
+    return job.result(manifest, counts=counts)
 
 
 def _previous_vectors(store: SnapshotStore, version: str) -> pa.Table:
@@ -84,10 +76,13 @@ def _chunk_embed(settings: KeelSettings, docs: pa.Table, known: frozenset[str]) 
         batch_size=batch,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors),
-        **per_actor,
+        num_cpus=per_actor["num_cpus"],
+        num_gpus=per_actor.get("num_gpus"),
     )
     tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
-    return pa.concat_tables([t.cast(index.CHUNKS_SCHEMA) for t in tables]) if tables else index.CHUNKS_SCHEMA.empty_table()
+    if not tables:
+        return index.CHUNKS_SCHEMA.empty_table()
+    return pa.concat_tables([t.cast(index.CHUNKS_SCHEMA) for t in tables])
 
 
 # A GPU wants bigger batches than a CPU core: fp16 MiniLM on an H200 embeds 17.9k chunks/s at
@@ -100,7 +95,7 @@ def placement(settings: KeelSettings, resources: dict[str, float]) -> tuple[str,
     p = settings.pipeline
     gpus = int(resources.get("GPU", 0))
     if p.embedding_device == "cuda" and not gpus:
-        raise ValueError("pipeline.embedding_device is cuda but the Ray cluster has no GPU")
+        raise ConfigError("pipeline.embedding_device is cuda but the Ray cluster has no GPU")
     if p.embedding_device != "cpu" and gpus:
         return "cuda", min(p.embed_actors, gpus), p.embed_batch_size * GPU_BATCH_FACTOR, {"num_cpus": 1, "num_gpus": 1}
     return "cpu", min(p.embed_actors, max(1, int(resources.get("CPU", 1)))), p.embed_batch_size, {"num_cpus": 1}
@@ -116,11 +111,5 @@ def _fill_known(chunks: pa.Table, known: pa.Table) -> pa.Table:
                              pa.array(filled, index.CHUNKS_SCHEMA.field("vector").type))
 
 
-def main() -> None:
-    args = parse_args(__doc__, lambda p: p.add_argument("--scrubbed-key", default=None))
-    init_ray()
-    emit(run(args.zone, args.scrubbed_key, args.config))
-
-
 if __name__ == "__main__":
-    main()
+    main(STAGE, __doc__, run)

@@ -1,6 +1,6 @@
 """Ray job: redact the zone's current raw snapshot into a scrubbed snapshot plus a quarantine.
 
-    python -m ray_jobs.scrub --zone us [--raw-key KEY]
+    python -m ray_jobs.scrub --zone us [--input-key RAW_KEY]
 
 Documents already scrubbed under the same config are reused by id (a document id is a hash of
 its source and bytes), so a daily run only pays for new and changed documents.
@@ -13,54 +13,40 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from keel.orchestration import chain
 from keel.pipeline import scrub
-from keel.pipeline.snapshots import SnapshotStore, manifest_hash, read_parts, snapshot_key, write_parts
-from keel.settings import KeelSettings, get_settings, load_settings
-from keel.storage import ZoneStorage
-from ray_jobs._job import Timer, audited, emit, free_resources, init_ray, manifest_ref, parse_args
+from keel.pipeline.snapshots import SnapshotStore, read_parts, write_parts
+from keel.settings import KeelSettings
+from ray_jobs._job import free_resources, main, stage_run
+
+STAGE = chain.stage("scrub")
 
 
-def run(zone: str, raw_key: str | None = None, config: str | None = None) -> dict[str, Any]:
-    settings = load_settings(config) if config else get_settings()
-    storage = ZoneStorage.for_zone(settings, zone)
-    raw_store = SnapshotStore(storage, "raw", keep=settings.pipeline.keep_snapshots)
-    store = SnapshotStore(storage, "scrubbed", keep=settings.pipeline.keep_snapshots)
-    with audited(settings, "scrubbed", zone) as audit:
-        raw = raw_store.resolve(raw_key)
-        audit.input = manifest_ref(raw)
-        version = settings.config_version()
-        key = snapshot_key("scrubbed", manifest_hash(raw), version)
-        summary: dict[str, Any] = {"stage": "scrubbed", "zone": zone, "key": key, "input": {"raw": raw["key"]}}
-        if (done := store.committed(key)) is not None:
-            audit.output, audit.counts, audit.skipped = done, done["counts"], True
-            return {**summary, "skipped": "already committed", "counts": done["counts"], "findings": done["findings"],
-                    "manifest": done}
+def run(zone: str, input_key: str | None = None, config: str | None = None) -> dict[str, Any]:
+    with stage_run(STAGE, zone, config) as job:
+        raw = job.read_input(input_key)
+        if (done := job.committed()) is not None:
+            return job.skip(done, done["counts"], counts=done["counts"], findings=done["findings"])
 
-        timer = Timer()
-        with timer.stage("plan"):
-            ids = read_parts(raw_store, raw, "documents", ["doc_id"])["doc_id"]
-            reused_docs, reused_q = _reusable(store, version, ids)
+        with job.timer.stage("plan"):
+            ids = read_parts(job.input_store, raw, "documents", ["doc_id"])["doc_id"]
+            reused_docs, reused_q = _reusable(job.store, job.version, ids)
             done_ids = pa.concat_arrays([reused_docs["doc_id"].combine_chunks(), reused_q["doc_id"].combine_chunks()])
-        with timer.stage("scrub"):
-            fresh = _scrub(settings, raw_store, raw, done_ids)
-        with timer.stage("write"):
+        with job.timer.stage("scrub"):
+            fresh = _scrub(job.settings, job.input_store, raw, done_ids)
+        with job.timer.stage("write"):
             docs, quarantined = scrub.split(fresh)
             docs = pa.concat_tables([reused_docs, docs])
             quarantined = pa.concat_tables([reused_q, quarantined])
-            staging = store.begin(key)
+            staging = job.begin()
             write_parts(staging, "documents", docs, sort_by="doc_id")
             write_parts(staging, "quarantine", quarantined, sort_by="doc_id")
             counts = {"in": len(ids), "out": docs.num_rows, "quarantined": quarantined.num_rows,
                       "reused": len(done_ids), "scrubbed": fresh.num_rows}
-            manifest = store.commit(
-                staging,
-                {"inputs": {"raw": raw["key"], "raw_manifest_sha256": manifest_hash(raw)}, "config_version": version,
-                 "counts": counts, "findings": scrub.findings_total(docs),
-                 "quarantine_reasons": scrub.quarantine_reasons(quarantined)},
-            )
-        audit.output, audit.counts = manifest, counts
-    return {**summary, "counts": counts, "findings": manifest["findings"],
-            "quarantine_reasons": manifest["quarantine_reasons"], "manifest": manifest, "durations": timer.durations}
+            manifest = job.commit(staging, {"counts": counts, "findings": scrub.findings_total(docs),
+                                            "quarantine_reasons": scrub.quarantine_reasons(quarantined)}, counts)
+    return job.result(manifest, counts=counts, findings=manifest["findings"],
+                      quarantine_reasons=manifest["quarantine_reasons"])
 
 
 def _reusable(store: SnapshotStore, version: str, ids: pa.ChunkedArray) -> tuple[pa.Table, pa.Table]:
@@ -100,14 +86,10 @@ def _scrub(settings: KeelSettings, raw_store: SnapshotStore, raw: dict[str, Any]
         num_cpus=1,
     )
     tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
-    return pa.concat_tables([t.cast(scrub.SCRUB_OUT_SCHEMA) for t in tables]) if tables else scrub.SCRUB_OUT_SCHEMA.empty_table()
-
-
-def main() -> None:
-    args = parse_args(__doc__, lambda p: p.add_argument("--raw-key", default=None, help="raw snapshot key (default CURRENT)"))
-    init_ray()
-    emit(run(args.zone, args.raw_key, args.config))
+    if not tables:
+        return scrub.SCRUB_OUT_SCHEMA.empty_table()
+    return pa.concat_tables([t.cast(scrub.SCRUB_OUT_SCHEMA) for t in tables])
 
 
 if __name__ == "__main__":
-    main()
+    main(STAGE, __doc__, run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -22,7 +23,8 @@ def _small_landing(root: Path) -> Path:
     """A few real sample documents (the refund policy among them) to keep scheduler tests short."""
     land = root / "landing"
     land.mkdir()
-    for name in sorted((ROOT / "data/sample/us/product").glob("*.md"))[:6] + [ROOT / "data/sample/us/product/refund-policy.md"]:
+    product = ROOT / "data/sample/us/product"
+    for name in [*sorted(product.glob("*.md"))[:6], product / "refund-policy.md"]:
         shutil.copy(name, land / name.name)
     shutil.copy(ROOT / "data/sample/us/clinical/note-0001.txt", land / "note-0001.txt")
     return land
@@ -60,7 +62,8 @@ def test_dags_parse_with_assets_in_zone_storage(tmp_path):
 def _dags_test(env: dict, dag_id: str) -> subprocess.CompletedProcess:
     import os
 
-    return subprocess.run([AIRFLOW, "dags", "test", dag_id], env={**os.environ, **env}, capture_output=True, timeout=900)
+    return subprocess.run([AIRFLOW, "dags", "test", dag_id], env={**os.environ, **env}, capture_output=True,
+                          timeout=900)
 
 
 def test_dags_test_runs_ray_jobs_and_streams_their_logs(ray_head, shared_state, tmp_path):
@@ -83,6 +86,14 @@ def test_dags_test_runs_ray_jobs_and_streams_their_logs(ray_head, shared_state, 
              if r["kind"] == "transformation"]
     assert rec["job"] == "raw" and rec["status"] == "committed" and rec["job_id"].startswith("keel-ingest_us-")
     assert rec["airflow_dag_id"] == "keel_ingest" and rec["airflow_run_id"]
+    # Again on the unchanged landing: the job finds its snapshot committed, so the task ends skipped and
+    # Airflow records no asset event for it (the first run's event is the only one).
+    r = _dags_test(env, "keel_ingest")
+    out = r.stdout.decode() + r.stderr.decode()
+    assert r.returncode == 0, out[-4000:]
+    assert '"skipped": "already committed"' in out and "nothing new for keel_us_raw" in out
+    with sqlite3.connect(tmp_path / "airflow" / "airflow.db") as db:
+        assert db.execute("SELECT count(*) FROM asset_event").fetchone() == (1,)
     r = _dags_test(env, "keel_scrub_us")
     out = r.stdout.decode() + r.stderr.decode()
     assert r.returncode == 0, out[-4000:]

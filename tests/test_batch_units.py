@@ -9,13 +9,14 @@ import pytest
 import yaml
 
 from keel import audit
-from keel.failures import DataQualityError, FailureKind, classify
+from keel.errors import ConfigError, DataQualityError, FailureKind, classify
+from keel.orchestration import chain
 from keel.pipeline.chunking import chunk_text
 from keel.pipeline.documents import decode, document_id, html_to_text, split_file
 from keel.pipeline.snapshots import SnapshotStore, snapshot_key
 from keel.settings import load_settings
 from keel.storage import ZoneStorage
-from ray_jobs._job import audited
+from ray_jobs._audit import audited
 from tests.support.services import write_config
 
 
@@ -29,7 +30,7 @@ from tests.support.services import write_config
         (RuntimeError("quota exceeded for project"), FailureKind.RATE_LIMIT),
         (KeyError("doc_id"), FailureKind.BUG),
         ("ray.exceptions.ActorDiedError: The actor died unexpectedly", FailureKind.TRANSIENT),
-        ("keel.failures.DataQualityError: zone us: ... failed validation", FailureKind.DATA_QUALITY),
+        ("keel.errors.DataQualityError: zone us: ... failed validation", FailureKind.DATA_QUALITY),
         ("TypeError: unsupported operand", FailureKind.BUG),
         (None, FailureKind.BUG),
     ],
@@ -37,6 +38,17 @@ from tests.support.services import write_config
 def test_failures_are_classified(error, kind):
     assert classify(error) is kind
     assert kind.retryable == (kind in (FailureKind.TRANSIENT, FailureKind.RATE_LIMIT))
+
+
+def test_a_failed_ray_job_carries_the_kind_its_log_names():
+    from keel.orchestration.ray_jobs import RayJobFailed
+
+    log = "Traceback (most recent call last):\n  ...\nkeel.errors.SourceNotFound: landing source 'docs': /x"
+    assert classify(log) is FailureKind.BUG
+    assert classify("ray_jobs.index: keel.errors.TransientError: store busy") is FailureKind.TRANSIENT
+    failed = RayJobFailed("Ray job keel-ingest_us-1 FAILED", classify("ConnectionResetError: peer"))
+    assert classify(failed) is FailureKind.TRANSIENT and failed.code == "ray_job_failed"
+    assert RayJobFailed("x", FailureKind.BUG).kind is FailureKind.BUG  # each instance its own kind
 
 
 def test_classify_follows_the_exception_chain():
@@ -181,7 +193,7 @@ def test_embedding_on_cuda_without_a_gpu_is_a_clear_error():
 
     s = load_settings()
     s.pipeline.embedding_device = "cuda"
-    with pytest.raises(ValueError, match="no GPU"):
+    with pytest.raises(ConfigError, match="no GPU"):
         placement(s, {"CPU": 2.0})
 
 
@@ -195,7 +207,7 @@ def test_alerts_reach_the_log_and_a_real_webhook(caplog):
     received = []
 
     class Hook(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
             self.send_response(204)
             self.end_headers()
@@ -214,3 +226,76 @@ def test_alerts_reach_the_log_and_a_real_webhook(caplog):
         server.shutdown()
     assert received == [{"keel_alert": {**alert.__dict__}}]
     assert "KEEL ALERT" in caplog.text and "alert webhook http://127.0.0.1:9/unreachable failed" in caplog.text
+
+
+def test_the_chain_is_declared_once_and_the_dags_follow_from_it():
+    dags = chain.dags()
+    assert [(d.name, d.trigger, [s.name for s in d.stages]) for d in dags] == [
+        ("ingest", None, ["ingest"]), ("scrub", "raw", ["scrub", "validate"]), ("index", "scrubbed", ["index"])]
+    assert chain.dag_ids(["us", "eu"]) == ["keel_ingest", "keel_scrub_eu", "keel_scrub_us", "keel_index_eu",
+                                           "keel_index_us"]
+    # What a successful task starts downstream: only a stage that publishes an asset starts anything.
+    assert chain.started_by("ingest_us") == ["keel_scrub_us"]
+    assert chain.started_by("scrub_us") == [] and chain.started_by("index_eu") == []
+    assert chain.started_by("validate_eu") == ["keel_index_eu"]
+    # A stage that reads neither a published asset nor what the stage before it commits is refused.
+    stray = chain.Stage("evaluate", "ray_jobs.evaluate", "validation", "evaluation", None, "")
+    with pytest.raises(ConfigError, match="'evaluate' reads 'validation'"):
+        chain.dags((*chain.STAGES, stray))
+    evaluate = chain.Stage("evaluate", "ray_jobs.evaluate", "index", "evaluation", "evaluation", "")
+    assert chain.dags((*chain.STAGES, evaluate))[-1] == chain.Dag("evaluate", "index", (evaluate,))
+
+
+def test_the_run_summary_line_round_trips_without_the_manifest():
+    from keel.orchestration.job_result import format_result, parse_result
+
+    line = format_result({"stage": "raw", "key": "k", "manifest": {"files": {}}, "counts": {"documents": 3}})
+    logs = f"starting\nKEEL_RESULT {{\"old\": 1}}\nprogress\n{line}\n"
+    assert parse_result(logs) == {"stage": "raw", "key": "k", "counts": {"documents": 3}}
+    assert parse_result("no summary here") is None
+
+
+def _stage_task(monkeypatch, name: str, result: dict, before: dict | None = None):
+    """Run one stage task's body with a fake Ray job that returns `result`; the outlet events it set."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from keel.orchestration import ray_jobs, stages
+    from keel.settings import get_settings
+
+    submitted = []
+    monkeypatch.setattr(ray_jobs, "run_job", lambda address, entrypoint, **kw: submitted.append(entrypoint) or result)
+    stage = chain.stage(name)
+    outlet = stages.asset(get_settings(), "us", stage.publishes) if stage.publishes else None
+    events: defaultdict = defaultdict(lambda: SimpleNamespace(extra=None))
+    context = {"ti": SimpleNamespace(dag_id="keel_scrub_us", task_id=f"{name}_us", run_id="manual__1", try_number=1),
+               "outlet_events": events, "logical_date": None,
+               "dag_run": SimpleNamespace(run_after=__import__("datetime").datetime(2026, 11, 26))}
+    try:
+        return stages.run_stage(stage, "us", context, before, None, outlet), events, submitted
+    finally:
+        events.default_factory = None
+
+
+def test_a_stage_publishes_the_snapshot_it_committed_or_approved(monkeypatch):
+    summary, events, [cmd] = _stage_task(monkeypatch, "validate", {
+        "stage": "validation", "key": "v1", "input": {"scrubbed": "s1"}, "success": True, "manifest": {}},
+        before={"key": "s1"})
+    assert cmd[-4:] == ["--zone", "us", "--input-key", "s1"]  # the snapshot scrub committed, before it in the DAG
+    [event] = events.values()
+    assert event.extra["key"] == "s1" and event.extra["stage"] == "validation"  # the scrubbed snapshot that passed
+    assert "manifest" not in summary
+    _, events, [cmd] = _stage_task(monkeypatch, "ingest", {"stage": "raw", "key": "r1", "counts": {}, "manifest": {}})
+    assert cmd[-4:] == ["--zone", "us", "--run-time", "2026-11-26T00:00:00"]
+    assert [e.extra["key"] for e in events.values()] == ["r1"]
+
+
+def test_a_stage_that_found_its_output_committed_ends_skipped_and_publishes_nothing(monkeypatch):
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    found = {"stage": "raw", "key": "r1", "skipped": "already committed", "manifest": {}}
+    with pytest.raises(AirflowSkipException, match="already committed: nothing new for keel_us_raw"):
+        _stage_task(monkeypatch, "ingest", found)
+    # A stage without an outlet succeeds instead, so the stage after it in its DAG still decides.
+    summary, events, _ = _stage_task(monkeypatch, "scrub", {**found, "stage": "scrubbed", "input": {"raw": "r0"}})
+    assert summary["skipped"] == "already committed" and not events

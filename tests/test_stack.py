@@ -8,12 +8,15 @@ import json
 import os
 import signal
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
 import yaml
 
 from keel import processes, stack
+from keel.orchestration import chain
+from keel.orchestration.stages import zones_with_sources
 from keel.settings import load_settings
 from tests.conftest import run_keel
 from tests.support.services import free_port, write_config
@@ -76,13 +79,14 @@ def test_a_service_that_dies_while_starting_is_named_with_its_log(tmp_path, monk
     cfg = _stack_config(tmp_path)
     local = stack.LocalStack(load_settings(cfg), cfg)
     wait = (["sleep", "60"], {})
-    monkeypatch.setattr(local, "_commands", lambda: {"ray": wait, "airflow": wait,
-                                                      "mlflow": (["sh", "-c", "echo 'no such backend' >&2; exit 3"], {})})
+    fail = (["sh", "-c", "echo 'no such backend' >&2; exit 3"], {})
+    monkeypatch.setattr(local, "_commands", lambda: {"ray": wait, "airflow": wait, "mlflow": fail})
     try:
         with pytest.raises(stack.StackError) as err:
             local.up(say=lambda _: None, load=False, timeout_s=60)
         log = local.logs / "mlflow.log"
-        assert str(err.value).startswith(f"mlflow: exited while starting; log {log}") and "no such backend" in str(err.value)
+        assert str(err.value).startswith(f"mlflow: exited while starting; log {log}")
+        assert "no such backend" in str(err.value)
     finally:
         assert local.down(say=lambda _: None) == []
 
@@ -116,16 +120,22 @@ def test_keel_up_runs_the_whole_stack_and_keel_down_leaves_nothing(tmp_path):
                                                 messages=[{"role": "user", "content": "Say hello."}])
         assert answer.choices[0].message.content and answer.usage.completion_tokens > 0
 
-        # The DAG chain, triggered through Airflow's REST API, and the MLflow run it logged.
+        # The DAG chain, triggered again through Airflow's REST API on the unchanged landing: ingest finds
+        # its snapshots committed, so its tasks end skipped, publish no asset event, and nothing downstream
+        # runs again; the run is still logged to MLflow.
         api = local.airflow()
         deadline = time.monotonic() + 900
-        before = {d: len([r for r in api.runs(d) if r["state"] in ("success", "failed")])
-                  for d in ("keel_scrub_us", "keel_index_us")}
+        downstream = chain.dag_ids(zones_with_sources(local.s))[1:]
+        before = {d: len(api.runs(d)) for d in downstream}
+        assert all(before.values()), before  # the first `keel up` ran every DAG of the chain
         run = api.trigger("keel_ingest")
         api.wait_run("keel_ingest", run["dag_run_id"], deadline)
-        for dag, n in before.items():
-            done = api.wait_any_run(dag, deadline, after=n)
-            assert (done["state"], done["run_type"]) == ("success", "asset_triggered"), done
+        tasks = api.call("GET", f"/api/v2/dags/keel_ingest/dagRuns/{run['dag_run_id']}/taskInstances")
+        assert {t["state"] for t in tasks["task_instances"]} == {"skipped"}, tasks
+        query = urllib.parse.urlencode({"source_dag_id": "keel_ingest", "source_run_id": run["dag_run_id"]})
+        assert api.call("GET", f"/api/v2/assets/events?{query}")["asset_events"] == []
+        time.sleep(20)  # several scheduler loops: an asset event would have queued a run by now
+        assert {d: len(api.runs(d)) for d in downstream} == before
         from mlflow.tracking import MlflowClient
 
         mlflow = MlflowClient(local.urls["mlflow"])
@@ -142,8 +152,10 @@ def test_keel_up_runs_the_whole_stack_and_keel_down_leaves_nothing(tmp_path):
         status = run_keel("status", "--json", "--config", str(cfg))
         assert status.returncode == 0, status.stdout
         rows = {r["name"]: r for r in json.loads(status.stdout)}
-        assert {n: r["state"] for n, r in rows.items()} == dict.fromkeys(("ray", "gateway", "mlflow", "airflow"), "healthy")
-        print(f"first keel up {first_up_s:.0f} s; PSS " + ", ".join(f"{n} {r['pss_bytes'] / 2**20:.0f} MB" for n, r in rows.items()))
+        assert {n: r["state"] for n, r in rows.items()} == dict.fromkeys(("ray", "gateway", "mlflow", "airflow"),
+                                                                         "healthy")
+        pss = ", ".join(f"{n} {r['pss_bytes'] / 2**20:.0f} MB" for n, r in rows.items())
+        print(f"first keel up {first_up_s:.0f} s; PSS {pss}")
 
         # After a crash (MLflow killed), `keel up` restarts what is gone and keeps the rest.
         os.kill(rows["mlflow"]["pid"], signal.SIGKILL)

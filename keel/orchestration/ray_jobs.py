@@ -18,13 +18,18 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from keel.failures import FailureKind, KeelFailure, classify
-from ray_jobs._job import parse_result
+from keel.errors import FailureKind, KeelError, classify
+from keel.orchestration.job_result import RESULT_PREFIX, parse_result
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-class RayJobFailed(KeelFailure):
+class RayJobFailed(KeelError):  # noqa: N818 - named like its siblings in keel.errors (GuardFailed)
+    """A Ray job that failed, could not be reached or printed no summary: its kind is the one its
+    log names (a Keel error's class, or a known foreign failure), so the task retries only what may pass."""
+
+    code = "ray_job_failed"
+
     def __init__(self, message: str, kind: FailureKind) -> None:
         super().__init__(message)
         self.kind = kind
@@ -88,7 +93,7 @@ def run_job(
         raise RayJobFailed(f"{message}\n{tail}", classify(f"{info.message or ''}\n{tail}"))
     result = parse_result(logs)
     if result is None:
-        raise RayJobFailed(f"Ray job {job} succeeded but printed no KEEL_RESULT line", FailureKind.BUG)
+        raise RayJobFailed(f"Ray job {job} succeeded but printed no {RESULT_PREFIX.strip()} line", FailureKind.BUG)
     return result
 
 

@@ -1,41 +1,86 @@
-"""The batch chain as Airflow assets and tasks; the DAG files in dags/ only assemble these.
+"""The batch chain (keel.orchestration.chain) as Airflow DAGs, assets and tasks; the one DAG file,
+dags/keel_batch.py, only calls `build_dags`.
 
 Per zone, three assets in the zone's own storage, so the lineage shows in the Airflow UI:
 
     keel_<zone>_raw  ->  keel_<zone>_scrubbed (validated)  ->  keel_<zone>_index
 
 A stage task submits its Ray job, streams the job's log into the task log, logs the job's summary
-to MLflow, and emits its asset event with the committed snapshot key in the event's extra. The
+to MLflow, and emits its asset event with the published snapshot key in the event's extra. The
 next DAG reads that key from its triggering asset event: the event names the exact input, so a
 run is keyed on (asset, input manifest, config version) even without a data interval.
+
+A job that finds its output already committed (the same input under the same config) did nothing
+new: its task ends skipped, and Airflow emits no event for a skipped task's outlets, so nothing
+downstream runs again. A stage without an outlet (scrub) succeeds instead, so the stage after it
+in its DAG still runs and decides for itself (validate: publish, or skip too).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from keel import alerts
-from keel.failures import classify
+from keel.errors import classify
+from keel.orchestration import chain
 from keel.settings import KeelSettings, config_path, get_settings
 from keel.storage import ZoneStorage
 
 log = logging.getLogger("keel.orchestration")
 
-STAGES = ("raw", "scrubbed", "index")
+START = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def asset(settings: KeelSettings, zone: str, stage: str):  # type: ignore[no-untyped-def]
+def asset(settings: KeelSettings, zone: str, store: str) -> Any:
     from airflow.sdk import Asset
 
-    return Asset(uri=ZoneStorage.for_zone(settings, zone).uri(stage), name=f"keel_{zone}_{stage}",
-                 group="keel", extra={"zone": zone, "stage": stage})
+    return Asset(uri=ZoneStorage.for_zone(settings, zone).uri(store), name=f"keel_{zone}_{store}",
+                 group="keel", extra={"zone": zone, "stage": store})
 
 
 def zones_with_sources(settings: KeelSettings) -> list[str]:
     return sorted({s.zone for s in settings.pipeline.sources})
+
+
+def build_dags(settings: KeelSettings) -> list[Any]:
+    """Every DAG of the chain, for the zones that have landing sources: a clock-started DAG runs one
+    task per zone for each of its stages; an asset-triggered DAG is built once per zone."""
+    zones = zones_with_sources(settings)
+    return [_dag(settings, d, zs) for d in chain.dags() for zs in ([[z] for z in zones] if d.per_zone else [zones])]
+
+
+def _dag(settings: KeelSettings, d: chain.Dag, zones: list[str]) -> Any:
+    from airflow.sdk import DAG
+
+    dag_id = d.dag_id(zones[0])
+    inlet = asset(settings, zones[0], d.trigger) if d.trigger else None
+    when = f"when `{inlet.name}` updates" if inlet else f"`{chain.SCHEDULE}`, or on demand"
+    doc = f"**{dag_id}** runs {when}:\n\n" + "\n".join(f"- `{s.name}` ({s.job}): {s.doc}" for s in d.stages)
+    tags = ["keel", "batch", *(zones if d.per_zone else [])]
+    with DAG(dag_id=dag_id, schedule=[inlet] if inlet else chain.SCHEDULE, start_date=START, catchup=False,
+             max_active_runs=1, default_args=task_defaults(settings), tags=tags, doc_md=doc) as dag:
+        for zone in zones:
+            upstream = None
+            for s in d.stages:
+                upstream = _task(settings, s, zone, inlet if upstream is None else None, upstream)
+    return dag
+
+
+def _task(settings: KeelSettings, stage: chain.Stage, zone: str, inlet: Any, upstream: Any) -> Any:
+    """The task of `stage` in `zone`, after `upstream` (the task before it in its DAG, or None)."""
+    from airflow.sdk import task
+
+    outlet = asset(settings, zone, stage.publishes) if stage.publishes else None
+
+    @task(task_id=chain.task_id(stage, zone), inlets=[inlet] if inlet else [], outlets=[outlet] if outlet else [],
+          doc_md=stage.doc)
+    def run(before: dict[str, Any] | None = None, **context: Any) -> dict[str, Any]:
+        return run_stage(stage, zone, context, before, inlet, outlet)
+
+    return run(upstream) if upstream is not None else run()
 
 
 def on_failure(context: Any) -> None:
@@ -70,9 +115,26 @@ def task_defaults(settings: KeelSettings) -> dict[str, Any]:
     }
 
 
-def run_stage(module: str, zone: str, args: list[str], context: dict[str, Any], outlet: Any | None = None) -> dict[str, Any]:
-    """Body of a stage task: run the Ray job, log to MLflow, annotate the outlet event."""
-    from airflow.sdk.exceptions import AirflowFailException
+def job_args(stage: chain.Stage, context: dict[str, Any], before: dict[str, Any] | None, inlet: Any) -> list[str]:
+    """The input a stage's job is given: the snapshot the stage before it committed, or the one the
+    triggering asset event names (none: run by hand, the job reads CURRENT); for a stage reading the
+    landing, the run's logical time, stamped on documents first seen in this run (a retry stamps the
+    same), or when the run was queued if it has none (asset-triggered or manual)."""
+    if stage.reads is None:
+        when = context.get("logical_date") or context["dag_run"].run_after
+        return ["--run-time", when.isoformat()]
+    if before is not None:
+        key: str | None = before["key"]
+    else:
+        key = triggering_key(context, inlet) if inlet is not None else None
+    return ["--input-key", key] if key else []
+
+
+def run_stage(stage: chain.Stage, zone: str, context: dict[str, Any], before: dict[str, Any] | None = None,
+              inlet: Any = None, outlet: Any = None) -> dict[str, Any]:
+    """Body of a stage task: run the Ray job, log to MLflow, then publish its snapshot on the outlet,
+    or end skipped when the job found its output already committed."""
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
     from keel.orchestration.ray_jobs import run_job, submission_id
     from keel.orchestration.tracking import log_summary
@@ -86,7 +148,7 @@ def run_stage(module: str, zone: str, args: list[str], context: dict[str, Any], 
     try:
         result = run_job(
             settings.ray_address,
-            [python, "-m", module, "--zone", zone, *args],
+            [python, "-m", stage.job, "--zone", zone, *job_args(stage, context, before, inlet)],
             job_id=ids[-1],
             earlier_ids=ids[:-1],
             env=env,
@@ -102,11 +164,19 @@ def run_stage(module: str, zone: str, args: list[str], context: dict[str, Any], 
     if settings.pipeline.mlflow_tracking_uri:
         run = log_summary(settings.pipeline.mlflow_tracking_uri, ti.dag_id, ti.run_id, ti.task_id, result)
         log.info("logged to MLflow run %s", run)
-    if outlet is not None:
-        context["outlet_events"][outlet].extra = {"key": result.get("asset_key", result["key"]), "zone": zone,
-                                                  "stage": result["stage"],
-                                                  "counts": result.get("counts") or {}}
+    if outlet is None:
+        return summary
+    if result.get("skipped"):
+        raise AirflowSkipException(f"{stage.commits} snapshot {result['key']} was already committed: "
+                                   f"nothing new for {outlet.name}")
+    context["outlet_events"][outlet].extra = {"key": published_key(stage, result), "zone": zone,
+                                              "stage": result["stage"], "counts": result.get("counts") or {}}
     return summary
+
+
+def published_key(stage: chain.Stage, result: dict[str, Any]) -> str:
+    """The snapshot a stage's asset event names: its own output, or (validate) the input it approved."""
+    return str(result["key"] if stage.publishes == stage.commits else result["input"][stage.publishes])
 
 
 def triggering_key(context: dict[str, Any], inlet: Any) -> str | None:

@@ -27,17 +27,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from keel.audit import canonical
+from keel.errors import SnapshotNotFound
 from keel.storage import ZoneStorage
 
 MANIFEST = "_manifest.json"
 
 
-def canonical_json(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
 def manifest_hash(manifest: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical_json(manifest)).hexdigest()
+    return hashlib.sha256(canonical(manifest)).hexdigest()
 
 
 def snapshot_key(stage: str, input_hash: str, config_version: str) -> str:
@@ -77,9 +75,14 @@ class SnapshotStore:
         return self.storage.path(*self._snap(key, *parts))
 
     def committed(self, key: str) -> dict[str, Any] | None:
+        """The manifest of snapshot `key`, if it is committed."""
         if not self.storage.exists(*self._snap(key, MANIFEST)):
             return None
-        return json.loads(self.storage.read_bytes(*self._snap(key, MANIFEST)))
+        return dict(json.loads(self.read_file(key, MANIFEST)))
+
+    def read_file(self, key: str, name: str) -> bytes:
+        """A file of snapshot `key`."""
+        return self.storage.read_bytes(*self._snap(key, name))
 
     def current(self) -> dict[str, Any] | None:
         if not self.storage.exists(self.stage, "CURRENT"):
@@ -90,7 +93,7 @@ class SnapshotStore:
         """The manifest of snapshot `key`, or of CURRENT when key is None; missing is an error."""
         manifest = self.committed(key) if key else self.current()
         if manifest is None:
-            raise FileNotFoundError(f"zone {self.storage.zone}: no committed {self.stage} snapshot "
+            raise SnapshotNotFound(f"zone {self.storage.zone}: no committed {self.stage} snapshot "
                                     f"{key or '(CURRENT)'} in {self.uri()}")
         return manifest
 
@@ -113,7 +116,7 @@ class SnapshotStore:
                 name = posixpath.relpath(info.path, storage.path(staging.path))
                 files[name] = {"bytes": info.size, "sha256": _sha256(fs, info.path)}
         manifest = {**manifest, "stage": self.stage, "key": staging.key, "zone": storage.zone, "files": files}
-        staging.write_bytes(canonical_json(manifest), MANIFEST)
+        staging.write_bytes(canonical(manifest), MANIFEST)
         existing = self.committed(staging.key)
         if existing is None:
             final = storage.path(*self._snap(staging.key))
@@ -147,9 +150,6 @@ class SnapshotStore:
         for info in old[: max(0, len(old) - (self.keep - 1))]:
             self.storage.fs.delete_dir(info.path)
 
-    def manifest_bytes(self, key: str) -> bytes:
-        return self.storage.read_bytes(*self._snap(key, MANIFEST))
-
 
 def _sha256(fs: pafs.FileSystem, path: str) -> str:
     h = hashlib.sha256()
@@ -173,7 +173,7 @@ def write_parts(staging: Staging, name: str, table: pa.Table, sort_by: str, rows
     for i in range(parts):
         part = table.slice(i * rows_per_part, rows_per_part)
         pq.write_table(part, staging.file(f"{name}/part-{i:05d}.parquet"), filesystem=fs, compression="zstd")
-    return table.num_rows
+    return int(table.num_rows)
 
 
 def read_parts(store: SnapshotStore, manifest: dict[str, Any], name: str, columns: list[str] | None = None) -> pa.Table:
@@ -184,7 +184,3 @@ def read_parts(store: SnapshotStore, manifest: dict[str, Any], name: str, column
     fs = store.storage.fs
     tables = [pq.read_table(store.path(manifest["key"], f), filesystem=fs, columns=columns) for f in files]
     return pa.concat_tables(tables) if tables else pa.table({})
-
-
-def part_paths(store: SnapshotStore, manifest: dict[str, Any], name: str) -> list[str]:
-    return [store.path(manifest["key"], f) for f in sorted(manifest["files"]) if f.startswith(f"{name}/part-")]
