@@ -1,27 +1,21 @@
-"""The batch chain, declared once: each stage, the Ray job that runs it, the snapshot store it reads
-and the one it commits, and the asset its success publishes.
-
-    stage     job                 reads     commits     publishes    DAG
-    ingest    ray_jobs.ingest     landing   raw         raw          keel_ingest (daily, every zone)
-    scrub     ray_jobs.scrub      raw       scrubbed    -            keel_scrub_<zone> (on raw)
-    validate  ray_jobs.validate   scrubbed  validation  scrubbed     keel_scrub_<zone>, after scrub
-    index     ray_jobs.index      scrubbed  index       index        keel_index_<zone> (on scrubbed)
+"""The batch chain, declared once (STAGES below): each stage, the Ray job that runs it, the
+snapshot store it reads and the one it commits, and the asset its success publishes.
 
 Scrub publishes nothing: its snapshot reaches the next DAG only through validate, which publishes
 the scrubbed asset naming the snapshot that passed, so a failed gate leaves the index DAG blocked.
 
 The DAGs follow from the stages, in order: a stage reading the landing starts a DAG run by the
-clock, one task per zone; a stage reading an asset that an earlier stage publishes starts a DAG
-that asset triggers, one per zone (each zone's assets update on their own); any other stage runs
-after the stage before it, in that stage's DAG, reading what it committed. A DAG is named after
-its first stage.
+clock (keel_ingest), one task per zone; a stage reading an asset that an earlier stage publishes
+starts a DAG that asset triggers, one per zone (keel_scrub_<zone>, keel_index_<zone>: each zone's
+assets update on their own); any other stage runs after the stage before it, in that stage's DAG,
+reading what it committed. A DAG is named after its first stage.
 
-Derived from this table: the Airflow DAGs, their schedules, inlets, outlets and task ids
+Derived from STAGES: the Airflow DAGs, their schedules, inlets, outlets and task ids
 (keel.orchestration.stages, called by the one DAG file dags/keel_batch.py); the stores each Ray
 job reads and writes (ray_jobs._job); the DAGs `keel up` waits for (keel.stack).
 
-Adding a stage touches three files: its line in STAGES here, its Ray job `ray_jobs/<stage>.py`,
-and its logic in `keel/pipeline/<stage>.py`.
+Adding a stage touches three files: its line in STAGES, its Ray job `ray_jobs/<stage>.py`, and its
+logic in `keel/pipeline/<stage>.py`.
 """
 
 from __future__ import annotations
@@ -45,14 +39,14 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", "ray_jobs.ingest", None, "raw", "raw",
-          "landing sources -> the zone's raw snapshot (every current document, as received)"),
-    Stage("scrub", "ray_jobs.scrub", "raw", "scrubbed", None,
-          "raw -> scrubbed: PII redacted as policy says, unusable records quarantined with their reason"),
-    Stage("validate", "ray_jobs.validate", "scrubbed", "validation", "scrubbed",
-          "the Great Expectations gate: only a scrubbed snapshot that passed is published"),
-    Stage("index", "ray_jobs.index", "scrubbed", "index", "index",
-          "validated scrubbed documents -> token-aware chunks -> MiniLM embeddings -> LanceDB index"),
+    Stage("ingest", "ray_jobs.ingest", reads=None, commits="raw", publishes="raw",
+          doc="landing sources -> the zone's raw snapshot (every current document, as received)"),
+    Stage("scrub", "ray_jobs.scrub", reads="raw", commits="scrubbed", publishes=None,
+          doc="raw -> scrubbed: PII redacted as policy says, unusable records quarantined with their reason"),
+    Stage("validate", "ray_jobs.validate", reads="scrubbed", commits="validation", publishes="scrubbed",
+          doc="the Great Expectations gate: only a scrubbed snapshot that passed is published"),
+    Stage("index", "ray_jobs.index", reads="scrubbed", commits="index", publishes="index",
+          doc="validated scrubbed documents -> token-aware chunks -> MiniLM embeddings -> LanceDB index"),
 )
 
 
