@@ -1,34 +1,36 @@
 """Every error Keel raises on purpose, under one root, each with a machine-readable code.
 
-    KeelError                         code                      HTTP  retried in a batch job
-    ├── ConfigError                   config_invalid             500   no  (bug)
-    ├── BadRequest                    invalid_request            400   no  (bug)
-    │   ├── InvalidJSON               invalid_json
-    │   ├── MissingParameter          missing_required_parameter
-    │   ├── InvalidParameter          invalid_parameter
-    │   ├── UnsupportedParameter      unsupported_parameter
-    │   ├── ContextLengthExceeded     context_length_exceeded
-    │   └── InvalidDataClass          invalid_data_class
-    ├── AuthenticationError           invalid_api_key            401
-    │   └── MissingAPIKey             missing_api_key
-    ├── PermissionDenied              permission_denied          403   no  (bug)
-    │   ├── DataClassNotAllowed       data_class_not_allowed
-    │   ├── ZoneNotAllowed            zone_not_allowed
-    │   └── ResidencyError            residency
-    ├── NotFound                      not_found                  404
-    │   ├── ModelNotFound             model_not_found
-    │   ├── SnapshotNotFound          snapshot_not_found
-    │   └── SourceNotFound            source_not_found
-    ├── RateLimited                   rate_limit_exceeded        429   yes (rate_limit)
-    │   └── Overloaded                overloaded
-    ├── ServiceUnavailable            service_unavailable        503   yes (transient)
-    │   ├── NoHealthyTarget           no_healthy_target
-    │   ├── AllTargetsFailed          all_targets_failed
-    │   └── TransientError            transient
-    ├── GuardFailed                   guard_failed               500   no  (bug)
-    ├── TargetRejected                (the target's)             (the target's 4xx)
-    ├── DataQualityError              data_quality               -     no  (data_quality)
-    └── StackError                    stack                      -     no  (bug)
+    KeelError                              code                        HTTP  retried in a batch job
+    ├── ConfigError                        config_invalid              500   no  (bug)
+    ├── BadRequestError                    invalid_request             400   no  (bug)
+    │   ├── InvalidJSONError               invalid_json
+    │   ├── MissingParameterError          missing_required_parameter
+    │   ├── InvalidParameterError          invalid_parameter
+    │   ├── UnsupportedParameterError      unsupported_parameter
+    │   ├── ContextLengthExceededError     context_length_exceeded
+    │   └── InvalidDataClassError          invalid_data_class
+    ├── AuthenticationError                invalid_api_key             401
+    │   └── MissingAPIKeyError             missing_api_key
+    ├── PermissionDeniedError              permission_denied           403   no  (bug)
+    │   ├── DataClassNotAllowedError       data_class_not_allowed
+    │   ├── ZoneNotAllowedError            zone_not_allowed
+    │   └── ResidencyError                 residency
+    ├── NotFoundError                      not_found                   404
+    │   ├── ModelNotFoundError             model_not_found
+    │   ├── SnapshotNotFoundError          snapshot_not_found
+    │   └── SourceNotFoundError            source_not_found
+    ├── RateLimitError                     rate_limit_exceeded         429   yes (rate_limit)
+    │   └── OverloadedError                overloaded
+    ├── ServiceUnavailableError            service_unavailable         503   yes (transient)
+    │   ├── NoHealthyTargetError           no_healthy_target
+    │   ├── AllTargetsFailedError          all_targets_failed
+    │   └── TransientError                 transient
+    ├── GuardFailedError                   guard_failed                500   no  (bug)
+    ├── TargetRejectedError                (the target's)              (the target's 4xx)
+    ├── DataQualityError                   data_quality                -     no  (data_quality)
+    └── StackError                         stack                       -     no  (bug)
+
+Named as OpenAI's own SDK names its errors (BadRequestError, NotFoundError, RateLimitError...).
 
 A new kind of failure is a new class here (its code, its status, its batch kind), never a text
 pattern somewhere else. The HTTP status and OpenAI error type of every error come from one table,
@@ -40,11 +42,11 @@ failed Ray job left in its log), since those are not Keel's own classes.
 from __future__ import annotations
 
 import re
-from enum import Enum
+from enum import StrEnum
 from typing import Any, ClassVar
 
 
-class FailureKind(str, Enum):
+class FailureKind(StrEnum):
     """What a failed batch task is, which decides whether it is retried."""
 
     RATE_LIMIT = "rate_limit"  # a quota or a 429: retry later, with backoff
@@ -74,31 +76,31 @@ class ConfigError(KeelError, ValueError):
     code = "config_invalid"
 
 
-class BadRequest(KeelError):
+class BadRequestError(KeelError):
     code = "invalid_request"
 
 
-class InvalidJSON(BadRequest):
+class InvalidJSONError(BadRequestError):
     code = "invalid_json"
 
 
-class MissingParameter(BadRequest):
+class MissingParameterError(BadRequestError):
     code = "missing_required_parameter"
 
 
-class InvalidParameter(BadRequest):
+class InvalidParameterError(BadRequestError):
     code = "invalid_parameter"
 
 
-class UnsupportedParameter(BadRequest):
+class UnsupportedParameterError(BadRequestError):
     code = "unsupported_parameter"
 
 
-class ContextLengthExceeded(BadRequest):
+class ContextLengthExceededError(BadRequestError):
     code = "context_length_exceeded"
 
 
-class InvalidDataClass(BadRequest):
+class InvalidDataClassError(BadRequestError):
     code = "invalid_data_class"
 
 
@@ -106,83 +108,83 @@ class AuthenticationError(KeelError):
     code = "invalid_api_key"
 
 
-class MissingAPIKey(AuthenticationError):
+class MissingAPIKeyError(AuthenticationError):
     code = "missing_api_key"
 
 
-class PermissionDenied(KeelError):
+class PermissionDeniedError(KeelError):
     code = "permission_denied"
 
 
-class DataClassNotAllowed(PermissionDenied):
+class DataClassNotAllowedError(PermissionDeniedError):
     code = "data_class_not_allowed"
 
 
-class ZoneNotAllowed(PermissionDenied):
+class ZoneNotAllowedError(PermissionDeniedError):
     code = "zone_not_allowed"
 
 
-class ResidencyError(PermissionDenied):
+class ResidencyError(PermissionDeniedError):
     """Data that would be stored or sent outside the zones its class allows."""
 
     code = "residency"
 
 
-class NotFound(KeelError):
+class NotFoundError(KeelError):
     code = "not_found"
 
 
-class ModelNotFound(NotFound):
+class ModelNotFoundError(NotFoundError):
     code = "model_not_found"
 
 
-class SnapshotNotFound(NotFound):
+class SnapshotNotFoundError(NotFoundError):
     """A batch stage's input snapshot that was never committed (or was pruned)."""
 
     code = "snapshot_not_found"
 
 
-class SourceNotFound(NotFound):
+class SourceNotFoundError(NotFoundError):
     """A configured landing source that is not there."""
 
     code = "source_not_found"
 
 
-class RateLimited(KeelError):
+class RateLimitError(KeelError):
     code = "rate_limit_exceeded"
     kind = FailureKind.RATE_LIMIT
 
 
-class Overloaded(RateLimited):
+class OverloadedError(RateLimitError):
     """Keel's own capacity (admission, every target busy), not the tenant's quota."""
 
     code = "overloaded"
 
 
-class ServiceUnavailable(KeelError):
+class ServiceUnavailableError(KeelError):
     code = "service_unavailable"
     kind = FailureKind.TRANSIENT
 
 
-class NoHealthyTarget(ServiceUnavailable):
+class NoHealthyTargetError(ServiceUnavailableError):
     code = "no_healthy_target"
 
 
-class AllTargetsFailed(ServiceUnavailable):
+class AllTargetsFailedError(ServiceUnavailableError):
     code = "all_targets_failed"
 
 
-class TransientError(ServiceUnavailable):
+class TransientError(ServiceUnavailableError):
     code = "transient"
 
 
-class GuardFailed(KeelError):
+class GuardFailedError(KeelError):
     """The PII guard could not process a request: it fails closed, nothing is sent."""
 
     code = "guard_failed"
 
 
-class TargetRejected(KeelError):
+class TargetRejectedError(KeelError):
     """A model target refused a request as the caller's fault (its own 4xx, e.g. a prompt its tokenizer
     finds too long): the caller gets the target's status, code and message, as if it had asked it directly."""
 
@@ -208,12 +210,12 @@ class StackError(KeelError):
 
 # HTTP status and OpenAI error type, by the nearest class in an error's ancestry.
 HTTP: dict[type[KeelError], tuple[int, str]] = {
-    BadRequest: (400, "invalid_request_error"),
+    BadRequestError: (400, "invalid_request_error"),
     AuthenticationError: (401, "authentication_error"),
-    PermissionDenied: (403, "permission_error"),
-    NotFound: (404, "not_found_error"),
-    RateLimited: (429, "rate_limit_error"),
-    ServiceUnavailable: (503, "service_unavailable"),
+    PermissionDeniedError: (403, "permission_error"),
+    NotFoundError: (404, "not_found_error"),
+    RateLimitError: (429, "rate_limit_error"),
+    ServiceUnavailableError: (503, "service_unavailable"),
     KeelError: (500, "server_error"),
 }
 _TYPE_OF_STATUS = {status: kind for status, kind in HTTP.values()}
@@ -221,7 +223,7 @@ _TYPE_OF_STATUS = {status: kind for status, kind in HTTP.values()}
 
 def http_status(error: KeelError) -> tuple[int, str]:
     """(HTTP status, OpenAI error type) of an error."""
-    if isinstance(error, TargetRejected):  # passed on as the target answered
+    if isinstance(error, TargetRejectedError):  # passed on as the target answered
         return error.status, _TYPE_OF_STATUS.get(error.status, "invalid_request_error")
     for cls in type(error).__mro__:
         if cls in HTTP:
@@ -231,7 +233,7 @@ def http_status(error: KeelError) -> tuple[int, str]:
 
 def error_body(error: KeelError) -> dict[str, Any]:
     """OpenAI's error object for an error."""
-    code = error.target_code if isinstance(error, TargetRejected) else error.code
+    code = error.target_code if isinstance(error, TargetRejectedError) else error.code
     return {"error": {"message": error.message, "type": http_status(error)[1], "param": error.param, "code": code}}
 
 

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from keel.errors import DataClassNotAllowed, ZoneNotAllowed
+from keel.errors import DataClassNotAllowedError, ZoneNotAllowedError
 from keel.target_kinds import Feature, is_external
 
 
@@ -199,17 +199,17 @@ class Policy(_Strict):
 
     def request_zones(self, tenant: Tenant, data_class: DataClass, asked: str | None = None) -> list[str]:
         """Zones a request's data may go to: its class's zones, within the tenant's, within the one
-        the caller asked for (x-keel-zone). Raises ZoneNotAllowed naming why none is left."""
+        the caller asked for (x-keel-zone). Raises ZoneNotAllowedError naming why none is left."""
         zones = [z for z in self.zones_for(data_class) if tenant.allowed_zones is None or z in tenant.allowed_zones]
         if asked is not None:
             if asked not in self.zones:
-                raise ZoneNotAllowed(f"unknown zone {asked!r}; zones: {sorted(self.zones)}", param=_ZONE_HEADER)
+                raise ZoneNotAllowedError(f"unknown zone {asked!r}; zones: {sorted(self.zones)}", param=_ZONE_HEADER)
             if asked not in zones:
-                raise ZoneNotAllowed(f"data class {data_class.value!r} of tenant {tenant.name!r} may not go to zone "
+                raise ZoneNotAllowedError(f"data class {data_class.value!r} of tenant {tenant.name!r} may not go to zone "
                                      f"{asked!r} (allowed: {zones})", param=_ZONE_HEADER)
             zones = [asked]
         if not zones:
-            raise ZoneNotAllowed(f"tenant {tenant.name!r} has no zone where data class {data_class.value!r} may go",
+            raise ZoneNotAllowedError(f"tenant {tenant.name!r} has no zone where data class {data_class.value!r} may go",
                                  param=_ZONE_HEADER)
         return zones
 
@@ -248,10 +248,10 @@ def resolve_class(tenant: Tenant, requested: DataClass | None) -> DataClass:
     if requested is None:
         return tenant.default_class
     if requested not in tenant.allowed_classes:
-        raise DataClassNotAllowed(f"tenant {tenant.name!r} is not allowed data class {requested.value!r}",
+        raise DataClassNotAllowedError(f"tenant {tenant.name!r} is not allowed data class {requested.value!r}",
                                   param=_CLASS_HEADER)
     if requested < tenant.default_class:
-        raise DataClassNotAllowed(
+        raise DataClassNotAllowedError(
             f"data class {requested.value!r} is below tenant {tenant.name!r}'s default {tenant.default_class.value!r}",
             param=_CLASS_HEADER,
         )

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from keel.errors import InvalidJSON, InvalidParameter, KeelError, MissingParameter, error_body, http_status
+from keel.errors import InvalidJSONError, InvalidParameterError, KeelError, MissingParameterError, error_body, http_status
 from keel.messages import text_of
 
 if TYPE_CHECKING:
@@ -76,17 +76,17 @@ def parse(raw: bytes, model: type[M]) -> M:
     try:
         data = json.loads(raw)
     except ValueError as e:
-        raise InvalidJSON(f"request body is not valid JSON: {e}") from None
+        raise InvalidJSONError(f"request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise InvalidJSON("request body must be a JSON object")
+        raise InvalidJSONError("request body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
         if err["type"] == "missing":
-            raise MissingParameter(f"missing required parameter {param!r}: {err['msg']}", param=param) from None
-        raise InvalidParameter(f"invalid parameter {param!r}: {err['msg']}", param=param) from None
+            raise MissingParameterError(f"missing required parameter {param!r}: {err['msg']}", param=param) from None
+        raise InvalidParameterError(f"invalid parameter {param!r}: {err['msg']}", param=param) from None
 
 
 # -- responses ----------------------------------------------------------------------------------

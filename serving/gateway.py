@@ -19,7 +19,7 @@ from ray import serve
 
 from keel.audit import Trails
 from keel.breaker import CircuitBreaker
-from keel.errors import KeelError, NotFound
+from keel.errors import KeelError, NotFoundError
 from keel.guard import Guard
 from keel.keys import KeyRing
 from keel.ratelimit import RateLimiter
@@ -136,7 +136,7 @@ class Gateway:
             tenant = self.authenticate.tenant(request.headers).name
             found = [r for r in await asyncio.to_thread(self.trails.find, request_id) if r.get("tenant") == tenant]
             if not found:
-                raise NotFound(f"no audit record for request {request_id!r}")
+                raise NotFoundError(f"no audit record for request {request_id!r}")
         except KeelError as e:
             return api.error_response(e)
         return JSONResponse({"object": "list", "data": found})

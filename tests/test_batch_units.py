@@ -41,14 +41,14 @@ def test_failures_are_classified(error, kind):
 
 
 def test_a_failed_ray_job_carries_the_kind_its_log_names():
-    from keel.orchestration.ray_jobs import RayJobFailed
+    from keel.orchestration.ray_jobs import RayJobError
 
-    log = "Traceback (most recent call last):\n  ...\nkeel.errors.SourceNotFound: landing source 'docs': /x"
+    log = "Traceback (most recent call last):\n  ...\nkeel.errors.SourceNotFoundError: landing source 'docs': /x"
     assert classify(log) is FailureKind.BUG
     assert classify("ray_jobs.index: keel.errors.TransientError: store busy") is FailureKind.TRANSIENT
-    failed = RayJobFailed("Ray job keel-ingest_us-1 FAILED", classify("ConnectionResetError: peer"))
+    failed = RayJobError("Ray job keel-ingest_us-1 FAILED", classify("ConnectionResetError: peer"))
     assert classify(failed) is FailureKind.TRANSIENT and failed.code == "ray_job_failed"
-    assert RayJobFailed("x", FailureKind.BUG).kind is FailureKind.BUG  # each instance its own kind
+    assert RayJobError("x", FailureKind.BUG).kind is FailureKind.BUG  # each instance its own kind
 
 
 def test_classify_follows_the_exception_chain():

@@ -23,15 +23,15 @@ def test_every_error_has_its_own_code() -> None:
 
 
 @pytest.mark.parametrize(("error", "status", "kind"), [
-    (errors.InvalidJSON("x"), 400, "invalid_request_error"),
-    (errors.ContextLengthExceeded("x"), 400, "invalid_request_error"),
-    (errors.MissingAPIKey("x"), 401, "authentication_error"),
+    (errors.InvalidJSONError("x"), 400, "invalid_request_error"),
+    (errors.ContextLengthExceededError("x"), 400, "invalid_request_error"),
+    (errors.MissingAPIKeyError("x"), 401, "authentication_error"),
     (errors.ResidencyError("x"), 403, "permission_error"),
-    (errors.ZoneNotAllowed("x"), 403, "permission_error"),
-    (errors.ModelNotFound("x"), 404, "not_found_error"),
-    (errors.Overloaded("x"), 429, "rate_limit_error"),
-    (errors.NoHealthyTarget("x"), 503, "service_unavailable"),
-    (errors.GuardFailed("x"), 500, "server_error"),
+    (errors.ZoneNotAllowedError("x"), 403, "permission_error"),
+    (errors.ModelNotFoundError("x"), 404, "not_found_error"),
+    (errors.OverloadedError("x"), 429, "rate_limit_error"),
+    (errors.NoHealthyTargetError("x"), 503, "service_unavailable"),
+    (errors.GuardFailedError("x"), 500, "server_error"),
     (errors.ConfigError("x"), 500, "server_error"),
 ])
 def test_http_status_comes_from_the_nearest_class_in_the_table(error: KeelError, status: int, kind: str) -> None:
@@ -39,13 +39,13 @@ def test_http_status_comes_from_the_nearest_class_in_the_table(error: KeelError,
 
 
 def test_error_body_is_openais_shape() -> None:
-    body = errors.error_body(errors.ZoneNotAllowed("no", param="x-keel-zone"))
+    body = errors.error_body(errors.ZoneNotAllowedError("no", param="x-keel-zone"))
     assert body == {"error": {"message": "no", "type": "permission_error", "param": "x-keel-zone",
                               "code": "zone_not_allowed"}}
 
 
 def test_a_new_error_class_is_classified_by_its_class_not_a_pattern() -> None:
-    class QuotaGone(errors.RateLimited):
+    class QuotaGone(errors.RateLimitError):
         code = "quota_gone_test"
 
     assert errors.classify(QuotaGone("x")) is FailureKind.RATE_LIMIT

@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from keel.errors import DataClassNotAllowed, ZoneNotAllowed
+from keel.errors import DataClassNotAllowedError, ZoneNotAllowedError
 from keel.policy import DataClass, Policy, hash_api_key, new_api_key, resolve_class
 
 FREE = {"price_per_1k_input": 0, "price_per_1k_output": 0, "tier": "small", "max_context": 8192}
@@ -64,9 +64,9 @@ def test_request_class_may_be_stricter_never_laxer_or_unallowed():
     acme = policy().tenants[0]
     assert resolve_class(acme, None) == DataClass.internal
     assert resolve_class(acme, DataClass.pii) == DataClass.pii
-    with pytest.raises(DataClassNotAllowed, match="below") as below:
+    with pytest.raises(DataClassNotAllowedError, match="below") as below:
         resolve_class(acme, DataClass.public)
-    with pytest.raises(DataClassNotAllowed, match="not allowed") as unallowed:
+    with pytest.raises(DataClassNotAllowedError, match="not allowed") as unallowed:
         resolve_class(acme, DataClass.phi)
     assert below.value.param == unallowed.value.param == "x-keel-data-class"
     assert below.value.code == "data_class_not_allowed"
@@ -78,14 +78,14 @@ def test_request_zones_narrow_by_class_tenant_and_ask():
     assert p.request_zones(acme, DataClass.internal) == ["us", "eu"]
     assert p.request_zones(acme, DataClass.pii) == ["eu"]
     assert p.request_zones(acme, DataClass.internal, "eu") == ["eu"]
-    with pytest.raises(ZoneNotAllowed, match="may not go to zone 'us'") as refused:
+    with pytest.raises(ZoneNotAllowedError, match="may not go to zone 'us'") as refused:
         p.request_zones(acme, DataClass.pii, "us")
     assert refused.value.param == "x-keel-zone" and refused.value.code == "zone_not_allowed"
-    with pytest.raises(ZoneNotAllowed, match="unknown zone 'mars'"):
+    with pytest.raises(ZoneNotAllowedError, match="unknown zone 'mars'"):
         p.request_zones(acme, DataClass.pii, "mars")
     eu_only = acme.model_copy(update={"allowed_zones": ["eu"]})
     assert p.request_zones(eu_only, DataClass.internal) == ["eu"]
-    with pytest.raises(ZoneNotAllowed, match="no zone"):
+    with pytest.raises(ZoneNotAllowedError, match="no zone"):
         p.request_zones(eu_only, DataClass.phi)
 
 

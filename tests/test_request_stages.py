@@ -482,13 +482,13 @@ def test_record_writes_one_audit_record_in_the_answering_targets_zone_and_settle
 def test_record_of_a_refusal_before_any_target_and_of_an_unknown_caller():
     trails, limiter, clock = Trails(), Limiter(), Clock()
     ctx = parsed(x_keel_zone="eu")
-    ctx.fail(errors.ModelNotFound("no such model", param="model"))
+    ctx.fail(errors.ModelNotFoundError("no such model", param="model"))
     recorder(trails, limiter, clock)(ctx)
     ((zone, _, rec),) = trails.records
     assert zone == "eu" and rec["status"] == 404 and "target" not in rec and "route" not in rec
     assert limiter.settled == []  # nothing was charged
     anonymous = context(key=None)
-    anonymous.fail(errors.MissingAPIKey("missing API key"))
+    anonymous.fail(errors.MissingAPIKeyError("missing API key"))
     recorder(trails, limiter, clock)(anonymous)
     assert len(trails.records) == 1  # no tenant to show a record to
 

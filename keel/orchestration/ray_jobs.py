@@ -24,7 +24,7 @@ from keel.orchestration.job_result import RESULT_PREFIX, parse_result
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-class RayJobFailed(KeelError):  # noqa: N818 - named like its siblings in keel.errors (GuardFailed)
+class RayJobError(KeelError):
     """A Ray job that failed, could not be reached or printed no summary: its kind is the one its
     log names (a Keel error's class, or a known foreign failure), so the task retries only what may pass."""
 
@@ -57,7 +57,7 @@ def run_job(
     try:
         client = JobSubmissionClient(address)
     except Exception as e:  # unreachable (transient) or refused, e.g. a missing Ray auth token (bug: config)
-        raise RayJobFailed(f"cannot use the Ray Jobs API at {address}: {e}", classify(e)) from e
+        raise RayJobError(f"cannot use the Ray Jobs API at {address}: {e}", classify(e)) from e
 
     job = _attach(client, earlier_ids) or job_id
     if job == job_id and _status(client, job_id) is None:
@@ -82,7 +82,7 @@ def run_job(
             break
         if time.monotonic() > deadline:
             client.stop_job(job)
-            raise RayJobFailed(f"Ray job {job} ran past {timeout_s:.0f} s and was stopped", FailureKind.TRANSIENT)
+            raise RayJobError(f"Ray job {job} ran past {timeout_s:.0f} s and was stopped", FailureKind.TRANSIENT)
         time.sleep(poll_s)
 
     info = client.get_job_info(job)
@@ -90,10 +90,10 @@ def run_job(
     if status != "SUCCEEDED":
         tail = "\n".join(logs.splitlines()[-40:])
         message = f"Ray job {job} {status}: {info.message or ''}".strip()
-        raise RayJobFailed(f"{message}\n{tail}", classify(f"{info.message or ''}\n{tail}"))
+        raise RayJobError(f"{message}\n{tail}", classify(f"{info.message or ''}\n{tail}"))
     result = parse_result(logs)
     if result is None:
-        raise RayJobFailed(f"Ray job {job} succeeded but printed no {RESULT_PREFIX.strip()} line", FailureKind.BUG)
+        raise RayJobError(f"Ray job {job} succeeded but printed no {RESULT_PREFIX.strip()} line", FailureKind.BUG)
     return result
 
 

@@ -16,7 +16,7 @@ from dataclasses import astuple, dataclass
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from keel.errors import ResidencyError, SourceNotFound
+from keel.errors import ResidencyError, SourceNotFoundError
 from keel.pipeline.documents import METADATA, RawRecord, format_of, split_file
 from keel.settings import KeelSettings, LandingSource
 
@@ -49,7 +49,7 @@ def list_landing(settings: KeelSettings, zone: str) -> list[LandingFile]:
         root = settings.resolve(src.uri)
         fs, base = _fs(root)
         if fs.get_file_info(base).type != pafs.FileType.Directory:
-            raise SourceNotFound(f"landing source {src.name!r}: {root} is not a folder")
+            raise SourceNotFoundError(f"landing source {src.name!r}: {root} is not a folder")
         scheme = "file://" if "://" not in root else root.split("://", 1)[0] + "://"
         for info in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
             if info.type == pafs.FileType.File and not posixpath.basename(info.path).startswith("."):

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from keel.audit import canonical
-from keel.errors import SnapshotNotFound
+from keel.errors import SnapshotNotFoundError
 from keel.storage import ZoneStorage
 
 MANIFEST = "_manifest.json"
@@ -93,7 +93,7 @@ class SnapshotStore:
         """The manifest of snapshot `key`, or of CURRENT when key is None; missing is an error."""
         manifest = self.committed(key) if key else self.current()
         if manifest is None:
-            raise SnapshotNotFound(f"zone {self.storage.zone}: no committed {self.stage} snapshot "
+            raise SnapshotNotFoundError(f"zone {self.storage.zone}: no committed {self.stage} snapshot "
                                     f"{key or '(CURRENT)'} in {self.uri()}")
         return manifest
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from keel.errors import Overloaded, RateLimited
+from keel.errors import OverloadedError, RateLimitError
 from keel.ratelimit import RateLimiter
 from keel.routing import estimate_tokens
 from serving.request.context import RequestContext, required
@@ -29,12 +29,12 @@ class Admit:
 
     async def __call__(self, ctx: RequestContext) -> None:
         if self.admission.in_flight >= self.admission.limit:
-            raise Overloaded("the gateway is at capacity; retry shortly", retry_after=self.admission.retry_after_s)
+            raise OverloadedError("the gateway is at capacity; retry shortly", retry_after=self.admission.retry_after_s)
         tenant = required(ctx.tenant)
         tokens = estimate_tokens(ctx.prompt_text) + ctx.max_tokens
         wait = self.limiter.admit(tenant.name, tenant.requests_per_minute, tenant.tokens_per_minute, tokens)
         if wait is not None:
-            raise RateLimited(f"tenant {tenant.name!r} is over its rate limit ({tenant.requests_per_minute or '-'} "
+            raise RateLimitError(f"tenant {tenant.name!r} is over its rate limit ({tenant.requests_per_minute or '-'} "
                               f"requests, {tenant.tokens_per_minute or '-'} tokens per minute); retry after "
                               f"{math.ceil(wait)} s", retry_after=max(1, math.ceil(wait)))
         ctx.charged = tokens

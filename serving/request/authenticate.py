@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from keel.errors import AuthenticationError, MissingAPIKey
+from keel.errors import AuthenticationError, MissingAPIKeyError
 from keel.policy import Tenant
 from serving.request.context import RequestContext
 
@@ -27,7 +27,7 @@ class Authenticate:
         """The key's tenant; 401 for a missing key, or one unknown, revoked or of a tenant no longer in the policy."""
         header = headers.get("authorization", "")
         if not header.lower().startswith("bearer ") or not header[7:].strip():
-            raise MissingAPIKey("missing API key: send 'Authorization: Bearer <key>' (keel keys create)")
+            raise MissingAPIKeyError("missing API key: send 'Authorization: Bearer <key>' (keel keys create)")
         tenant = self.tenants.get(self.keys.tenant(header[7:].strip()) or "")
         if tenant is None:
             raise AuthenticationError("invalid or revoked API key")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from keel.errors import InvalidParameter, ModelNotFound
+from keel.errors import InvalidParameterError, ModelNotFoundError
 from keel.routing import estimate_tokens
 from serving import api
 from serving.request.context import RequestContext
@@ -27,11 +27,11 @@ class Embed:
         req = api.parse(await ctx.http.body(), api.EmbeddingRequest)
         ctx.model = req.model
         if req.model not in (EMBEDDING_MODEL, "keel/embed"):
-            raise ModelNotFound(f"embedding model {req.model!r} does not exist; use {EMBEDDING_MODEL!r}",
+            raise ModelNotFoundError(f"embedding model {req.model!r} does not exist; use {EMBEDDING_MODEL!r}",
                                 param="model")
         texts = [req.input] if isinstance(req.input, str) else req.input
         if any(not isinstance(t, str) or not t for t in texts):
-            raise InvalidParameter("input must be a non-empty string or a list of them", param="input")
+            raise InvalidParameterError("input must be a non-empty string or a list of them", param="input")
         vectors = await asyncio.to_thread(self.embed, texts)
         ctx.model, ctx.body = EMBEDDING_MODEL, {"input": texts}
         tokens = sum(estimate_tokens(t) for t in texts)

@@ -8,7 +8,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 
-from keel.errors import GuardFailed
+from keel.errors import GuardFailedError
 from keel.guard import AnswerGuard, Guard
 from keel.policy import Policy
 from serving.request.context import RequestContext, required
@@ -32,7 +32,7 @@ class Protect:
                 protected = await asyncio.to_thread(self.guard.protect, body)
             except Exception:  # fail closed: nothing unprotected goes out
                 logger.exception("the PII guard failed on request %s", ctx.rid)
-                raise GuardFailed("the PII guard could not process this request; it was not sent to any "
+                raise GuardFailedError("the PII guard could not process this request; it was not sent to any "
                                   "model") from None
             ctx.actions.pseudonymized, ctx.actions.entities = True, protected.entities
         else:

@@ -6,13 +6,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from keel.errors import (
-    ContextLengthExceeded,
+    ContextLengthExceededError,
     KeelError,
-    ModelNotFound,
-    NoHealthyTarget,
+    ModelNotFoundError,
+    NoHealthyTargetError,
     ResidencyError,
-    ServiceUnavailable,
-    UnsupportedParameter,
+    ServiceUnavailableError,
+    UnsupportedParameterError,
 )
 from keel.routing import (
     ALIASES,
@@ -61,7 +61,7 @@ class Router:
             return ALIASES[model] or self.strategy, None
         if model in self.states:
             return self.strategy, model
-        raise ModelNotFound(f"the model {model!r} does not exist; GET /v1/models lists them", param="model")
+        raise ModelNotFoundError(f"the model {model!r} does not exist; GET /v1/models lists them", param="model")
 
     def _refusal(self, route: Route, pinned: str | None, rr: RouteRequest, ctx: RequestContext) -> KeelError:
         """Why nothing is left, most specific first: a named target's own reason, else the in-zone targets'."""
@@ -81,18 +81,18 @@ class Router:
         if not in_zone:
             return ResidencyError(f"no model target runs in the zones this request's data may go to ({zones})")
         if Exclusion.HEALTH in in_zone:
-            return NoHealthyTarget(f"no healthy model target in zones {zones} can serve this request now; Keel "
+            return NoHealthyTargetError(f"no healthy model target in zones {zones} can serve this request now; Keel "
                                    "never sends it to another zone",
                                    retry_after=retry_after(self.states.values(), self.retry_after_s))
         if lacking := in_zone.get(Exclusion.CAPABILITY):
             missing = rr.needs - set(self.states[lacking].target.config.supports)
             param = "tools" if "tools" in missing else "response_format"
-            return UnsupportedParameter(f"no model target for {ctx.model!r} supports {param}", param=param)
+            return UnsupportedParameterError(f"no model target for {ctx.model!r} supports {param}", param=param)
         if Exclusion.CONTEXT in in_zone:
-            return ContextLengthExceeded(
+            return ContextLengthExceededError(
                 f"the prompt ({rr.prompt_tokens} tokens, estimated) plus max_tokens ({rr.max_tokens}) exceeds every "
                 "eligible target's context window", param="messages" if ctx.kind == "chat" else "prompt")
-        return ServiceUnavailable(f"no model target in zones {zones} can serve this request: "
+        return ServiceUnavailableError(f"no model target in zones {zones} can serve this request: "
                                   f"{'; '.join(f'{n}: {why}' for n, why in reasons)}")
 
 

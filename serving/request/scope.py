@@ -3,7 +3,7 @@ zones its data may go to (narrowed by x-keel-zone): 400 for a bad header, 403 pa
 
 from __future__ import annotations
 
-from keel.errors import InvalidDataClass
+from keel.errors import InvalidDataClassError
 from keel.policy import DataClass, Policy, resolve_class
 from serving.request.context import RequestContext, required
 
@@ -20,7 +20,7 @@ class Scope:
         try:
             requested = DataClass(asked.strip().lower()) if asked else None
         except ValueError:
-            raise InvalidDataClass(f"x-keel-data-class {asked!r} is not a data class; use one of "
+            raise InvalidDataClassError(f"x-keel-data-class {asked!r} is not a data class; use one of "
                                    f"{[c.value for c in DataClass]}", param="x-keel-data-class") from None
-        ctx.data_class = resolve_class(tenant, requested)  # DataClassNotAllowed: 403
+        ctx.data_class = resolve_class(tenant, requested)  # DataClassNotAllowedError: 403
         ctx.zones = self.policy.request_zones(tenant, ctx.data_class, headers.get("x-keel-zone") or None)  # 403
