@@ -294,26 +294,38 @@ class LocalStack:
         return AirflowAPI(self.urls["airflow"], *airflow_credentials(self.airflow_home))
 
     def load_sample(self, say: Callable[[str], None], deadline: float) -> str:
-        """The configured landing sources through the DAG chain: ingest, then the asset-triggered scrub
-        and index DAGs of every zone. Skipped when an ingest run has already succeeded."""
+        """The configured landing sources through the DAG chain (keel.orchestration.chain): its first,
+        clock-started DAG, then each DAG that an asset published by a finished run starts, down the
+        chain. A stage that found its output already committed publishes nothing, so nothing after it
+        is waited for. Skipped when a run of the first DAG has already succeeded."""
+        from keel.orchestration import chain
         from keel.orchestration.stages import zones_with_sources
 
         api = self.airflow()
-        dags = ["keel_ingest"] + [f"keel_{stage}_{z}" for z in zones_with_sources(self.s) for stage in ("scrub", "index")]
+        dags = chain.dag_ids(zones_with_sources(self.s))
         for dag in dags:
             api.wait_for_dag(dag, deadline)
-        if any(r["state"] == "success" for r in api.runs("keel_ingest")):
-            return "already loaded (trigger keel_ingest in the Airflow UI to load again)"
-        runs = api.runs("keel_ingest")
-        run = runs[0] if runs else api.trigger("keel_ingest")  # the daily schedule may have queued one
-        say(f"  loading  the sample corpus: keel_ingest run {run['dag_run_id']}")
-        api.wait_run("keel_ingest", run["dag_run_id"], deadline)
-        for dag in dags[1:]:
+        first = dags[0]
+        runs = api.runs(first)
+        if any(r["state"] == "success" for r in runs):
+            return f"already loaded (trigger {first} in the Airflow UI to load again)"
+        run = runs[0] if runs else api.trigger(first)  # the daily schedule may have queued one
+        say(f"  loading  the sample corpus: {first} run {run['dag_run_id']}")
+        api.wait_run(first, run["dag_run_id"], deadline)
+
+        def started(dag: str, run_id: str) -> list[str]:
+            tasks = api.call("GET", f"/api/v2/dags/{dag}/dagRuns/{run_id}/taskInstances")["task_instances"]
+            return [d for t in tasks if t["state"] == "success" for d in chain.started_by(t["task_id"])]
+
+        todo = started(first, run["dag_run_id"])
+        while todo:
+            dag = todo.pop(0)
             done = api.wait_any_run(dag, deadline)
             say(f"  loading  {dag}: {done['state']} ({done['run_type']})")
             if done["state"] != "success":
                 raise StackError(f"{dag} failed: see the Airflow UI, {self.urls['airflow']}/dags/{dag}")
-        return f"loaded by keel_ingest run {run['dag_run_id']}"
+            todo += started(dag, done["dag_run_id"])
+        return f"loaded by {first} run {run['dag_run_id']}"
 
     # -- status and down --
 
