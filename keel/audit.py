@@ -37,6 +37,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from keel.errors import ServiceUnavailableError
+
 logger = logging.getLogger("keel.audit")
 
 GENESIS = "0" * 64
@@ -124,7 +126,8 @@ class AuditWriter:
         """Chain and write one record; returns it (with its seq and hash). `ts` defaults to now; a
         queued record passes the time it was submitted."""
         with self._lock:
-            rec = {"seq": self.seq, "ts": ts or _now(), "writer": self.writer, "kind": kind, **fields, "prev": self.prev}
+            rec = {"seq": self.seq, "ts": ts or _now(), "writer": self.writer, "kind": kind, **fields,
+                   "prev": self.prev}
             line, rec["hash"] = encode(rec)
             if self.in_segment == 0:  # seal_after_s bounds how long a record waits unsigned, not idle time
                 self._opened = time.monotonic()
@@ -248,8 +251,10 @@ def _verify_writer(wdir: Path, key: bytes, report: Report) -> Problem | None:
     return None
 
 
-class AuditBacklog(RuntimeError):
+class AuditBacklogError(ServiceUnavailableError):
     """Trails.submit refused a record: the background writer is too far behind (or closed)."""
+
+    code = "audit_backlog"
 
 
 class Trails:
@@ -280,19 +285,19 @@ class Trails:
             w = self._open.get(zone)
             if w is None:
                 a = self.settings.audit
-                w = self._open[zone] = AuditWriter(self.roots()[zone], self.writer, a.hmac_key.get_secret_value().encode(),
-                                                   a.seal_every, a.seal_after_s)
+                w = self._open[zone] = AuditWriter(self.roots()[zone], self.writer,
+                                                   a.hmac_key.get_secret_value().encode(), a.seal_every, a.seal_after_s)
         return w.append(kind, **fields)
 
     def submit(self, zone: str, kind: str, /, **fields: Any) -> None:
         """Queue one record, stamped now, for the background thread; never waits on the disk."""
         with self._cond:
             if self._closed:
-                raise AuditBacklog(f"audit trails of {self.writer} are closed")
+                raise AuditBacklogError(f"audit trails of {self.writer} are closed")
             # A full queue means the disk stalled: refuse at once (the caller counts and logs it) rather
             # than block the event loop or drop records silently.
             if len(self._queue) >= self.MAX_QUEUED:
-                raise AuditBacklog(f"{len(self._queue)} audit records waiting to be written")
+                raise AuditBacklogError(f"{len(self._queue)} audit records waiting to be written")
             self._queue.append((zone, kind, _now(), fields))  # stamped under the lock: ts follows chain order
             self._submitted += 1
             if self._thread is None:
@@ -337,7 +342,7 @@ class Trails:
         if self.on_error is not None:
             try:
                 self.on_error(e, request_id)
-            except Exception:  # noqa: BLE001 - a failing callback must not stop the writer
+            except Exception:  # a failing callback must not stop the writer
                 logger.exception("audit on_error callback failed")
 
     def find(self, request_id: str) -> list[dict[str, Any]]:
@@ -383,3 +388,63 @@ def records(root: Path) -> Iterator[dict[str, Any]]:
 def find(root: Path, request_id: str) -> list[dict[str, Any]]:
     """The records of one request, oldest first."""
     return sorted((r for r in records(root) if r.get("request_id") == request_id), key=lambda r: r["ts"])
+
+
+# -- explaining a record to a person (`keel audit show`) --------------------------------------------
+
+
+def explain(record: dict[str, Any]) -> str:
+    """One record in words: for an interaction, who asked what of which endpoint, where its data could
+    go, how the route was chosen (ranked and excluded targets, with reasons), failovers, who answered
+    with how many tokens and how fast, and what the guard did. Other kinds list their fields."""
+    head = (f"{record.get('kind', 'record')} {record.get('request_id', '')} at {record.get('ts')} "
+            f"(writer {record.get('writer')}, record {record.get('seq')})").replace("  ", " ")
+    if record.get("kind") != "interaction":
+        skip = {"kind", "request_id", "ts", "writer", "seq", "prev", "hash"}
+        return "\n".join([head, *(f"  {k}: {_words(v)}" for k, v in record.items() if k not in skip)])
+    lines = [head, f"  tenant {record.get('tenant')} asked {record.get('endpoint')} for model {record.get('model')}: "
+                   f"status {record.get('status')} after {record.get('latency_ms')} ms"
+                   + (f" (first token at {record['ttft_ms']} ms)" if record.get("ttft_ms") is not None else "")]
+    lines.append(f"  data class {record.get('data_class') or '(not decided)'}"
+                 + (f", recorded in zone {record['zone']}" if record.get("zone") else ""))
+    if route := record.get("route"):
+        lines.append(f"  route: strategy {route.get('strategy')}, {route.get('reason')}")
+        lines.append(f"    ranked: {', '.join(route.get('ranked') or []) or '(none)'}")
+        for name, why in (route.get("excluded") or {}).items():
+            lines.append(f"    excluded {name}: {_words(why)}")
+    else:
+        lines.append("  no route: the request ended before routing")
+    for f in record.get("failovers") or []:
+        detail = {k: v for k, v in f.items() if k not in ("target", "after_chars")}
+        lines.append(f"  failover: {f.get('target')} failed ({_words(detail)}) after {f.get('after_chars', 0)} "
+                     f"characters of the answer")
+    if record.get("target"):
+        usage = record.get("usage") or {}
+        lines.append(f"  answered by {record['target']}: {usage.get('prompt_tokens', '?')} prompt + "
+                     f"{usage.get('completion_tokens', '?')} completion tokens")
+    elif "target" in record:
+        lines.append("  no target answered")
+    if guard := record.get("guard"):
+        lines.append(f"  guard: {_guard_words(guard)}")
+    return "\n".join(lines)
+
+
+def _guard_words(guard: dict[str, Any]) -> str:
+    found = guard.get("pii_entities") or {}
+    parts = [("pseudonymized before the model: " if guard.get("pseudonymized") else "not pseudonymized; PII found: ")
+             + (_words(found) if found else "no PII")]
+    if redacted := guard.get("output_redacted"):
+        parts.append(f"redacted from the answer: {_words(redacted)}")
+    if guard.get("toxicity_action"):
+        parts.append(f"toxicity {guard.get('toxicity')} ({guard['toxicity_action']})")
+    if guard.get("output_error"):
+        parts.append("the answer check failed: the rest of the answer was withheld")
+    return "; ".join(parts)
+
+
+def _words(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_words(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(_words(v) for v in value)
+    return str(value)

@@ -6,14 +6,21 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 import typer
 
 import keel
 from keel.records import Record, output_line, read_records
+
+if TYPE_CHECKING:
+    from keel.privacy.engine import PrivacyEngine
+    from keel.privacy.redact import RedactionMode
+    from keel.settings import KeelSettings
+
+T = TypeVar("T")
 
 app = typer.Typer(help="Keel: production anatomy for AI systems.", no_args_is_help=True, add_completion=False)
 pii_app = typer.Typer(help="Detect and redact PII in JSONL {\"id\", \"text\"} records.", no_args_is_help=True)
@@ -26,7 +33,9 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
 
 InputOpt = typer.Argument(None, help="JSONL file; standard input when omitted or '-'", show_default=False)
-ConfigOpt = typer.Option(None, "--config", "-c", help="keel.yaml to use (default: $KEEL_CONFIG, ./keel.yaml, the example)")
+ConfigOpt = typer.Option(None, "--config", "-c",
+                         help="keel.yaml to use (default: $KEEL_CONFIG, keel.yaml in Keel's home, the example)")
+ZoneOpt = typer.Option(None, "--zone", "-z", help="zone(s) to search (default: every zone)")
 
 
 @app.command()
@@ -37,25 +46,26 @@ def version() -> None:
 
 @config_app.command("check")
 def config_check(config: Path | None = ConfigOpt) -> None:
-    """Validate keel.yaml and the environment; print a summary, or the file, field and reason of each error."""
-    from keel.settings import ConfigError, config_path, load_settings
+    """Validate keel.yaml, its targets and the environment; print a summary, or where and why each error is."""
+    from keel.keys import KeyStore
+    from keel.settings import config_path
+    from keel.target_kinds import validate_targets
 
-    try:
-        s = load_settings(config)
-    except ConfigError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(2) from None
+    s = _settings(config)
     p = s.policy
-    typer.echo(f"{config_path(config)}: ok")
+    if problems := validate_targets(p):
+        typer.echo("\n".join(problems), err=True)
+        raise typer.Exit(2)
+    keys = list(KeyStore(s).active().values())  # what the gateway accepts: keel.yaml's and `keel keys`' keys
+    typer.echo(f"{config_path(config)}: ok (home {s.home})")
     typer.echo(f"  host {s.host}; ports " + ", ".join(f"{k} {v}" for k, v in s.ports.model_dump().items()))
     typer.echo("  zones: " + ", ".join(f"{n} ({z.region}, {z.storage})" for n, z in p.zones.items()))
-    typer.echo("  data classes: " + "; ".join(f"{dc.value} -> {', '.join(r.allowed_zones)}" for dc, r in p.data_classes.items()))
+    typer.echo("  data classes: "
+               + "; ".join(f"{dc.value} -> {', '.join(r.allowed_zones)}" for dc, r in p.data_classes.items()))
     typer.echo(f"  targets: {', '.join(t.name for t in p.targets) or '(none)'}")
-    typer.echo(f"  tenants: {', '.join(f'{t.name} ({len(t.api_key_hashes)} keys)' for t in p.tenants) or '(none)'}")
-    if s.privacy.hash_key.get_secret_value() == "keel-dev-only-hash-key":
-        typer.echo("  warning: privacy.hash_key is the development default; set KEEL_PRIVACY__HASH_KEY in production", err=True)
-    if s.audit.hmac_key.get_secret_value() == "keel-dev-only-audit-key":
-        typer.echo("  warning: audit.hmac_key is the development default; set KEEL_AUDIT__HMAC_KEY in production", err=True)
+    typer.echo(f"  tenants: {', '.join(f'{t.name} ({keys.count(t.name)} keys)' for t in p.tenants) or '(none)'}")
+    for setting, var in s.development_keys():
+        typer.echo(f"  warning: {setting} is the development default; set {var} in production", err=True)
     if not s.guard.enabled:
         typer.echo("  warning: guard.enabled is false: prompts reach model targets with their PII", err=True)
 
@@ -77,8 +87,9 @@ def pii_redact(
     """Write {"id", "text"} per input line with every detected value replaced by a token."""
     if mode not in ("typed", "hashed"):
         raise typer.BadParameter("use 'typed' or 'hashed'", param_hint="--mode")
+    redaction: RedactionMode = "typed" if mode == "typed" else "hashed"
     engine = _engine(config)
-    for record, text in _process(input, engine, lambda texts: engine.redact_batch(texts, mode)):  # type: ignore[arg-type]
+    for record, text in _process(input, engine, lambda texts: engine.redact_batch(texts, redaction)):
         _write(output_line(record, text=text))
 
 
@@ -86,14 +97,12 @@ def pii_redact(
 def search(
     query: str = typer.Argument(..., help="what to look for"),
     k: int = typer.Option(5, "-k", min=1, max=100, help="how many chunks"),
-    zone: list[str] = typer.Option(None, "--zone", "-z", help="zone(s) to search (default: every zone)"),
+    zone: list[str] = ZoneOpt,
     as_json: bool = typer.Option(False, "--json", help="one JSON object per hit"),
     config: Path | None = ConfigOpt,
 ) -> None:
     """Top chunks of the scrubbed documents' vector index (the one the gateway uses for retrieval)."""
-    from keel.pipeline import index
-    from keel.pipeline.embedding import Embedder
-    from keel.storage import ZoneStorage
+    from keel.retrieval import Retriever
 
     settings = _settings(config)
     zones = zone or sorted(settings.policy.zones)
@@ -101,9 +110,7 @@ def search(
     if unknown:
         typer.echo(f"unknown zone(s): {', '.join(unknown)}; configured: {', '.join(settings.policy.zones)}", err=True)
         raise typer.Exit(2)
-    vector = Embedder(settings.pipeline.embedding_runtime, index.model_cache(settings)).encode([query])[0]
-    hits = sorted((h for z in zones for h in index.search(ZoneStorage.for_zone(settings, z), vector, k)),
-                  key=lambda h: h.distance)[:k]
+    hits = Retriever(settings).search(query, zones, k)
     if not hits:
         typer.echo("no index yet: run the keel_ingest DAG (or `make up`) first", err=True)
         raise typer.Exit(1)
@@ -112,7 +119,8 @@ def search(
             typer.echo(json.dumps({"rank": rank, **h.to_dict()}, ensure_ascii=False))
         else:
             snippet = " ".join(h.text.split())[:200]
-            typer.echo(f"{rank}. [{h.zone}] {h.title or h.source}  (distance {h.distance:.3f})\n   {h.source}\n   {snippet}")
+            typer.echo(f"{rank}. [{h.zone}] {h.title or h.source}  (distance {h.distance:.3f})\n"
+                       f"   {h.source}\n   {snippet}")
 
 
 @keys_app.command("create")
@@ -122,13 +130,10 @@ def keys_create(
     config: Path | None = ConfigOpt,
 ) -> None:
     """Create a key and print it once; only its hash is stored."""
+    from keel.errors import NotFoundError
     from keel.keys import KeyStore
 
-    try:
-        key, rec = KeyStore(_settings(config)).create(tenant, name)
-    except ValueError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(2) from None
+    key, rec = _or_exit(lambda: KeyStore(_settings(config)).create(tenant, name), NotFoundError, 2)
     typer.echo(key)
     typer.echo(f"id {rec.id}, tenant {rec.tenant}: store it now, it cannot be shown again", err=True)
 
@@ -151,13 +156,10 @@ def keys_list(config: Path | None = ConfigOpt) -> None:
 def keys_revoke(key_id: str = typer.Argument(..., help="the key's id from `keel keys list`"),
                 config: Path | None = ConfigOpt) -> None:
     """Revoke a key; running gateways refuse it within a second."""
+    from keel.errors import NotFoundError
     from keel.keys import KeyStore
 
-    try:
-        rec = KeyStore(_settings(config)).revoke(key_id)
-    except KeyError as e:
-        typer.echo(e.args[0], err=True)
-        raise typer.Exit(1) from None
+    rec = _or_exit(lambda: KeyStore(_settings(config)).revoke(key_id), NotFoundError, 1)
     typer.echo(f"revoked {rec.id} ({rec.tenant})")
 
 
@@ -167,44 +169,53 @@ def audit_verify(config: Path | None = ConfigOpt) -> None:
     from keel import audit
 
     s = _settings(config)
-    bad = False
-    for zone, root in audit.roots(s).items():
+    bad, checked = False, 0
+    roots = audit.roots(s)
+    for zone, root in roots.items():
         report = audit.verify(root, s.audit.hmac_key.get_secret_value().encode())
         for w, n in report.records.items():
             typer.echo(f"{zone}/{w}: {n} records, {report.sealed[w]} sealed by a valid digest")
         for p in report.problems:
             typer.echo(f"{zone}/{p}", err=True)
-        bad = bad or not report.ok
+        bad, checked = bad or not report.ok, checked + sum(report.records.values())
     if bad:
         raise typer.Exit(1)
-    typer.echo("audit trail intact")
+    if not checked:  # "intact" after checking nothing would vouch for a trail that is not there
+        typer.echo(f"no audit trail to verify in {', '.join(str(r) for r in roots.values())} (home {s.home})", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"audit trail intact: {checked} records")
 
 
 @audit_app.command("show")
 def audit_show(request_id: str = typer.Argument(..., help="a request id (x-request-id)"),
+               as_json: bool = typer.Option(False, "--json", help="the records themselves, one JSON object a line"),
                config: Path | None = ConfigOpt) -> None:
-    """Every audit record of one request, as JSON lines."""
+    """Explain one request's decision: route and reasons, failovers, answer, guard actions (--json: the records)."""
     from keel import audit
 
-    found = [r for root in audit.roots(_settings(config)).values() for r in audit.find(root, request_id)]
+    found = sorted((r for root in audit.roots(_settings(config)).values() for r in audit.find(root, request_id)),
+                   key=lambda r: str(r["ts"]))
     if not found:
         typer.echo(f"no audit record for request {request_id!r}", err=True)
         raise typer.Exit(1)
     for r in found:
-        typer.echo(json.dumps(r, ensure_ascii=False))
+        typer.echo(json.dumps(r, ensure_ascii=False) if as_json else audit.explain(r))
 
 
 @app.command()
 def serve(
-    address: str | None = typer.Option(None, "--address", help="Ray cluster (default $RAY_ADDRESS, else auto)"),
+    address: str | None = typer.Option(None, "--address",
+                                       help="Ray cluster host:port (default: the head `keel up` started)"),
     config: Path | None = ConfigOpt,
 ) -> None:
-    """Deploy the gateway and its model targets to a running Ray cluster."""
-    from serving.app import deploy
+    """Deploy (or redeploy) the gateway and its model targets to the running stack's Ray head."""
+    from keel.errors import StackError
+    from keel.stack import LocalStack
 
-    settings = _settings(config)
-    deploy(settings, address)
-    typer.echo(f"keel gateway: http://{settings.host}:{settings.ports.gateway}/v1")
+    stack = LocalStack(_settings(config), config)
+    status = _or_exit(lambda: stack.deploy(address), StackError, 1, prefix="keel serve: ")
+    if status:
+        raise typer.Exit(status)
 
 
 @app.command()
@@ -214,7 +225,8 @@ def up(
     config: Path | None = ConfigOpt,
 ) -> None:
     """Start the local stack (Ray head + gateway, MLflow, Airflow), load the sample corpus, print how to use it."""
-    from keel.stack import LocalStack, StackError
+    from keel.errors import StackError
+    from keel.stack import LocalStack
 
     stack = LocalStack(_settings(config), config)
     typer.echo(f"keel up: state in {stack.state}")
@@ -236,11 +248,14 @@ ready in {time.monotonic() - t0:.0f} s
 
 Try it:
   curl -s {u['gateway']}/chat/completions -H "Authorization: Bearer {r.api_key}" \\
-    -H "Content-Type: application/json" -d '{{"model": "keel/auto", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+    -H "Content-Type: application/json" \\
+    -d '{{"model": "keel/auto", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
 
   from openai import OpenAI
   client = OpenAI(base_url="{u['gateway']}", api_key="{r.api_key}")
-  print(client.chat.completions.create(model="keel/rag", messages=[{{"role": "user", "content": "What is the refund policy?"}}]).choices[0].message.content)
+  answer = client.chat.completions.create(
+      model="keel/rag", messages=[{{"role": "user", "content": "What is the refund policy?"}}])
+  print(answer.choices[0].message.content)
 
 keel status shows each service; keel down (make down) stops them all.""")
 
@@ -276,24 +291,38 @@ def down(config: Path | None = ConfigOpt) -> None:
     typer.echo("no keel process left")
 
 
-def _settings(config: Path | None):  # noqa: ANN202
-    from keel.settings import ConfigError, load_settings
+def _settings(config: Path | None) -> KeelSettings:
+    """The settings, or exit 2 naming each error; a note on stderr when no home was found here or above
+    and the project's folder is used from elsewhere."""
+    from keel.errors import ConfigError
+    from keel.settings import find_home, load_settings
 
+    s = _or_exit(lambda: load_settings(config), ConfigError, 2)
+    home, here = find_home(), Path.cwd().resolve()
+    if not home.found and s.home == home.path and not here.is_relative_to(home.path):
+        typer.echo(f"keel: no keel.yaml or .keel/ in {here} or above; home is {home.path} "
+                   f"(set KEEL_HOME to choose another)", err=True)
+    return s
+
+
+def _or_exit(action: Callable[[], T], error: type[Exception], status: int, prefix: str = "") -> T:
+    """action(), or its error's message on stderr and exit with status."""
     try:
-        return load_settings(config)
-    except ConfigError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(2) from None
+        return action()
+    except error as e:
+        typer.echo(f"{prefix}{e}", err=True)
+        raise typer.Exit(status) from None
 
 
-def _engine(config: Path | None):  # noqa: ANN202
+def _engine(config: Path | None) -> PrivacyEngine:
     from keel.privacy.engine import PrivacyEngine
 
     logging.disable(logging.WARNING)  # spaCy/Presidio chatter must not mix with JSONL on stdout
     return PrivacyEngine(_settings(config).privacy)
 
 
-def _process(input: str | None, engine, fn) -> Iterator[tuple[Record, object]]:  # noqa: ANN001
+def _process(input: str | None, engine: PrivacyEngine,
+             fn: Callable[[list[str]], Sequence[T]]) -> Iterator[tuple[Record, T | None]]:
     """Run fn over batches of good records; yield (record, result) for every input line, in order.
 
     A batch that raises is retried one record at a time, so one bad record costs only itself.
@@ -309,15 +338,16 @@ def _process(input: str | None, engine, fn) -> Iterator[tuple[Record, object]]: 
     yield from _run_batch(batch, fn)
 
 
-def _run_batch(batch: list[Record], fn) -> Iterator[tuple[Record, object]]:  # noqa: ANN001
+def _run_batch(batch: list[Record], fn: Callable[[list[str]], Sequence[T]]) -> Iterator[tuple[Record, T | None]]:
     good = [r for r in batch if r.error is None]
+    results: dict[int, T]
     try:
-        results = dict(zip(map(id, good), fn([r.text for r in good]), strict=True)) if good else {}
+        results = dict(zip(map(id, good), fn([r.text or "" for r in good]), strict=True)) if good else {}
     except Exception:  # noqa: BLE001 - isolate the failing record below
         results = {}
         for r in good:
             try:
-                results[id(r)] = fn([r.text])[0]
+                results[id(r)] = fn([r.text or ""])[0]
             except Exception as e:  # noqa: BLE001 - one output line per input, whatever happens
                 r.error = f"processing failed: {type(e).__name__}"
     for r in batch:
@@ -328,7 +358,7 @@ def _open(input: str | None) -> BinaryIO:
     if input in (None, "-"):
         return sys.stdin.buffer
     try:
-        return open(input, "rb")  # noqa: SIM115 - read until the process ends
+        return open(input, "rb")  # read until the process ends
     except OSError as e:
         typer.echo(f"cannot read {input}: {e.strerror}", err=True)
         raise typer.Exit(2) from None

@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from keel.errors import NotFoundError
 from keel.policy import hash_api_key, new_api_key
 from keel.settings import KeelSettings
 
@@ -44,10 +45,15 @@ class KeyStore:
         except FileNotFoundError:
             return []
 
+    def active(self) -> dict[str, str]:
+        """Hash -> tenant of every key the gateway accepts: keel.yaml's and the file's unrevoked ones."""
+        static = {h: t.name for t in self.settings.policy.tenants for h in t.api_key_hashes}
+        return static | {r.hash: r.tenant for r in self.records() if r.revoked is None}
+
     def create(self, tenant: str, name: str = "") -> tuple[str, KeyRecord]:
         """A new key for a tenant of the policy; the key itself is returned once and never stored."""
         if tenant not in {t.name for t in self.settings.policy.tenants}:
-            raise ValueError(f"unknown tenant {tenant!r}; tenants are declared in policy.tenants")
+            raise NotFoundError(f"unknown tenant {tenant!r}; tenants are declared in policy.tenants", param="tenant")
         key = new_api_key()
         digest = hash_api_key(key)
         rec = KeyRecord(digest.removeprefix("sha256:")[:12], tenant, digest, name,
@@ -62,7 +68,7 @@ class KeyStore:
                 r.revoked = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
                 self._write(recs)
                 return r
-        raise KeyError(f"no active key with id {key_id!r}")
+        raise NotFoundError(f"no active key with id {key_id!r}", param="key_id")
 
     def _write(self, recs: list[KeyRecord]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,9 +88,8 @@ class KeyRing:
     def __init__(self, settings: KeelSettings, recheck_s: float = 1.0) -> None:
         self.store = KeyStore(settings)
         self.recheck_s = recheck_s
-        self._static = {h: t.name for t in settings.policy.tenants for h in t.api_key_hashes}
-        self._hashes: dict[str, str] = dict(self._static)
-        self._mtime: float | None = None
+        self._hashes: dict[str, str] = {}
+        self._mtime: float | None = -1.0  # never an mtime: the first lookup reads the file (or its absence)
         self._checked = 0.0
 
     def tenant(self, api_key: str) -> str | None:
@@ -105,5 +110,4 @@ class KeyRing:
             mtime = None
         if mtime != self._mtime:
             self._mtime = mtime
-            live = {r.hash: r.tenant for r in self.store.records() if r.revoked is None}
-            self._hashes = {**self._static, **live}
+            self._hashes = self.store.active()

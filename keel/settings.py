@@ -2,9 +2,12 @@
 
 Sources, highest priority first: environment (`KEEL_*`, nested with `__`, e.g.
 `KEEL_PORTS__GATEWAY=9000`), secret files (`KEEL_SECRETS_DIR`), then `keel.yaml`, then defaults.
-The YAML file is `$KEEL_CONFIG` if set, else `./keel.yaml`, else the documented example
-`config/keel.example.yaml` shipped with the project. A bad config fails at load with the
-file, the field and the reason (`ConfigError`).
+The YAML file is `$KEEL_CONFIG` if set, else `keel.yaml` in Keel's home, else the documented
+example `config/keel.example.yaml` shipped with the project. The home (`find_home`) is where
+relative paths resolve: `$KEEL_HOME`, else the nearest folder at or above the working directory
+holding `keel.yaml` or `.keel/` (as git finds its repository), else the project's own folder.
+A bad config fails at load naming the file (or the environment variable), the field and the
+reason (`ConfigError`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import functools
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,14 +24,48 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from keel.errors import ConfigError
 from keel.policy import DataClass, Policy
+from keel.routing import Strategy
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = PROJECT_ROOT / "config" / "keel.example.yaml"
+HOME_MARKERS = ("keel.yaml", ".keel")
+# Development defaults of the two keys: they keep a laptop run working; `keel config check` warns
+# while either is in use (KeelSettings.development_keys).
+DEV_HASH_KEY = "keel-dev-only-hash-key"
+DEV_AUDIT_KEY = "keel-dev-only-audit-key"
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names file, field and reason."""
+@dataclass(frozen=True)
+class Home:
+    path: Path
+    found: bool  # False: nothing names or marks a home here or above; `path` is the project's folder
+
+
+def find_home(cwd: Path | None = None) -> Home:
+    """Keel's home: $KEEL_HOME, else the nearest folder at or above `cwd` holding keel.yaml or .keel/
+    (so `keel status` finds the stack from any subfolder), else the project's own folder, whose
+    example config names paths relative to it."""
+    if os.environ.get("KEEL_HOME"):
+        return Home(Path(os.environ["KEEL_HOME"]).expanduser().resolve(), True)
+    start = (cwd or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if any((folder / marker).exists() for marker in HOME_MARKERS):
+            return Home(folder, True)
+    return Home(PROJECT_ROOT, False)
+
+
+def read_secret(name: str) -> SecretStr | None:
+    """A secret named by the configuration (a target's api_key_env): the environment variable of that
+    name, else the file of that name in $KEEL_SECRETS_DIR; None when neither holds a value."""
+    value = os.environ.get(name)
+    if not value and (folder := os.environ.get("KEEL_SECRETS_DIR")):
+        try:
+            value = (Path(folder) / name).read_text().strip()
+        except OSError:
+            value = None
+    return SecretStr(value) if value else None
 
 
 class Ports(BaseModel):
@@ -59,7 +97,7 @@ class PrivacySettings(BaseModel):
     entities: list[str] | None = None
     # Key for keyed-hash redaction tokens ([PERSON:7f3a]). Set it from env/secret file in production;
     # the default only keeps a laptop run working and is reported by `keel config check`.
-    hash_key: SecretStr = SecretStr("keel-dev-only-hash-key")
+    hash_key: SecretStr = SecretStr(DEV_HASH_KEY)
 
 
 class LandingSource(BaseModel):
@@ -119,7 +157,7 @@ class GatewaySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     # Strategy for keel/auto: latency, cost, complexity or blend (weighted by `weights`).
-    strategy: Literal["latency", "cost", "complexity", "blend"] = "blend"
+    strategy: Strategy = "blend"
     weights: RoutingWeights = Field(default_factory=RoutingWeights)
     complexity_threshold: float = Field(0.5, ge=0, le=1)  # prompts scoring at or above go to the large tier
     replicas: int = Field(1, ge=1)
@@ -172,7 +210,7 @@ class AuditSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # Signs the digests that seal each writer's chain. Set it from env/secret file in production
     # (KEEL_AUDIT__HMAC_KEY); whoever holds it can forge digests, so it never lives beside the trail.
-    hmac_key: SecretStr = SecretStr("keel-dev-only-audit-key")
+    hmac_key: SecretStr = SecretStr(DEV_AUDIT_KEY)
     seal_every: int = Field(1000, ge=1, description="records per sealed segment")
     seal_after_s: float = Field(60.0, gt=0, description="an open segment is sealed after this long")
 
@@ -186,9 +224,9 @@ class KeelSettings(BaseSettings):
     )
 
     host: str = "127.0.0.1"
-    # Relative paths in this file (state_dir, zone storage, landing sources) resolve against home:
-    # $KEEL_HOME, else the working directory at load. Jobs and DAG tasks get it in their env.
-    home: Path = Field(default_factory=Path.cwd)
+    # Relative paths in this file (state_dir, zone storage, landing sources) resolve against home
+    # (find_home). Jobs and DAG tasks get it in their env as KEEL_HOME.
+    home: Path = Field(default_factory=lambda: find_home().path)
     state_dir: Path = Path(".keel")
     ports: Ports = Field(default_factory=Ports)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
@@ -219,6 +257,13 @@ class KeelSettings(BaseSettings):
             return text
         p = Path(text.removeprefix("file://")).expanduser()
         return str(p if p.is_absolute() else (self.home / p).resolve())
+
+    def development_keys(self) -> list[tuple[str, str]]:
+        """(setting, environment variable) of each key still at its development default."""
+        in_use = [("privacy.hash_key", self.privacy.hash_key, DEV_HASH_KEY),
+                  ("audit.hmac_key", self.audit.hmac_key, DEV_AUDIT_KEY)]
+        return [(name, "KEEL_" + name.upper().replace(".", "__")) for name, key, dev in in_use
+                if key.get_secret_value() == dev]
 
     @property
     def ray_address(self) -> str:
@@ -260,7 +305,7 @@ def config_path(path: str | os.PathLike[str] | None = None) -> Path:
         return Path(path)
     if os.environ.get("KEEL_CONFIG"):
         return Path(os.environ["KEEL_CONFIG"])
-    local = Path("keel.yaml")
+    local = find_home().path / "keel.yaml"
     return local if local.exists() else EXAMPLE_CONFIG
 
 
@@ -286,12 +331,21 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> KeelSettings:
 
 
 def format_validation_error(file: Path, error: ValidationError) -> str:
-    lines = [f"{file}: {error.error_count()} invalid setting(s)"]
+    """One line per error, naming where its value came from: the environment variable that set it
+    (`KEEL_PORTS__GATEWAY: ...`), else the file's field."""
+    env = {name.upper() for name in os.environ}
+    file_errors, env_errors = [], []
     for err in error.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = [str(p) for p in err["loc"]]
         reason = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  field {field}: {reason}")
-    return "\n".join(lines)
+        # The variable that set this field, or a section above it (KEEL_PORTS='{"gateway": ...}').
+        var = next((v for i in range(len(loc), 0, -1) if (v := "KEEL_" + "__".join(loc[:i]).upper()) in env), None)
+        if var:
+            env_errors.append(f"  {var}: {reason}")
+        else:
+            file_errors.append(f"  field {'.'.join(loc) or '(top level)'}: {reason}")
+    head = ", ".join([*([str(file)] if file_errors else []), *(["environment"] if env_errors else [])])
+    return "\n".join([f"{head}: {error.error_count()} invalid setting(s)", *file_errors, *env_errors])
 
 
 @functools.lru_cache(maxsize=1)

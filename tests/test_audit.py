@@ -52,7 +52,8 @@ def test_one_record_edited(tmp_path):
     ls = lines(seg)
     ls[2] = ls[2].replace('"tokens":12', '"tokens":99')
     seg.write_text("\n".join(ls) + "\n")
-    assert first_problem(tmp_path) == "gw-1: record 12 (records-00000001.jsonl line 3): its content does not match its hash (edited)"
+    assert first_problem(tmp_path) == ("gw-1: record 12 (records-00000001.jsonl line 3): its content does not match "
+                                       "its hash (edited)")
 
 
 @pytest.mark.parametrize("change, seq", [
@@ -149,8 +150,11 @@ def test_keel_audit_verify_and_show_on_the_zones_storage(tmp_path):
     trail(root)
     ok = run_keel("audit", "verify", "--config", str(cfg))
     assert ok.returncode == 0 and b"eu/gw-1: 25 records, 25 sealed" in ok.stdout
-    shown = run_keel("audit", "show", "req-7", "--config", str(cfg))
+    assert b"audit trail intact: 25 records" in ok.stdout
+    shown = run_keel("audit", "show", "req-7", "--json", "--config", str(cfg))
     assert shown.returncode == 0 and json.loads(shown.stdout)["tokens"] == 7
+    told = run_keel("audit", "show", "req-7", "--config", str(cfg))
+    assert told.returncode == 0 and told.stdout.decode().startswith("interaction req-7 at ")
     seg = root / "gw-1" / "records-00000000.jsonl"
     seg.write_text(seg.read_text().replace('"tenant":"demo"', '"tenant":"mallory"', 1))
     bad = run_keel("audit", "verify", "--config", str(cfg))
@@ -238,9 +242,42 @@ def test_close_writes_and_seals_everything_submitted_and_is_safe_twice(tmp_path)
     for zone, n in (("us", 100), ("eu", 200)):
         report = audit.verify(t.roots()[zone], KEY)
         assert report.ok and report.records == {"gw-1": n} == report.sealed
-    with pytest.raises(audit.AuditBacklog):
+    with pytest.raises(audit.AuditBacklogError):
         t.submit("us", "interaction", request_id="too-late")
     never_started, _ = zone_trails(tmp_path / "other")
     assert never_started.flush(timeout=0)
     never_started.close()
     never_started.close()
+
+
+def test_show_explains_one_decision_in_words():
+    record = {
+        "seq": 4, "ts": "2026-12-04T07:00:00.000000+00:00", "writer": "gateway-a", "kind": "interaction",
+        "request_id": "req-1", "tenant": "demo", "endpoint": "chat", "model": "keel/auto", "status": 200,
+        "latency_ms": 812.5, "ttft_ms": 120.0, "data_class": "pii", "zone": "us",
+        "route": {"strategy": "blend", "reason": "blend of latency, cost and complexity", "ranked": ["small", "big"],
+                  "excluded": {"eu-model": "residency: zone eu not allowed",
+                               "tiny": "context: 9000+512 tokens > 8192"}},
+        "failovers": [{"target": "small", "error": "timeout", "message": "no first token in 30 s", "after_chars": 0}],
+        "target": "big", "usage": {"prompt_tokens": 35, "completion_tokens": 12, "total_tokens": 47},
+        "guard": {"pseudonymized": True, "pii_entities": {"PERSON": 2, "EMAIL_ADDRESS": 1},
+                  "output_redacted": {"US_SSN": 1}, "toxicity": 0.91, "toxicity_action": "flagged",
+                  "output_error": False},
+        "prompt_sha256": "ab" * 32, "prev": "0" * 64, "hash": "cd" * 32,
+    }
+    assert audit.explain(record).splitlines() == [
+        "interaction req-1 at 2026-12-04T07:00:00.000000+00:00 (writer gateway-a, record 4)",
+        "  tenant demo asked chat for model keel/auto: status 200 after 812.5 ms (first token at 120.0 ms)",
+        "  data class pii, recorded in zone us",
+        "  route: strategy blend, blend of latency, cost and complexity",
+        "    ranked: small, big",
+        "    excluded eu-model: residency: zone eu not allowed",
+        "    excluded tiny: context: 9000+512 tokens > 8192",
+        "  failover: small failed (error timeout, message no first token in 30 s) after 0 characters of the answer",
+        "  answered by big: 35 prompt + 12 completion tokens",
+        "  guard: pseudonymized before the model: PERSON 2, EMAIL_ADDRESS 1; redacted from the answer: US_SSN 1; "
+        "toxicity 0.91 (flagged)",
+    ]
+    refused = {"seq": 0, "ts": "t", "writer": "w", "kind": "interaction", "request_id": "req-2", "tenant": "demo",
+               "endpoint": "chat", "model": "keel/auto", "status": 403, "latency_ms": 1.0}
+    assert "no route: the request ended before routing" in audit.explain(refused)

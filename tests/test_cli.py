@@ -1,10 +1,12 @@
 """`keel pii detect|redact` as a user runs them: JSONL in, exactly one JSONL line out per input."""
 
 import json
+import os
+import subprocess
 
 import pytest
 
-from .conftest import ROOT, run_keel
+from .conftest import KEEL, ROOT, run_keel
 
 SAMPLE = {"id": "1", "text": "Call John Smith at 212-555-0199 or john.smith@acme.com"}
 
@@ -71,8 +73,10 @@ def test_bad_input_one_line_per_input_nothing_lost(tmp_path):
 
 def test_text_above_size_limit_gets_an_error_record(tmp_path):
     cfg = tmp_path / "keel.yaml"
-    cfg.write_text((ROOT / "config" / "keel.example.yaml").read_text().replace("max_text_bytes: 16777216", "max_text_bytes: 2000"))
-    records = [{"id": "small", "text": "Ping Jane Doe"}, {"id": "big", "text": "word " * 1000}, {"id": "after", "text": "ok"}]
+    example = (ROOT / "config" / "keel.example.yaml").read_text()
+    cfg.write_text(example.replace("max_text_bytes: 16777216", "max_text_bytes: 2000"))
+    records = [{"id": "small", "text": "Ping Jane Doe"}, {"id": "big", "text": "word " * 1000},
+               {"id": "after", "text": "ok"}]
     r = run_keel("pii", "detect", "--config", str(cfg), input=b"\n".join(json.dumps(x).encode() for x in records))
     out = jsonl(r.stdout)
     assert [o["id"] for o in out] == ["small", "big", "after"]
@@ -120,3 +124,65 @@ def test_keys_create_list_revoke(tmp_path):
     assert run_keel("keys", "revoke", key_id, "-c", cfg).returncode == 1
     bad = run_keel("keys", "create", "--tenant", "nobody", "-c", cfg)
     assert bad.returncode == 2 and b"unknown tenant" in bad.stderr
+
+
+def keel_in(cwd, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """`keel` run from a folder of the caller's choosing, with no KEEL_HOME or KEEL_CONFIG to lean on."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KEEL_HOME", "KEEL_CONFIG")}
+    return subprocess.run([KEEL, *args], capture_output=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_keel_finds_its_home_from_any_folder_below_it(tmp_path):
+    from tests.support.services import write_config
+
+    home = tmp_path / "proj"
+    write_config(home)
+    below = home / "docs" / "notes"
+    below.mkdir(parents=True)
+    made = keel_in(home, "keys", "create", "--tenant", "demo")
+    assert made.returncode == 0, made.stderr
+    key_id = json.loads((home / "state" / "api_keys.json").read_text())["keys"][0]["id"]
+    listed = keel_in(below, "keys", "list")
+    assert listed.returncode == 0 and key_id in listed.stdout.decode(), listed.stderr
+    checked = keel_in(below, "config", "check")
+    assert f"{home / 'keel.yaml'}: ok (home {home})".encode() in checked.stdout and b"demo (1 keys)" in checked.stdout
+    assert b"home is" not in checked.stderr  # found: nothing to explain
+
+
+def test_keel_says_which_home_it_uses_when_none_is_found(tmp_path):
+    from keel.settings import PROJECT_ROOT
+
+    r = keel_in(tmp_path, "config", "check")
+    assert r.returncode == 0, r.stderr
+    assert f"no keel.yaml or .keel/ in {tmp_path.resolve()} or above; home is {PROJECT_ROOT}".encode() in r.stderr
+
+
+def test_audit_verify_fails_when_there_is_no_trail_to_check(tmp_path):
+    from tests.support.services import write_config
+
+    r = run_keel("audit", "verify", "-c", str(write_config(tmp_path)))
+    assert r.returncode == 1 and b"no audit trail to verify" in r.stderr and b"intact" not in r.stdout
+
+
+def test_serve_without_a_running_stack_says_so_in_one_line(tmp_path):
+    from tests.support.services import write_config
+
+    r = run_keel("serve", "-c", str(write_config(tmp_path)))
+    assert r.returncode == 1
+    [line] = r.stderr.decode().splitlines()
+    assert line.startswith("keel serve: no Ray head of this stack is running") and "keel up" in line
+
+
+def test_the_gateways_key_ring_and_the_key_store_agree(tmp_path):
+    from keel.keys import KeyRing, KeyStore
+    from keel.policy import hash_api_key
+    from keel.settings import load_settings
+    from tests.support.services import write_config
+
+    settings = load_settings(write_config(tmp_path))
+    ring, store = KeyRing(settings, recheck_s=0), KeyStore(settings)
+    assert store.active() == {} and ring.tenant("keel-nope") is None
+    key, rec = store.create("demo")
+    assert store.active() == {hash_api_key(key): "demo"} and ring.tenant(key) == "demo"
+    store.revoke(rec.id)
+    assert store.active() == {} and ring.tenant(key) is None

