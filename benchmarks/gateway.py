@@ -110,6 +110,7 @@ def routing_microbench(settings: Any, model: str, n: int = 20000) -> float:
     """Per-request pure work of the gateway: parse + target body + complexity (when used) + plan, in µs."""
     from keel.routing import (
         ALIASES,
+        DEFAULT_MAX_TOKENS,
         Candidate,
         LatencyStats,
         RouteRequest,
@@ -131,7 +132,7 @@ def routing_microbench(settings: Any, model: str, n: int = 20000) -> float:
         body, text, ask = target_body("chat", req)
         strategy, pinned = (ALIASES[req.model] or "blend", None) if req.model in ALIASES else ("blend", req.model)
         score = complexity_score(ask) if uses_complexity(strategy, pinned, weights) else 0.0
-        rr = RouteRequest(estimate_tokens(text), req.max_tokens or 512, frozenset(), None, score)
+        rr = RouteRequest(estimate_tokens(text), req.max_tokens or DEFAULT_MAX_TOKENS, frozenset(), None, score)
         plan(cands, rr, strategy, pinned=pinned, weights=weights)
     return (time.perf_counter() - t0) / n * 1e6
 
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     from keel.keys import KeyStore
     from keel.settings import load_settings
     from serving.gateway import Gateway
-    from serving.targets import llama_cpp
+    from serving.targets import deployment_for
 
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
     class EchoModel:
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address=head.gcs, logging_level=logging.WARNING, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": gw_port})
         echo_dep = EchoModel.bind()
-        llama = llama_cpp.deployment(settings.policy.targets[3])
+        llama = deployment_for(settings.policy.targets[3])
         serve.run(Gateway.options(max_ongoing_requests=300).bind(settings, {"echo-handle": echo_dep, "smollm2": llama}),
                   name="keel", route_prefix="/")
         serve.run(Bare.bind(EchoModel.options(name="EchoBare").bind()), name="bare", route_prefix="/bare")
