@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import write_report  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "batch_pipeline.json"
 INGEST_TIME = "2026-11-26T00:00:00+00:00"
 
@@ -38,8 +39,8 @@ INGEST_TIME = "2026-11-26T00:00:00+00:00"
 def corpus(docs: int) -> Path:
     out = ROOT / "benchmarks" / "data" / f"corpus-{docs // 1000}k"
     if not (out / "planted_pii.json").exists():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_corpus.py"), "--docs", str(docs), "--out", str(out)],
-                       check=True)
+        make_corpus = str(ROOT / "scripts" / "make_corpus.py")
+        subprocess.run([sys.executable, make_corpus, "--docs", str(docs), "--out", str(out)], check=True)
     return out
 
 

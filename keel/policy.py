@@ -205,12 +205,12 @@ class Policy(_Strict):
             if asked not in self.zones:
                 raise ZoneNotAllowedError(f"unknown zone {asked!r}; zones: {sorted(self.zones)}", param=_ZONE_HEADER)
             if asked not in zones:
-                raise ZoneNotAllowedError(f"data class {data_class.value!r} of tenant {tenant.name!r} may not go to zone "
-                                     f"{asked!r} (allowed: {zones})", param=_ZONE_HEADER)
+                raise ZoneNotAllowedError(f"data class {data_class.value!r} of tenant {tenant.name!r} may not go to "
+                                          f"zone {asked!r} (allowed: {zones})", param=_ZONE_HEADER)
             zones = [asked]
         if not zones:
-            raise ZoneNotAllowedError(f"tenant {tenant.name!r} has no zone where data class {data_class.value!r} may go",
-                                 param=_ZONE_HEADER)
+            raise ZoneNotAllowedError(f"tenant {tenant.name!r} has no zone where data class {data_class.value!r} "
+                                      "may go", param=_ZONE_HEADER)
         return zones
 
     def readable_classes(self, tenant: Tenant, data_class: DataClass, zones: Iterable[str]) -> list[DataClass]:
@@ -249,7 +249,7 @@ def resolve_class(tenant: Tenant, requested: DataClass | None) -> DataClass:
         return tenant.default_class
     if requested not in tenant.allowed_classes:
         raise DataClassNotAllowedError(f"tenant {tenant.name!r} is not allowed data class {requested.value!r}",
-                                  param=_CLASS_HEADER)
+                                       param=_CLASS_HEADER)
     if requested < tenant.default_class:
         raise DataClassNotAllowedError(
             f"data class {requested.value!r} is below tenant {tenant.name!r}'s default {tenant.default_class.value!r}",

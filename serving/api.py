@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from keel.errors import InvalidJSONError, InvalidParameterError, KeelError, MissingParameterError, error_body, http_status
+from keel.errors import (
+    InvalidJSONError,
+    InvalidParameterError,
+    KeelError,
+    MissingParameterError,
+    error_body,
+    http_status,
+)
 from keel.messages import text_of
 
 if TYPE_CHECKING:

@@ -35,6 +35,6 @@ class Admit:
         wait = self.limiter.admit(tenant.name, tenant.requests_per_minute, tenant.tokens_per_minute, tokens)
         if wait is not None:
             raise RateLimitError(f"tenant {tenant.name!r} is over its rate limit ({tenant.requests_per_minute or '-'} "
-                              f"requests, {tenant.tokens_per_minute or '-'} tokens per minute); retry after "
-                              f"{math.ceil(wait)} s", retry_after=max(1, math.ceil(wait)))
+                                 f"requests, {tenant.tokens_per_minute or '-'} tokens per minute); retry after "
+                                 f"{math.ceil(wait)} s", retry_after=max(1, math.ceil(wait)))
         ctx.charged = tokens

@@ -28,7 +28,7 @@ class Embed:
         ctx.model = req.model
         if req.model not in (EMBEDDING_MODEL, "keel/embed"):
             raise ModelNotFoundError(f"embedding model {req.model!r} does not exist; use {EMBEDDING_MODEL!r}",
-                                param="model")
+                                     param="model")
         texts = [req.input] if isinstance(req.input, str) else req.input
         if any(not isinstance(t, str) or not t for t in texts):
             raise InvalidParameterError("input must be a non-empty string or a list of them", param="input")

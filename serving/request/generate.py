@@ -47,11 +47,11 @@ class Generate:
         """The caller's error for a stream that failed, before its first chunk or after."""
         if isinstance(e, TargetError):  # a client error the target reported: the request's fault
             err = (e.body or {}).get("error") or {}
-            return TargetRejectedError(str(err.get("message") or e), status=e.status or 400, target_code=err.get("code"),
-                                  param=err.get("param"))
+            return TargetRejectedError(str(err.get("message") or e), status=e.status or 400,
+                                       target_code=err.get("code"), param=err.get("param"))
         if e.busy:
             return OverloadedError("every model target is at capacity; retry shortly", retry_after=self.retry_after_s)
         tried = "; ".join(f"{f['target']}: {f['error']}" for f in e.outcome.failovers)
-        return AllTargetsFailedError(f"no model target in zones {ctx.zones} could answer ({tried}); Keel never sends this "
-                                "request to another zone", retry_after=retry_after(self.states.values(),
-                                                                                  self.retry_after_s))
+        wait = retry_after(self.states.values(), self.retry_after_s)
+        return AllTargetsFailedError(f"no model target in zones {ctx.zones} could answer ({tried}); Keel never sends "
+                                     "this request to another zone", retry_after=wait)

@@ -33,7 +33,7 @@ class Protect:
             except Exception:  # fail closed: nothing unprotected goes out
                 logger.exception("the PII guard failed on request %s", ctx.rid)
                 raise GuardFailedError("the PII guard could not process this request; it was not sent to any "
-                                  "model") from None
+                                       "model") from None
             ctx.actions.pseudonymized, ctx.actions.entities = True, protected.entities
         else:
             protected = self.guard.unprotected(body)

@@ -82,8 +82,8 @@ class Router:
             return ResidencyError(f"no model target runs in the zones this request's data may go to ({zones})")
         if Exclusion.HEALTH in in_zone:
             return NoHealthyTargetError(f"no healthy model target in zones {zones} can serve this request now; Keel "
-                                   "never sends it to another zone",
-                                   retry_after=retry_after(self.states.values(), self.retry_after_s))
+                                        "never sends it to another zone",
+                                        retry_after=retry_after(self.states.values(), self.retry_after_s))
         if lacking := in_zone.get(Exclusion.CAPABILITY):
             missing = rr.needs - set(self.states[lacking].target.config.supports)
             param = "tools" if "tools" in missing else "response_format"
@@ -93,7 +93,7 @@ class Router:
                 f"the prompt ({rr.prompt_tokens} tokens, estimated) plus max_tokens ({rr.max_tokens}) exceeds every "
                 "eligible target's context window", param="messages" if ctx.kind == "chat" else "prompt")
         return ServiceUnavailableError(f"no model target in zones {zones} can serve this request: "
-                                  f"{'; '.join(f'{n}: {why}' for n, why in reasons)}")
+                                       f"{'; '.join(f'{n}: {why}' for n, why in reasons)}")
 
 
 def _needs(req: ChatRequest | CompletionRequest) -> frozenset[str]:

@@ -21,6 +21,6 @@ class Scope:
             requested = DataClass(asked.strip().lower()) if asked else None
         except ValueError:
             raise InvalidDataClassError(f"x-keel-data-class {asked!r} is not a data class; use one of "
-                                   f"{[c.value for c in DataClass]}", param="x-keel-data-class") from None
+                                        f"{[c.value for c in DataClass]}", param="x-keel-data-class") from None
         ctx.data_class = resolve_class(tenant, requested)  # DataClassNotAllowedError: 403
         ctx.zones = self.policy.request_zones(tenant, ctx.data_class, headers.get("x-keel-zone") or None)  # 403
