@@ -62,6 +62,24 @@ def model_path(options: LlamaCppOptions | Mapping[str, Any]) -> str:
     return str(files[0])
 
 
+async def _gathered(queue: asyncio.Queue[Any]) -> tuple[str, int, str | None, bool]:
+    """What the generation thread put out since the last call (waiting for at least one item): the
+    text, how many tokens, the finish reason, and whether the thread is done. Its error is raised here."""
+    items = [await queue.get()]
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    text, n, reason = "", 0, None
+    for item in items:
+        if item is None:
+            return text, n, reason, True
+        if isinstance(item, Exception):
+            raise item
+        text += item["text"]
+        n += 1 if item["text"] else 0
+        reason = item["finish_reason"] or reason
+    return text, n, reason, False
+
+
 class LlamaCppReplica:
     def __init__(self, path: str, n_ctx: int, n_threads: int, repeat_penalty: float) -> None:
         from llama_cpp import Llama
@@ -93,28 +111,12 @@ class LlamaCppReplica:
                              "message": f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the "
                                         f"context window of {self.llm.n_ctx()} tokens"}}
             return
+        args = {"max_tokens": max_tokens, "stop": stop, **{k: body[k] for k in SAMPLING if body.get(k) is not None}}
         async with self.lock:
-            loop, queue = asyncio.get_running_loop(), asyncio.Queue()  # type: ignore[var-annotated]
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue[Any] = asyncio.Queue()
             stop_flag = threading.Event()
-
-            def produce() -> None:
-                # Generation runs flat out in its own thread; the stream below sends whatever tokens
-                # have piled up since its last send, so RPC hops never stall the model (measured: a
-                # hop per token cost 10-20% of tokens/s through the gateway).
-                try:
-                    for part in self.llm.create_completion(
-                        prompt, max_tokens=max_tokens, stop=stop, stream=True, repeat_penalty=self.repeat_penalty,
-                        **{k: body[k] for k in SAMPLING if body.get(k) is not None},
-                    ):
-                        if stop_flag.is_set():
-                            break
-                        loop.call_soon_threadsafe(queue.put_nowait, part["choices"][0])  # type: ignore[index]
-                except Exception as e:  # noqa: BLE001 - handed to the consumer, raised there
-                    loop.call_soon_threadsafe(queue.put_nowait, e)
-                finally:
-                    loop.call_soon_threadsafe(queue.put_nowait, None)
-
-            worker = loop.run_in_executor(None, produce)
+            worker = loop.run_in_executor(None, self._produce, prompt, args, loop, queue, stop_flag)
             n, finished, last_send = 0, False, 0.0
             try:
                 while not finished:
@@ -122,29 +124,33 @@ class LlamaCppReplica:
                     # whose CPU would otherwise be taken from generation on a small machine.
                     if last_send and (pause := last_send + FLUSH_INTERVAL_S - loop.time()) > 0:
                         await asyncio.sleep(pause)
-                    items = [await queue.get()]
-                    while not queue.empty():
-                        items.append(queue.get_nowait())
-                    text, reason = "", None
-                    for item in items:
-                        if item is None:
-                            finished = True
-                            break
-                        if isinstance(item, Exception):
-                            raise item
-                        text += item["text"]
-                        n += 1 if item["text"] else 0
-                        reason = item["finish_reason"] or reason
-                    out: dict[str, Any] = {"text": text, "finish_reason": reason}
-                    if reason:
-                        out["usage"] = {"prompt_tokens": len(tokens), "completion_tokens": n,
-                                        "total_tokens": len(tokens) + n}
+                    text, sent, reason, finished = await _gathered(queue)
+                    n += sent
                     if text or reason:
                         last_send = loop.time()
+                        out: dict[str, Any] = {"text": text, "finish_reason": reason}
+                        if reason:
+                            out["usage"] = {"prompt_tokens": len(tokens), "completion_tokens": n,
+                                            "total_tokens": len(tokens) + n}
                         yield out
             finally:
                 stop_flag.set()
                 await asyncio.wait([worker])  # the model is free again only once its thread is done
+
+    def _produce(self, prompt: str, args: dict[str, Any], loop: asyncio.AbstractEventLoop,
+                 queue: asyncio.Queue[Any], stop_flag: threading.Event) -> None:
+        """Generation runs flat out in its own thread; the stream sends whatever tokens have piled up
+        since its last send, so RPC hops never stall the model (measured: a hop per token cost 10-20%
+        of tokens/s through the gateway)."""
+        try:
+            for part in self.llm.create_completion(prompt, stream=True, repeat_penalty=self.repeat_penalty, **args):
+                if stop_flag.is_set():
+                    break
+                loop.call_soon_threadsafe(queue.put_nowait, part["choices"][0])  # type: ignore[index]
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, raised there
+            loop.call_soon_threadsafe(queue.put_nowait, e)
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, None)
 
 
 # Applied here rather than as a class decorator, which type checkers do not follow.
