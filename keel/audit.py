@@ -138,10 +138,6 @@ class AuditWriter:
                 self._seal()
             return rec
 
-    def seal(self) -> None:
-        with self._lock:
-            self._seal()
-
     def seal_if_due(self) -> None:
         """Seal an open segment whose first record is `seal_after_s` old, though no record followed."""
         with self._lock:

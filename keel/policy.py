@@ -192,11 +192,6 @@ class Policy(_Strict):
     def zone_allows(self, zone: str, data_class: DataClass) -> bool:
         return zone in self.data_classes[data_class].allowed_zones
 
-    def targets_for(self, data_class: DataClass) -> list[ModelTarget]:
-        """Targets whose zone may receive this class (residency filter for routing)."""
-        allowed = set(self.zones_for(data_class))
-        return [t for t in self.targets if t.zone in allowed]
-
     def request_zones(self, tenant: Tenant, data_class: DataClass, asked: str | None = None) -> list[str]:
         """Zones a request's data may go to: its class's zones, within the tenant's, within the one
         the caller asked for (x-keel-zone). Raises ZoneNotAllowedError naming why none is left."""
