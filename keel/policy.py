@@ -120,6 +120,9 @@ class Tenant(_Strict):
     # Per-tenant rate limits, split evenly across gateway replicas; None: unlimited.
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1)
+    # evaluation: Keel's own evaluation client (keel.evaluation); its requests are marked as such in
+    # the audit trail, and its rate limits are its own, apart from the users'.
+    purpose: Literal["serving", "evaluation"] = "serving"
 
     @field_validator("api_key_hashes")
     @classmethod
