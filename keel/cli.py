@@ -26,16 +26,21 @@ app = typer.Typer(help="Keel: production anatomy for AI systems.", no_args_is_he
 pii_app = typer.Typer(help="Detect and redact PII in JSONL {\"id\", \"text\"} records.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 audit_app = typer.Typer(help="The tamper-evident audit trail in each zone's storage.", no_args_is_help=True)
+eval_app = typer.Typer(help="Continuous evaluation: golden sets through the gateway, scored in MLflow.",
+                        no_args_is_help=True)
 keys_app = typer.Typer(help="Gateway API keys (stored hashed; a key is shown once, at creation).", no_args_is_help=True)
 app.add_typer(pii_app, name="pii")
 app.add_typer(config_app, name="config")
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
+app.add_typer(eval_app, name="eval")
 
 InputOpt = typer.Argument(None, help="JSONL file; standard input when omitted or '-'", show_default=False)
 ConfigOpt = typer.Option(None, "--config", "-c",
                          help="keel.yaml to use (default: $KEEL_CONFIG, keel.yaml in Keel's home, the example)")
 ZoneOpt = typer.Option(None, "--zone", "-z", help="zone(s) to search (default: every zone)")
+TargetsOpt = typer.Option(None, "--target", "-t", help="target or alias; repeat (default: evaluation.targets)")
+SetsOpt = typer.Option(None, "--set", "-s", help="golden set: rag, safety, privacy; repeat (default: all)")
 
 
 @app.command()
@@ -200,6 +205,86 @@ def audit_show(request_id: str = typer.Argument(..., help="a request id (x-reque
         raise typer.Exit(1)
     for r in found:
         typer.echo(json.dumps(r, ensure_ascii=False) if as_json else audit.explain(r))
+
+
+@eval_app.command("run")
+def eval_run(
+    target: list[str] = TargetsOpt,
+    golden: list[str] = SetsOpt,
+    sample_size: int | None = typer.Option(None, help="items per set; 0: the whole sets"),
+    wait: bool = typer.Option(False, "--wait", help="wait for the run and print each target against its baseline"),
+    timeout: float = typer.Option(3600, help="seconds to wait with --wait"),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Trigger the keel_evaluate DAG in this stack's Airflow (what the UI's "Trigger DAG" does)."""
+    from keel.orchestration.evaluate import DAG_ID
+    from keel.stack import LocalStack
+
+    stack = LocalStack(_settings(config), config)
+    ev = stack.s.evaluation
+    conf = {"targets": target or ev.targets, "sets": golden or ev.sets,
+            "sample_size": ev.sample_size if sample_size is None else sample_size}
+    api = _or_exit(stack.airflow, OSError, 1, "keel eval run: Airflow does not answer (is `keel up` running?): ")
+    run = api.trigger(DAG_ID, conf)
+    typer.echo(f"triggered {DAG_ID} run {run['dag_run_id']}: {json.dumps(conf)}")
+    typer.echo(f"  {stack.urls['airflow']}/dags/{DAG_ID}/runs/{run['dag_run_id']}")
+    if not wait:
+        return
+    done = api.wait_done(DAG_ID, run["dag_run_id"], time.monotonic() + timeout)
+    typer.echo(f"{DAG_ID} run {run['dag_run_id']}: {done['state']}")
+    _show(stack.mlflow_uri(), None, stack.s)
+    raise typer.Exit(0 if done["state"] == "success" else 1)
+
+
+@eval_app.command("show")
+def eval_show(
+    target: str | None = typer.Option(None, "--target", "-t", help="one target or alias (default: every one)"),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """The latest evaluation of each target against its baseline: every metric, and what regressed."""
+    from keel.stack import LocalStack
+
+    settings = _settings(config)
+    _show(LocalStack(settings, config).mlflow_uri(), target, settings)
+
+
+@eval_app.command("promote")
+def eval_promote(run_id: str = typer.Argument(..., help="an evaluation run's id (MLflow UI, `keel eval show`)"),
+                 config: Path | None = ConfigOpt) -> None:
+    """Make a completed evaluation run the baseline of its target (the run tag `baseline`)."""
+    from keel.errors import NotFoundError
+    from keel.evaluation import runs
+    from keel.stack import LocalStack
+
+    settings = _settings(config)
+    run, before = _or_exit(lambda: runs.promote(LocalStack(settings, config).mlflow_uri(), run_id), NotFoundError,
+                           1, "keel eval promote: ")
+    replaced = f" (replacing {before.info.run_id})" if before is not None and before.info.run_id != run_id else ""
+    typer.echo(f"run {run_id} is now the baseline of {run.data.tags['target']}{replaced}")
+
+
+def _show(tracking_uri: str, target: str | None, settings: KeelSettings) -> None:
+    from keel.evaluation import runs
+
+    c = runs.client(tracking_uri)
+    exp = runs.experiment_id(c)
+    found = c.search_runs([exp], f"tags.`{runs.COMPLETE_TAG}` = 'true'", order_by=["attributes.start_time DESC"])
+    names = [target] if target else sorted({r.data.tags["target"] for r in found})
+    if not names:
+        typer.echo("no evaluation run yet: `keel eval run` starts one")
+        raise typer.Exit(1)
+    for name in names:
+        latest = runs.latest(c, exp, name)
+        if latest is None:
+            typer.echo(f"{name}: no completed evaluation run")
+            continue
+        base = runs.baseline(c, exp, name)
+        gate = latest.data.tags.get("gate", "?")
+        base_id = base.info.run_id if base is not None else "none (`keel eval promote <run id>`)"
+        typer.echo(f"\n{name}: run {latest.info.run_id} ({gate}), baseline {base_id}")
+        typer.echo(f"  {'metric':<20} {'baseline':>12} {'latest':>12}  verdict")
+        for metric, b, new, verdict in runs.comparison(latest, base, settings.evaluation.thresholds):
+            typer.echo(f"  {metric:<20} {b:>12} {new:>12}  {verdict}")
 
 
 @app.command()

@@ -28,6 +28,8 @@
     ├── GuardFailedError                   guard_failed                500   no  (bug)
     ├── TargetRejectedError                (the target's)              (the target's 4xx)
     ├── DataQualityError                   data_quality                -     no  (data_quality)
+    ├── RegressionError                    regression                  -     no  (regression)
+    ├── EvaluationIncompleteError          evaluation_incomplete       -     no  (bug)
     └── StackError                         stack                       -     no  (bug)
 
 Named as OpenAI's own SDK names its errors (BadRequestError, NotFoundError, RateLimitError...).
@@ -52,6 +54,7 @@ class FailureKind(StrEnum):
     RATE_LIMIT = "rate_limit"  # a quota or a 429: retry later, with backoff
     TRANSIENT = "transient"  # network, timeouts, a lost Ray node/actor/object: retry with backoff
     DATA_QUALITY = "data_quality"  # bad input or a failed gate: retrying cannot help, a person must look
+    REGRESSION = "regression"  # an evaluation fell below its thresholds: retrying re-measures the same model
     BUG = "bug"  # anything else, a residency violation or a bad config included: do not retry
 
     @property
@@ -200,6 +203,25 @@ class DataQualityError(KeelError):
 
     code = "data_quality"
     kind = FailureKind.DATA_QUALITY
+
+
+class RegressionError(KeelError):
+    """An evaluation run fell below its thresholds (keel.evaluation.gate): each regression names the
+    metric, the new value, the baseline value and the runs."""
+
+    code = "regression"
+    kind = FailureKind.REGRESSION
+
+    def __init__(self, message: str, regressions: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.regressions = regressions or []
+
+
+class EvaluationIncompleteError(KeelError):
+    """An evaluation run in which some item lacks some metric (a scorer raised, or returned nothing):
+    a run with a silently missing metric must never pass the gate."""
+
+    code = "evaluation_incomplete"
 
 
 class StackError(KeelError):

@@ -46,3 +46,13 @@ class Retriever:
         vector = self.embed([query])[0]
         found = [h for z in zones for h in index.search(ZoneStorage.for_zone(self.settings, z), vector, k, classes)]
         return sorted(found, key=lambda h: h.distance)[:k]
+
+    def chunks(self, chunk_ids: Sequence[str], zones: Iterable[str]) -> dict[str, tuple[str, str]]:
+        """chunk_id -> (data_class, text) of the ids found in the named zones' current indexes."""
+        from keel.pipeline import index
+        from keel.storage import ZoneStorage
+
+        found: dict[str, tuple[str, str]] = {}
+        for z in zones:
+            found |= index.lookup(ZoneStorage.for_zone(self.settings, z), chunk_ids)
+        return found

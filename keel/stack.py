@@ -290,6 +290,9 @@ class LocalStack:
         f.write_text(key + "\n")
         return key
 
+    def mlflow_uri(self) -> str:
+        return self.s.pipeline.mlflow_tracking_uri or self.urls["mlflow"]
+
     def airflow(self) -> AirflowAPI:
         return AirflowAPI(self.urls["airflow"], *airflow_credentials(self.airflow_home))
 

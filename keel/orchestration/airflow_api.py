@@ -61,8 +61,18 @@ class AirflowAPI:
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         return _json_call(method, self.base + path, body, {"Authorization": f"Bearer {self.token}"})
 
-    def trigger(self, dag: str) -> dict[str, Any]:
-        return dict(self.call("POST", f"/api/v2/dags/{dag}/dagRuns", {"logical_date": None}))
+    def trigger(self, dag: str, conf: dict[str, Any] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"logical_date": None} | ({"conf": conf} if conf else {})
+        return dict(self.call("POST", f"/api/v2/dags/{dag}/dagRuns", body))
+
+    def wait_done(self, dag: str, run_id: str, deadline: float) -> dict[str, Any]:
+        """The run once it has finished, succeeded or failed."""
+        while time.monotonic() < deadline:
+            run = self.call("GET", f"/api/v2/dags/{dag}/dagRuns/{run_id}")
+            if run["state"] in ("success", "failed"):
+                return dict(run)
+            time.sleep(3)
+        raise StackError(f"{dag} run {run_id} did not finish in time")
 
     def runs(self, dag: str) -> list[dict[str, Any]]:
         return list(self.call("GET", f"/api/v2/dags/{dag}/dagRuns?order_by=-run_after")["dag_runs"])

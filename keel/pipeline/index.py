@@ -9,6 +9,7 @@ gateway and `keel search` open the zone's current one.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,25 @@ def search(storage: ZoneStorage, query_vector: np.ndarray, k: int = 5,
             r["data_class"])
         for r in query.to_list()
     ]
+
+
+_CHUNK_ID = re.compile(r"^[A-Za-z0-9_:.-]{1,128}$")
+
+
+def lookup(storage: ZoneStorage, chunk_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """chunk_id -> (data_class, text) for the ids found in the zone's current index. Ids come from
+    answers (untrusted): one that is not a well-formed id is simply not found."""
+    import lancedb
+
+    ids = sorted({i for i in chunk_ids if _CHUNK_ID.match(i)})
+    store = SnapshotStore(storage, "index")
+    current = store.current()
+    if not ids or current is None:
+        return {}
+    db = lancedb.connect(store.uri(current["key"]) + "/lance", storage_options=storage_options(storage) or None)
+    where = "chunk_id IN (" + ", ".join(f"'{i}'" for i in ids) + ")"
+    rows = db.open_table(TABLE).search().where(where).select(["chunk_id", "data_class", "text"]).limit(len(ids))
+    return {r["chunk_id"]: (r["data_class"], r["text"]) for r in rows.to_list()}
 
 
 class ChunkEmbedder:

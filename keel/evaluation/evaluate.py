@@ -1,0 +1,255 @@
+"""One evaluation: a target's answers to the golden sets, scored in MLflow and gated against its baseline.
+
+1. The golden items (a seeded sample, or whole sets) go through the running gateway as any client's
+   requests would (keel.evaluation.client), a bounded number at a time for the target.
+2. `mlflow.genai.evaluate` scores the answers with Keel's scorers (keel.evaluation.scorers) in one
+   MLflow run, which links the golden set versions it used as evaluation datasets.
+3. Every item must hold every metric that applies to its set: a scorer that raised (MLflow keeps
+   going, with an assessment carrying error_code SCORER_ERROR and one warning) or returned nothing
+   fails the run, naming the scorer (EvaluationIncompleteError).
+4. The metrics (keel.evaluation.gate) are compared with the baseline's; the run ends FINISHED when
+   the gate passes, FAILED with the regressions otherwise, and both are logged with a per-item
+   table and plots.
+
+Idempotent: the run is found by its DAG run and target, so a retry of a completed evaluation returns
+what it logged, and a retry of an interrupted one reuses its run, after deleting the traces of the
+first try, so no item is counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from keel.errors import EvaluationIncompleteError
+from keel.evaluation import gate, golden, runs
+from keel.evaluation.client import Answer, GatewayClient
+from keel.evaluation.golden import GoldenItem
+from keel.settings import KeelSettings
+
+log = logging.getLogger("keel.evaluation")
+
+
+@dataclass
+class Evaluation:
+    """What one evaluation run measured and what the gate decided."""
+
+    run_id: str
+    target: str
+    metrics: dict[str, float]
+    regressions: list[gate.Regression] = field(default_factory=list)
+    baseline_run_id: str | None = None
+    not_gated: list[str] = field(default_factory=list)
+    items: int = 0
+    reused: bool = False  # found complete from an earlier try: nothing was asked or scored again
+
+    @property
+    def passed(self) -> bool:
+        return not self.regressions
+
+    def summary(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "target": self.target, "metrics": self.metrics, "passed": self.passed,
+                "regressions": [asdict(r) for r in self.regressions], "baseline_run_id": self.baseline_run_id,
+                "not_gated": self.not_gated, "items": self.items, "reused": self.reused}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to evaluate: one target (or alias), which sets, how many items of each."""
+
+    target: str
+    sets: Sequence[golden.SetName]
+    sample_size: int
+    identity: dict[str, str]  # tags that name this run: the Airflow dag and run ids, and the target
+
+
+def sample(settings: KeelSettings, plan: Plan) -> tuple[list[golden.GoldenSet], list[tuple[str, GoldenItem]]]:
+    folder = settings.home / settings.evaluation.golden_dir
+    sets = [golden.load(folder, s) for s in plan.sets]
+    seed = settings.evaluation.seed
+    items: list[tuple[str, GoldenItem]] = [
+        (str(gs.name), it) for gs in sets for it in gs.sample(plan.sample_size, seed)]
+    return sets, items
+
+
+def evaluate(settings: KeelSettings, plan: Plan, tracking_uri: str, client: GatewayClient, scorers: list[Any],
+             ) -> Evaluation:
+    """Run (or find) the evaluation `plan` describes; `scorers` are Keel's (keel.evaluation.scorers)."""
+    import mlflow
+
+    c = runs.client(tracking_uri)
+    exp = runs.experiment_id(c)
+    sets, items = sample(settings, plan)
+    found = runs.find_run(c, exp, plan.identity)
+    if found is not None and found.data.tags.get(runs.COMPLETE_TAG) == "true":
+        return _logged(found)
+    datasets = runs.register(tracking_uri, sets)
+    if found is not None:  # an interrupted try: its traces go, so no item counts twice
+        _delete_traces(exp, found.info.run_id)
+        run_id = found.info.run_id
+    else:
+        run_id = c.create_run(exp, run_name=_run_name(plan), tags=plan.identity).info.run_id
+    _tag(c, run_id, settings, plan, sets)
+    _link(c, run_id, datasets)
+
+    answers = ask_all(client, plan.target, items)
+    mlflow.set_tracking_uri(tracking_uri)
+    os.environ.setdefault("MLFLOW_GENAI_EVAL_MAX_WORKERS", "2")  # scoring only: two cores, models loaded once
+    with mlflow.start_run(run_id=run_id, experiment_id=exp):
+        try:
+            mlflow.genai.evaluate(data=[_row(s, it, a) for (s, it), a in zip(items, answers, strict=True)],
+                                  scorers=_mlflow_scorers(scorers))
+            rows = item_rows(exp, run_id, items, answers)
+            check_complete(rows, scorers)
+            ev = _gate(c, exp, run_id, plan, settings, rows)
+            _log(ev, rows)
+        except Exception as e:
+            mlflow.set_tag("failure", f"[{type(e).__name__}] {e}"[:5000])
+            mlflow.end_run("FAILED")
+            raise
+        mlflow.set_tag(runs.COMPLETE_TAG, "true")
+        if ev.regressions:
+            mlflow.set_tag("failure", "[regression] " + "; ".join(str(r) for r in ev.regressions)[:5000])
+        mlflow.end_run("FINISHED" if ev.passed else "FAILED")
+    return ev
+
+
+def ask_all(client: GatewayClient, model: str, items: Sequence[tuple[str, GoldenItem]]) -> list[Answer]:
+    """Every item's answer, in order, at most the target's bound in flight (the client enforces it too)."""
+    width = client.s.concurrency_per_target.get(model, client.s.concurrency)
+    with ThreadPoolExecutor(max_workers=width, thread_name_prefix="keel-eval") as pool:
+        return list(pool.map(lambda si: client.ask(model, si[1], si[0]), items))
+
+
+def _row(set_name: str, item: GoldenItem, answer: Answer) -> dict[str, Any]:
+    return runs.record(item, set_name) | {"outputs": answer, "tags": {"keel.item": item.id, "keel.set": set_name}}
+
+
+def _mlflow_scorers(scorers: list[Any]) -> list[Any]:
+    from keel.evaluation.scorers import as_mlflow
+
+    return list(as_mlflow(scorers))
+
+
+def item_rows(exp: str, run_id: str, items: Sequence[tuple[str, GoldenItem]],
+              answers: Sequence[Answer]) -> list[dict[str, Any]]:
+    """One row per item from what MLflow stored (its trace's assessments), plus the answer's facts."""
+    import mlflow
+
+    by_item: dict[str, dict[str, Any]] = {}
+    for trace in mlflow.search_traces(locations=[exp], run_id=run_id, return_type="list"):
+        item = trace.info.tags.get("keel.item")
+        if item is None:
+            continue
+        scores: dict[str, Any] = {}
+        for a in trace.info.assessments or []:
+            fb = getattr(a, "feedback", None)
+            if fb is None:
+                continue
+            if fb.error is not None:
+                scores[f"{a.name}.error"] = fb.error.error_message or fb.error.error_code
+            else:
+                scores[a.name] = fb.value
+        by_item[item] = scores
+    rows = []
+    for (set_name, it), ans in zip(items, answers, strict=True):
+        rows.append({"id": it.id, "set": set_name, "question": it.question, "answer": ans["text"][:500],
+                     "status": ans["status"], "error_code": ans["error"], "target": ans["target"],
+                     "request_id": ans["request_id"], **by_item.get(it.id, {"_missing": True})})
+    return rows
+
+
+def check_complete(rows: Sequence[dict[str, Any]], scorers: Sequence[Any]) -> None:
+    """Every item holds every metric its set calls for; else the run fails, naming scorers and items."""
+    missing: dict[str, list[str]] = {}
+    for row in rows:
+        for s in scorers:
+            if row["set"] not in s.sets:
+                continue
+            if row.get(s.name) is None:
+                why = row.get(f"{s.name}.error") or ("no trace" if row.get("_missing") else "no value")
+                missing.setdefault(s.name, []).append(f"{row['id']} ({str(why).splitlines()[0][:200]})")
+    if missing:
+        names = "; ".join(f"scorer {n}: {len(v)} item(s), e.g. {v[0]}" for n, v in sorted(missing.items()))
+        raise EvaluationIncompleteError(f"evaluation incomplete, a metric is missing: {names}")
+
+
+def _gate(c: Any, exp: str, run_id: str, plan: Plan, settings: KeelSettings, rows: list[dict[str, Any]],
+          ) -> Evaluation:
+    metrics = gate.aggregate(rows)
+    base = runs.baseline(c, exp, plan.target)
+    base_metrics = base.data.metrics if base is not None and base.info.run_id != run_id else None
+    thresholds = settings.evaluation.thresholds
+    return Evaluation(run_id, plan.target, metrics, gate.compare(metrics, base_metrics, thresholds),
+                      base.info.run_id if base_metrics is not None and base is not None else None,
+                      gate.not_gated(metrics, thresholds), len(rows))
+
+
+def _log(ev: Evaluation, rows: list[dict[str, Any]]) -> None:
+    import mlflow
+    import pandas as pd
+
+    from keel.evaluation import plots
+
+    mlflow.log_metrics(ev.metrics)
+    mlflow.log_table(pd.DataFrame(rows), "eval/items.json")
+    mlflow.log_dict(ev.summary(), "eval/gate.json")
+    mlflow.set_tags({"gate": "passed" if ev.passed else "failed",
+                     "baseline_run_id": ev.baseline_run_id or "none"})
+    for name, fig in plots.figures(rows, ev.metrics, _baseline_metrics(ev)).items():
+        mlflow.log_figure(fig, f"eval/{name}.png")
+
+
+def _baseline_metrics(ev: Evaluation) -> dict[str, float] | None:
+    if ev.baseline_run_id is None:
+        return None
+    import mlflow
+
+    return dict(mlflow.get_run(ev.baseline_run_id).data.metrics)
+
+
+def _logged(run: Any) -> Evaluation:
+    """A completed run's result as it was logged (a retried task asks and scores nothing again)."""
+    import mlflow
+
+    summary = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/eval/gate.json")
+    return Evaluation(run.info.run_id, summary["target"], dict(run.data.metrics),
+                      [gate.Regression(**{k: v for k, v in r.items() if k in gate.Regression.__dataclass_fields__})
+                       for r in summary["regressions"]],
+                      summary["baseline_run_id"], summary["not_gated"], summary["items"], reused=True)
+
+
+def _tag(c: Any, run_id: str, settings: KeelSettings, plan: Plan, sets: Sequence[golden.GoldenSet]) -> None:
+    tags = {"config_hash": settings.serving_config_hash(), "sample_size": str(plan.sample_size),
+            "sets": ",".join(plan.sets), **{f"golden.{gs.name}": gs.version for gs in sets}}
+    for k, v in tags.items():
+        c.set_tag(run_id, k, v)
+
+
+def _link(c: Any, run_id: str, datasets: Sequence[Any]) -> None:
+    from mlflow.entities import DatasetInput, InputTag
+
+    c.log_inputs(run_id, [DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", "golden")])
+                          for ds in datasets])
+
+
+def _delete_traces(exp: str, run_id: str) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    ids = [t.info.trace_id for t in mlflow.search_traces(locations=[exp], run_id=run_id, return_type="list")]
+    if ids:
+        MlflowClient().delete_traces(exp, trace_ids=ids)
+
+
+def _run_name(plan: Plan) -> str:
+    return f"{plan.target} {plan.identity.get('airflow_run_id', '')}".strip()
+
+
+def dumps(ev: Evaluation) -> str:
+    return json.dumps(ev.summary(), sort_keys=True)

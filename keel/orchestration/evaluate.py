@@ -1,0 +1,116 @@
+"""The evaluation DAG, `keel_evaluate` (its one DAG file: dags/keel_evaluate.py).
+
+It runs daily and whenever a zone's index asset updates (a new index is re-evaluated), and by hand
+with parameters (Trigger DAG w/ config in the UI, or `keel eval run`): which targets or aliases,
+which golden sets, how many items of each. The scheduled default (settings.evaluation) is
+`keel/auto` and each target on a small seeded sample; the whole sets run on demand.
+
+One mapped task per target, one at a time (`max_active_tis_per_dagrun=1`): a CPU model answers one
+request at a time, and evaluation must not starve users of it. Each task submits the Ray job
+`ray_jobs.evaluate` (it asks the gateway, scores, logs one MLflow run) and turns the gate's verdict
+into the task's state: a regression fails the task with a `RegressionError` (kind `regression`: not
+retried, alerted at once by the failure callback, naming the metric, the values and the runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from keel.errors import RegressionError
+from keel.evaluation.golden import SETS
+from keel.orchestration.stages import START, asset, on_failure, zones_with_sources
+from keel.settings import KeelSettings, config_path, get_settings
+
+log = logging.getLogger("keel.orchestration")
+
+DAG_ID = "keel_evaluate"
+CRON = "0 4 * * *"  # daily, after the batch chain's midnight run has had time to index
+
+
+def targets(settings: KeelSettings, asked: list[str]) -> list[str]:
+    """Aliases and target names, "*" expanded to every configured target, in order, once each."""
+    names = [t.name for t in settings.policy.targets]
+    out: list[str] = []
+    for a in asked:
+        for name in names if a == "*" else [a]:
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def build_dag(settings: KeelSettings) -> Any:
+    from airflow.sdk import DAG, AssetAny, AssetOrTimeSchedule, CronTriggerTimetable, Param, task
+
+    ev = settings.evaluation
+    indexes = [asset(settings, z, "index") for z in zones_with_sources(settings)]
+    schedule: Any = CronTriggerTimetable(CRON, timezone="UTC")
+    if indexes:
+        schedule = AssetOrTimeSchedule(timetable=schedule, assets=AssetAny(*indexes))
+    params = {
+        "targets": Param(list(ev.targets), type="array", description='aliases or target names; "*": every target'),
+        "sets": Param(list(ev.sets), type="array", items={"enum": list(SETS)}),
+        "sample_size": Param(ev.sample_size, type="integer", minimum=0, description="items per set; 0: all"),
+    }
+    doc = (f"**{DAG_ID}** evaluates targets on the golden sets through the gateway, logs each to MLflow "
+           f"(experiment `keel-evaluation`) and fails on a regression against the target's baseline. "
+           f"Daily (`{CRON}`) and when an index updates; by hand with `targets`, `sets`, `sample_size`.")
+    with DAG(dag_id=DAG_ID, schedule=schedule, start_date=START, catchup=False, max_active_runs=1, params=params,
+             tags=["keel", "evaluation"], doc_md=doc,
+             default_args={"retries": settings.pipeline.retries, "on_failure_callback": on_failure,
+                           "on_retry_callback": on_failure}) as dag:
+
+        @task(task_id="plan")
+        def plan(**context: Any) -> list[str]:
+            return targets(get_settings(), list(context["params"]["targets"]))
+
+        @task(task_id="evaluate", max_active_tis_per_dagrun=1)
+        def evaluate(target: str, **context: Any) -> dict[str, Any]:
+            return run_evaluation(target, context)
+
+        evaluate.expand(target=plan())
+    return dag
+
+
+def run_evaluation(target: str, context: dict[str, Any]) -> dict[str, Any]:
+    """Body of one evaluate task: the Ray job, then the gate's verdict as the task's state."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from keel.errors import classify
+    from keel.orchestration.ray_jobs import run_job, submission_id
+
+    settings = get_settings()
+    ti, params = context["ti"], context["params"]
+    tries = int(ti.try_number or 1)
+    task = f"evaluate-{int(getattr(ti, 'map_index', -1) or 0)}"
+    ids = [submission_id(ti.dag_id, task, ti.run_id, n) for n in range(1, tries + 1)]
+    command = [settings.pipeline.job_python or sys.executable, "-m", "ray_jobs.evaluate", "--target", target,
+               "--sets", ",".join(params["sets"]), "--sample-size", str(params["sample_size"]),
+               "--dag-id", ti.dag_id, "--run-id", ti.run_id]
+    env = {"KEEL_CONFIG": str(config_path().resolve()), "KEEL_HOME": str(settings.home)}
+    if settings.pipeline.mlflow_tracking_uri:
+        env["KEEL_PIPELINE__MLFLOW_TRACKING_URI"] = settings.pipeline.mlflow_tracking_uri
+    try:
+        result = run_job(settings.ray_address, command, job_id=ids[-1], earlier_ids=ids[:-1], env=env,
+                         metadata={"airflow_dag_id": ti.dag_id, "airflow_run_id": ti.run_id, "target": target})
+    except Exception as e:
+        if not classify(e).retryable:
+            raise AirflowFailException(f"[{classify(e).value}] {e}") from e
+        raise
+    log.info("evaluation of %s: MLflow run %s, %s", target, result["run_id"],
+             "passed" if result["passed"] else "REGRESSED")
+    for name, value in sorted(result["metrics"].items()):
+        log.info("  %-20s %12.4f", name, value)
+    if not result["passed"]:
+        error = regression(target, result)
+        raise AirflowFailException(str(error)) from error
+    return {k: result[k] for k in ("run_id", "target", "passed", "baseline_run_id", "items")}
+
+
+def regression(target: str, result: dict[str, Any]) -> RegressionError:
+    from keel.evaluation.gate import Regression, regression_error
+
+    fields = Regression.__dataclass_fields__
+    found = [Regression(**{k: v for k, v in r.items() if k in fields}) for r in result["regressions"]]
+    return regression_error(target, result["run_id"], result.get("baseline_run_id"), found)
