@@ -342,6 +342,10 @@ Try it:
       model="keel/rag", messages=[{{"role": "user", "content": "What is the refund policy?"}}])
   print(answer.choices[0].message.content)
 
+Evaluation: the new index starts the keel_evaluate DAG (about ten golden items per target through the
+gateway, a few minutes of the CPU model, in the background); its first run becomes the baseline.
+  keel eval show         each target's latest evaluation against its baseline (MLflow: keel-evaluation)
+
 keel status shows each service; keel down (make down) stops them all.""")
 
 

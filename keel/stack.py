@@ -202,6 +202,7 @@ class LocalStack:
     def up(self, say: Callable[[str], None] = print, load: bool = True, timeout_s: float = 600) -> UpResult:
         ray_token(self.token)
         result = UpResult(self.urls, self.quickstart_key(), "", "")
+        self.evaluation_key()
         commands = self._commands()
         pending = set(SERVICES) | {"gateway"}
         for name in SERVICES:
@@ -278,14 +279,28 @@ class LocalStack:
     def quickstart_key(self) -> str:
         """A working key for the printed examples, kept (0600) beside the key store so a second `keel up`
         prints the same one; `keel keys revoke` retires it like any other."""
-        from keel.keys import KeyRing, KeyStore
-
-        f = self.state / "quickstart_api_key"
-        if f.exists() and KeyRing(self.s).tenant(key := f.read_text().strip()) is not None:
-            return key
         if not self.s.policy.tenants:
             raise StackError("policy.tenants is empty: the gateway needs a tenant to issue an API key to")
-        key, _ = KeyStore(self.s).create(self.s.policy.tenants[0].name, "quickstart")
+        return self._kept_key("quickstart_api_key", self.s.policy.tenants[0].name, "quickstart")
+
+    def evaluation_key(self) -> str | None:
+        """The evaluation tenant's key (keel.evaluation.client reads it), made once like the quickstart
+        key; None when the policy has no such tenant or a key comes from the environment."""
+        from keel.evaluation.client import KEY_FILE
+
+        ev = self.s.evaluation
+        if ev.api_key is not None or ev.tenant not in {t.name for t in self.s.policy.tenants}:
+            return None
+        return self._kept_key(KEY_FILE, ev.tenant, "evaluation")
+
+    def _kept_key(self, file: str, tenant: str, name: str) -> str:
+        from keel.keys import KeyRing, KeyStore
+
+        f = self.state / file
+        if f.exists() and KeyRing(self.s).tenant(key := f.read_text().strip()) == tenant:
+            return key
+        key, _ = KeyStore(self.s).create(tenant, name)
+        f.unlink(missing_ok=True)
         f.touch(mode=0o600)
         f.write_text(key + "\n")
         return key

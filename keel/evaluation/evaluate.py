@@ -9,7 +9,7 @@
    fails the run, naming the scorer (EvaluationIncompleteError).
 4. The metrics (keel.evaluation.gate) are compared with the baseline's; the run ends FINISHED when
    the gate passes, FAILED with the regressions otherwise, and both are logged with a per-item
-   table and plots.
+   table and plots. A target's first passing run becomes its baseline (`keel eval promote` moves it).
 
 Idempotent: the run is found by its DAG run and target, so a retry of a completed evaluation returns
 what it logged, and a retry of an interrupted one reuses its run, after deleting the traces of the
@@ -113,6 +113,10 @@ def evaluate(settings: KeelSettings, plan: Plan, tracking_uri: str, client: Gate
             mlflow.end_run("FAILED")
             raise
         mlflow.set_tag(runs.COMPLETE_TAG, "true")
+        if ev.baseline_run_id is None and ev.passed and runs.baseline(c, exp, plan.target) is None:
+            # A target's first evaluation that holds its absolute bounds is its baseline until a person
+            # promotes another: a new stack (or a new target) is gated from its second run on.
+            mlflow.set_tags({runs.BASELINE_TAG: "true", "baseline_reason": "first passing evaluation"})
         if ev.regressions:
             mlflow.set_tag("failure", "[regression] " + "; ".join(str(r) for r in ev.regressions)[:5000])
         mlflow.end_run("FINISHED" if ev.passed else "FAILED")

@@ -113,7 +113,8 @@ def promote(tracking_uri: str, run_id: str) -> tuple[Any, Any | None]:
     return run, before
 
 
-def comparison(latest_run: Any, baseline_run: Any | None, thresholds: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+def comparison(latest_run: Any, baseline_run: Any | None,
+               thresholds: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """Rows (metric, baseline, latest, verdict) for `keel eval show`: every metric the latest run logged."""
     from keel.evaluation import gate
 
