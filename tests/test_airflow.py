@@ -52,8 +52,12 @@ def test_dags_parse_with_assets_in_zone_storage(tmp_path):
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     out = json.loads(r.stdout.decode().strip().splitlines()[-1])
     assert out["errors"] == {}
-    assert set(out["dags"]) == {"keel_ingest", "keel_scrub_us", "keel_scrub_eu", "keel_index_us", "keel_index_eu"}
+    assert set(out["dags"]) == {"keel_ingest", "keel_scrub_us", "keel_scrub_eu", "keel_index_us", "keel_index_eu",
+                                "keel_evaluate"}
     assert out["schedules"]["keel_ingest"] == "@daily"
+    # Evaluation: daily, or when either zone's index updates.
+    evaluate = out["schedules"]["keel_evaluate"]
+    assert "AssetOrTimeSchedule" in evaluate and "keel_us_index" in evaluate and "keel_eu_index" in evaluate, evaluate
     storage_us = str(tmp_path / "storage" / "us-east-1")
     assert f"file://{storage_us}/raw" in " ".join(out["dags"]["keel_ingest"])
     assert f"file://{storage_us}/scrubbed" in " ".join(out["dags"]["keel_scrub_us"])
