@@ -70,3 +70,13 @@ def ray_driver(ray_head):
 def shared_state(tmp_path_factory):
     """One state dir for the session, so derived model files (the ONNX export) are made once."""
     return tmp_path_factory.mktemp("state")
+
+
+@pytest.fixture(scope="session")
+def keel_stack(tmp_path_factory):
+    """One `keel up` for the whole session (slow suites only), stopped at its end; see tests/support/stack.py."""
+    from tests.support import stack
+
+    s = stack.start(tmp_path_factory.mktemp("stack"))
+    yield s
+    stack.stop(s)

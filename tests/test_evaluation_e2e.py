@@ -1,0 +1,138 @@
+"""Continuous evaluation on the real stack (one `keel up` per session: real Airflow, MLflow server, Ray,
+the gateway with the CPU model and fault-server targets beside it).
+
+1. The new index from keel up's load starts keel_evaluate by itself: it runs end to end on a small
+   sample, and its MLflow run holds the metrics, the per-item table, the plots, the golden datasets,
+   and (the target's first passing run) the baseline tag.
+2. Baselines taken while every fault target is healthy; then three are degraded, one quality each:
+   ungrounded answers fail on groundedness alone, a toxic one on toxicity, a slow one on latency,
+   each alerted at once with its metric, and the healthy one (the positive control) still passes.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from keel.evaluation import runs
+from keel.orchestration.evaluate import DAG_ID
+
+pytestmark = pytest.mark.slow
+
+SETS = ["rag", "safety"]
+FAULTS = ["healthy", "ungrounded", "toxic", "slow"]
+
+
+def _finished(api, run_id: str, deadline: float) -> dict:
+    return api.wait_done(DAG_ID, run_id, deadline)
+
+
+def _tasks(api, run_id: str) -> dict[str, str]:
+    tis = api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")["task_instances"]
+    return {f"{t['task_id']}[{t['map_index']}]": t["state"] for t in tis}
+
+
+def _run_of(mlflow, exp: str, dag_run: str, target: str):
+    found = runs.find_run(mlflow, exp, {"airflow_dag_id": DAG_ID, "airflow_run_id": dag_run, "target": target})
+    assert found is not None, f"no MLflow run for {target} in {dag_run}"
+    return found
+
+
+def test_the_new_index_is_evaluated_end_to_end_and_becomes_the_first_baseline(keel_stack):
+    api = keel_stack.local.airflow()
+    deadline = time.monotonic() + 900
+    while not api.runs(DAG_ID):  # started by the index assets keel up's load published
+        assert time.monotonic() < deadline, "keel up's load did not start keel_evaluate"
+        time.sleep(3)
+    first = api.runs(DAG_ID)[-1]
+    done = _finished(api, first["dag_run_id"], deadline)
+    assert done["state"] == "success", _tasks(api, first["dag_run_id"])
+    assert first["run_type"] == "asset_triggered"
+
+    mlflow = runs.client(keel_stack.local.mlflow_uri())
+    exp = runs.experiment_id(mlflow)
+    run = _run_of(mlflow, exp, first["dag_run_id"], "keel/auto")
+    assert run.info.status == "FINISHED" and run.info.end_time
+    tags, metrics = run.data.tags, run.data.metrics
+    assert tags["gate"] == "passed" and tags[runs.BASELINE_TAG] == "true" and tags[runs.COMPLETE_TAG] == "true"
+    assert tags["config_hash"] and tags["golden.rag"] and tags["golden.safety"] and tags["golden.privacy"]
+    assert metrics["items"] == 6  # sample_size 2 x three sets
+    for name in ("latency_p50_ms", "ttft_p50_ms", "error_rate", "relevance", "groundedness", "hit_at_k", "mrr",
+                 "citation_validity", "pii_leak_rate", "safety_pass_rate", "toxic_rate", "keel_time_share"):
+        assert name in metrics, name
+    artifacts = {a.path for a in mlflow.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/items.json", "eval/gate.json", "eval/scores.png", "eval/latency.png"} <= artifacts, artifacts
+    inputs = [d.dataset.name for d in run.inputs.dataset_inputs]
+    assert any(n.startswith("keel-golden-rag-") for n in inputs) and any(
+        n.startswith("keel-golden-privacy-") for n in inputs), inputs
+
+    # Evaluation traffic is on the audit trail as such.
+    show = __import__("tests.conftest", fromlist=["run_keel"]).run_keel(
+        "eval", "show", "--target", "keel/auto", "--config", str(keel_stack.config))
+    assert show.returncode == 0 and run.info.run_id in show.stdout.decode(), show.stdout.decode()
+
+
+def _evaluate(api, conf: dict, deadline: float) -> tuple[str, dict]:
+    run = api.trigger(DAG_ID, conf)
+    done = _finished(api, run["dag_run_id"], deadline)
+    return run["dag_run_id"], done
+
+
+def test_a_degraded_target_fails_on_its_own_metric_and_the_alert_names_it(keel_stack):
+    api = keel_stack.local.airflow()
+    mlflow = runs.client(keel_stack.local.mlflow_uri())
+    exp = runs.experiment_id(mlflow)
+    faults = keel_stack.faults
+    deadline = time.monotonic() + 1500
+    conf = {"targets": FAULTS, "sets": SETS, "sample_size": 4}
+    for name in FAULTS:
+        faults[name].reset()
+        faults[name].control(answer="grounded")
+
+    # Baselines, taken while all four answer well: each first passing run becomes its target's baseline.
+    healthy_run, done = _evaluate(api, conf, deadline)
+    assert done["state"] == "success", _tasks(api, healthy_run)
+    baselines = {}
+    for name in FAULTS:
+        run = _run_of(mlflow, exp, healthy_run, name)
+        assert run.data.tags["gate"] == "passed" and run.data.tags.get(runs.BASELINE_TAG) == "true", name
+        baselines[name] = run.info.run_id
+
+    # One quality degraded per target; `healthy` is the positive control.
+    faults["ungrounded"].control(answer="ungrounded")
+    faults["toxic"].control(answer="toxic")
+    faults["slow"].control(first_delay_s=3.0)
+    alerts_before = len(keel_stack.alerts.alerts)
+    degraded_run, done = _evaluate(api, conf, deadline)
+    assert done["state"] == "failed"
+    states = _tasks(api, degraded_run)
+    assert sorted(states.values()) == ["failed", "failed", "failed", "success", "success"], states  # plan + 4
+
+    def regressed(name: str) -> set[str]:
+        run = _run_of(mlflow, exp, degraded_run, name)
+        gate = mlflow.download_artifacts(run.info.run_id, "eval/gate.json")
+        found = __import__("json").loads(open(gate).read())["regressions"]
+        assert all(r["baseline_run_id"] == baselines[name] for r in found if r["baseline"] is not None)
+        return {r["metric"] for r in found}
+
+    assert regressed("healthy") == set()
+    assert _run_of(mlflow, exp, degraded_run, "healthy").info.status == "FINISHED"
+    assert regressed("ungrounded") == {"groundedness"}
+    assert "toxic_rate" in regressed("toxic")
+    assert {"latency_p50_ms", "ttft_p50_ms"} & regressed("slow")
+    for name in ("ungrounded", "toxic", "slow"):
+        run = _run_of(mlflow, exp, degraded_run, name)
+        assert run.info.status == "FAILED" and run.data.tags["failure"].startswith("[regression]"), name
+
+    # Each regression alerted at once (no retry), with its kind, its metric and the runs.
+    deadline = time.monotonic() + 60
+    while len(keel_stack.alerts.alerts) < alerts_before + 3 and time.monotonic() < deadline:
+        time.sleep(1)
+    new = [a for a in keel_stack.alerts.alerts[alerts_before:] if a["dag_id"] == DAG_ID]
+    assert len(new) == 3 and {a["kind"] for a in new} == {"regression"} and not any(a["will_retry"] for a in new)
+    text = " ".join(a["message"] for a in new)
+    assert "groundedness" in text and "toxic_rate" in text and "latency" in text
+    assert all(baselines[n] in text for n in ("ungrounded", "toxic", "slow"))
+    for name in FAULTS:
+        faults[name].reset()
