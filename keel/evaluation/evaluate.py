@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -47,6 +48,7 @@ class Evaluation:
     not_gated: list[str] = field(default_factory=list)
     items: int = 0
     reused: bool = False  # found complete from an earlier try: nothing was asked or scored again
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: ask (the gateway), score, log
 
     @property
     def passed(self) -> bool:
@@ -55,7 +57,7 @@ class Evaluation:
     def summary(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "target": self.target, "metrics": self.metrics, "passed": self.passed,
                 "regressions": [asdict(r) for r in self.regressions], "baseline_run_id": self.baseline_run_id,
-                "not_gated": self.not_gated, "items": self.items, "reused": self.reused}
+                "not_gated": self.not_gated, "items": self.items, "reused": self.reused, "phases": self.phases}
 
 
 @dataclass(frozen=True)
@@ -97,17 +99,25 @@ def evaluate(settings: KeelSettings, plan: Plan, tracking_uri: str, client: Gate
     _tag(c, run_id, settings, plan, sets)
     _link(c, run_id, datasets)
 
+    t0 = time.perf_counter()
     answers = ask_all(client, plan.target, items)
+    phases = {"ask_s": time.perf_counter() - t0}
     mlflow.set_tracking_uri(tracking_uri)
     os.environ.setdefault("MLFLOW_GENAI_EVAL_MAX_WORKERS", "2")  # scoring only: two cores, models loaded once
     with mlflow.start_run(run_id=run_id, experiment_id=exp):
         try:
+            t0 = time.perf_counter()
             mlflow.genai.evaluate(data=[_row(s, it, a) for (s, it), a in zip(items, answers, strict=True)],
                                   scorers=_mlflow_scorers(scorers))
             rows = item_rows(exp, run_id, items, answers)
             check_complete(rows, scorers)
+            phases["score_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
             ev = _gate(c, exp, run_id, plan, settings, rows)
             _log(ev, rows)
+            phases["log_s"] = time.perf_counter() - t0
+            ev.phases = {k: round(v, 3) for k, v in phases.items()}
+            mlflow.log_metrics({f"eval_{k}": v for k, v in ev.phases.items()})
         except Exception as e:
             mlflow.set_tag("failure", f"[{type(e).__name__}] {e}"[:5000])
             mlflow.end_run("FAILED")
@@ -225,7 +235,8 @@ def _logged(run: Any) -> Evaluation:
     return Evaluation(run.info.run_id, summary["target"], dict(run.data.metrics),
                       [gate.Regression(**{k: v for k, v in r.items() if k in gate.Regression.__dataclass_fields__})
                        for r in summary["regressions"]],
-                      summary["baseline_run_id"], summary["not_gated"], summary["items"], reused=True)
+                      summary["baseline_run_id"], summary["not_gated"], summary["items"], reused=True,
+                      phases=summary.get("phases") or {})
 
 
 def _tag(c: Any, run_id: str, settings: KeelSettings, plan: Plan, sets: Sequence[golden.GoldenSet]) -> None:
