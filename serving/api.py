@@ -129,14 +129,18 @@ def route_header(target: str | None, route: Route) -> str:
 
 
 def keel_field(rid: str, route: Route, outcome: Outcome, citations: list[dict[str, Any]] | None, data_class: str,
-               zones: list[str], guard: dict[str, Any]) -> dict[str, Any]:
-    """The response's `keel` field: the final route, every failover, what retrieval and the guard did."""
+               zones: list[str], guard: dict[str, Any], elapsed_s: float) -> dict[str, Any]:
+    """The response's `keel` field: the final route, every failover, the request's time split into the
+    targets' (model_ms) and the gateway's own so far (keel_ms: `elapsed_s` since it arrived, less the
+    model's), what retrieval and the guard did."""
     out: dict[str, Any] = {
         "request_id": rid,
         "route": {"target": outcome.target, "strategy": route.strategy, "reason": route.reason,
                   "ranked": list(route.ranked), "excluded": route.excluded_text()},
         "failovers": outcome.failovers,
         "ttft_ms": round(outcome.ttft_s * 1000, 1) if outcome.ttft_s is not None else None,
+        "model_ms": round(outcome.model_s * 1000, 1),
+        "keel_ms": round(max(0.0, elapsed_s - outcome.model_s) * 1000, 1),
     }
     if citations is not None:
         out["citations"] = citations

@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import math
 import time
-from collections.abc import AsyncGenerator, Awaitable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -53,6 +53,11 @@ class Outcome:
     usage: dict[str, int] | None = None
     finish_reason: str | None = None
     ttft_s: float | None = None
+    # The targets' share of the request's time: each attempt from its request to its last chunk (or its
+    # failure), summed; the rest (the stages, the choice of the next target) is Keel's. A stream is read
+    # when the caller asks for its next chunk, so a caller slower than the target counts as model time;
+    # small here: targets (the llama.cpp replica, providers) generate in another process meanwhile.
+    model_s: float = 0.0
     answer: Any = field(default_factory=hashlib.sha256)  # of the text the caller got, for the audit trail
 
 
@@ -64,12 +69,12 @@ class NoTargetLeftError(Exception):
 
 async def run(
     states: Mapping[str, TargetState], ranked: Sequence[str], kind: Kind, body: dict[str, Any], limits: Limits,
-    outcome: Outcome,
+    outcome: Outcome, clock: Callable[[], float] = time.monotonic,
 ) -> AsyncGenerator[Chunk, None]:
     """The answer of the first target in `ranked` that gives a whole one, continued by the next when one
     fails midway. Raises NoTargetLeftError when none is left, or a target's client error (the
-    request's fault) before any text, as the target reported it."""
-    walk = _Walk(states, ranked, limits, outcome)
+    request's fault) before any text, as the target reported it. `clock`: the gateway's (tests fake it)."""
+    walk = _Walk(states, ranked, limits, outcome, clock)
     sent = ""
     while (st := walk.next(sent)) is not None:
         trim = _Overlap(sent) if sent else None
@@ -80,7 +85,8 @@ async def run(
                 while True:
                     wait = limits.first_token_timeout_s if walk.first is None else limits.stall_timeout_s
                     try:
-                        chunk = await limit.run(anext(stream), min(wait, walk.deadline - time.monotonic()))
+                        chunk = await limit.run(anext(stream), min(wait, walk.deadline - walk.clock()))
+                        walk.heard()
                     except StopAsyncIteration:
                         break
                     except TimeoutError:
@@ -110,20 +116,22 @@ class _Walk:
     """One request's way down its ranked targets: which one answers now, and each one's verdict."""
 
     def __init__(self, states: Mapping[str, TargetState], ranked: Sequence[str], limits: Limits,
-                 outcome: Outcome) -> None:
-        self.states, self.todo, self.outcome = states, iter(ranked), outcome
-        self.start = time.monotonic()
+                 outcome: Outcome, clock: Callable[[], float]) -> None:
+        self.states, self.todo, self.outcome, self.clock = states, iter(ranked), outcome, clock
+        self.start = clock()
         self.deadline = self.start + limits.request_timeout_s
         self.last: TargetError | None = None
         self.busy = True  # every target tried was at capacity
-        # Of the target answering now: when it began, its time to first token, whether it has a verdict.
-        self.t0, self.verdict = 0.0, False
+        # Of the target answering now: when it began, when it was last heard from (its last chunk or its
+        # failure), its time to first token, whether it has a verdict.
+        self.t0 = self.heard_at = 0.0
+        self.verdict = False
         self.first: float | None = None
 
     def next(self, sent: str) -> TargetState | None:
         """The next target that may take the request (now holding one of its slots), or None."""
         for name in self.todo:
-            if time.monotonic() >= self.deadline:
+            if self.clock() >= self.deadline:
                 return None
             st = self.states[name]
             why = "busy" if st.in_flight >= st.max_in_flight else None
@@ -135,14 +143,18 @@ class _Walk:
                 continue
             self.outcome.target = name  # final once run returns
             st.in_flight += 1
-            self.t0, self.first, self.verdict = time.monotonic(), None, False
+            self.t0 = self.heard_at = self.clock()  # just before its request goes out
+            self.first, self.verdict = None, False
             return st
         return None
 
+    def heard(self) -> None:
+        self.heard_at = self.clock()
+
     def first_token(self) -> None:
-        self.first = time.monotonic() - self.t0
+        self.first = self.heard_at - self.t0
         if self.outcome.ttft_s is None:
-            self.outcome.ttft_s = time.monotonic() - self.start
+            self.outcome.ttft_s = self.heard_at - self.start
 
     def passed(self, chunk: Chunk, text: str) -> Chunk:
         """A chunk on its way to the caller (`text`: what is left of its text once repeats are trimmed)."""
@@ -159,11 +171,12 @@ class _Walk:
         st.breaker.success()
         self.verdict = True
         st.served += 1
-        st.stats.observe(latency_s=time.monotonic() - self.t0, ttft_s=self.first)
+        st.stats.observe(latency_s=self.clock() - self.t0, ttft_s=self.first)
 
     def failed(self, st: TargetState, e: TargetError, sent: str) -> bool:
         """Counts a failure against the target; False for a client error before any text: the target
         is fine, the request is not, and the error goes back to the caller."""
+        self.heard()
         self.verdict = True
         if not e.fails_over and not sent:
             st.breaker.success()
@@ -176,6 +189,7 @@ class _Walk:
         return True
 
     def done(self, st: TargetState) -> None:
+        self.outcome.model_s += self.heard_at - self.t0
         st.in_flight -= 1
         if not self.verdict:
             st.breaker.release()  # the caller went away mid-request: no verdict on the target

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -59,17 +60,17 @@ class HTTP:
 
 class Keys:
     def tenant(self, api_key: str) -> str | None:
-        return {"good-key": "acme", "basic-key": "basic"}.get(api_key)
+        return {"good-key": "acme", "basic-key": "basic", "eval-key": "evals"}.get(api_key)
 
 
 class FakeTarget:
     """A target that answers from a script: a list of texts then "stop", or an error before/after some chunks."""
 
     def __init__(self, name: str, zone: str = "us", *, words: tuple[str, ...] = ("Hello", " there."),
-                 fail: TargetError | None = None, after: int = 0, ctx: int = 4096) -> None:
+                 fail: TargetError | None = None, after: int = 0, ctx: int = 4096, pause_s: float = 0.0) -> None:
         self.config = ModelTarget(name=name, kind="openai", zone=zone, price_per_1k_input=0.1, price_per_1k_output=0.1,
                                   tier="small", max_context=ctx)
-        self.words, self.fail, self.after = words, fail, after
+        self.words, self.fail, self.after, self.pause_s = words, fail, after, pause_s  # pause: before each word
         self.bodies: list[dict] = []
 
     async def stream(self, kind: str, body: dict) -> AsyncIterator[Chunk]:
@@ -77,6 +78,8 @@ class FakeTarget:
         for i, w in enumerate(self.words):
             if self.fail is not None and i == self.after:
                 raise self.fail
+            if self.pause_s:
+                await asyncio.sleep(self.pause_s)
             yield Chunk(w)
         yield Chunk("", finish_reason="stop", usage={"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7})
 
@@ -136,7 +139,9 @@ POLICY = Policy(
                   DataClass.phi: DataClassRule(allowed_zones=["us"])},
     tenants=[Tenant(name="acme", allowed_classes=list(DataClass), default_class=DataClass.internal),
              Tenant(name="basic", allowed_classes=[DataClass.public, DataClass.internal],
-                    default_class=DataClass.internal, allowed_zones=["us"], requests_per_minute=1)],
+                    default_class=DataClass.internal, allowed_zones=["us"], requests_per_minute=1),
+             Tenant(name="evals", allowed_classes=[DataClass.public, DataClass.internal],
+                    default_class=DataClass.internal, requests_per_minute=1, purpose="evaluation")],
 )
 TENANTS = {t.name: t for t in POLICY.tenants}
 CHAT = {"model": "keel/auto", "messages": [{"role": "user", "content": "Hi, I am Maria."}]}
@@ -162,7 +167,7 @@ async def through(stages, ctx: RequestContext) -> RequestContext:
 
 def parsed(body: dict | None = None, tenant: str = "acme", **http) -> RequestContext:
     """A context past authenticate, parse and scope."""
-    ctx = context(body, key={"acme": "good-key", "basic": "basic-key"}[tenant], **http)
+    ctx = context(body, key={"acme": "good-key", "basic": "basic-key", "evals": "eval-key"}[tenant], **http)
     return run(through([Authenticate(Keys(), TENANTS), Parse(), Scope(POLICY)], ctx))
 
 
@@ -255,6 +260,17 @@ def test_admit_refuses_at_capacity_then_applies_the_tenants_rate_limit():
     assert "tenant 'basic' is over its rate limit (1 requests" in limited.message and second.charged == 0
     clock.t += 60
     run(admit(parsed(tenant="basic")))  # a minute later: admitted again
+
+
+def test_the_evaluation_tenants_requests_do_not_use_a_user_tenants_budget():
+    from keel.ratelimit import RateLimiter
+
+    admit = Admit(Admission(limit=8, retry_after_s=1), RateLimiter(clock=Clock()))
+    run(admit(parsed(tenant="evals")))
+    assert wire(refused(admit, parsed(tenant="evals"))) == (429, "rate_limit_exceeded", None)  # its own limit
+    user = parsed(tenant="basic")
+    run(admit(user))  # 1 request per minute each: the evaluation's did not count against basic's
+    assert user.charged > 0
 
 
 # -- ground ---------------------------------------------------------------------------------------
@@ -360,8 +376,8 @@ def generate(*targets: FakeTarget, admission: Admission | None = None) -> tuple[
     return Generate(states(*targets), LIMITS, admission, retry_after_s=1), admission
 
 
-def ready(*targets: FakeTarget, **http) -> RequestContext:
-    ctx = parsed(**http)
+def ready(*targets: FakeTarget, tenant: str = "acme", **http) -> RequestContext:
+    ctx = parsed(tenant=tenant, **http)
     run(router(*targets)(ctx))
     return ctx
 
@@ -475,8 +491,20 @@ def test_record_writes_one_audit_record_in_the_answering_targets_zone_and_settle
     assert rec["route"]["excluded"] == {} and rec["usage"]["total_tokens"] == 7 and rec["failovers"] == []
     assert len(rec["prompt_sha256"]) == 64 and len(rec["response_sha256"]) == 64
     assert rec["guard"] == Actions().record() and "Maria" not in json.dumps(rec)
+    assert rec["model_ms"] == round(ctx.outcome.model_s * 1000, 1) and "purpose" not in rec  # a user's request
     assert limiter.settled == [("acme", 600, 7)]
     assert "record" in ctx.timings
+
+
+def test_record_marks_the_evaluation_tenants_requests():
+    trails, limiter, clock = Trails(), Limiter(), Clock()
+    t = FakeTarget("us-1")
+    gen, _ = generate(t)
+    ctx = ready(t, tenant="evals")
+    run(answer(gen, ctx))
+    recorder(trails, limiter, clock)(ctx)
+    ((_, _, rec),) = trails.records
+    assert rec["tenant"] == "evals" and rec["purpose"] == "evaluation"
 
 
 def test_record_of_a_refusal_before_any_target_and_of_an_unknown_caller():
@@ -496,11 +524,12 @@ def test_record_of_a_refusal_before_any_target_and_of_an_unknown_caller():
 # -- the stages together --------------------------------------------------------------------------
 
 
-def gateway(*targets: FakeTarget, guard: FakeGuard | None = None):
-    """The gateway's stages and reply over fake targets, as serving.gateway builds them."""
+def gateway(*targets: FakeTarget, guard: FakeGuard | None = None, clock=None):
+    """The gateway's stages and reply over fake targets, as serving.gateway builds them (`clock`: the
+    gateway's, a fake one unless given)."""
     from keel.ratelimit import RateLimiter
 
-    sts, trails, clock = states(*targets), Trails(), Clock()
+    sts, trails, clock = states(*targets), Trails(), clock or Clock()
     admission, limiter = Admission(8, 1), RateLimiter()
     gen = Generate(sts, LIMITS, admission, 1)
     stages = [Authenticate(Keys(), TENANTS), Parse(), Scope(POLICY), Admit(admission, limiter),
@@ -552,3 +581,24 @@ def test_a_stage_ending_the_request_is_answered_in_openai_shape_and_recorded():
     assert [r[2]["status"] for r in trails.records] == [404]
     limited = run(handle(context(x_keel_data_class="nope")))
     assert limited.status_code == 400 and "retry-after" not in limited.headers
+
+
+def test_an_answers_time_is_split_into_the_models_and_keels():
+    # On the real clock (generation measures on time.monotonic, the gateway's): the target takes 2 x 60 ms.
+    handle, trails, _ = gateway(FakeTarget("us-1", pause_s=0.06), clock=time.monotonic)
+
+    async def keel_of(body: dict) -> tuple[dict, float]:
+        arrived = time.monotonic()
+        resp = await handle(RequestContext(HTTP(body), "chat", "req-1", arrived))
+        if body.get("stream"):  # the last event before [DONE]
+            keel = json.loads([e async for e in resp.body_iterator][-2].split("data: ", 1)[1])["keel"]
+        else:
+            keel = json.loads(resp.body)["keel"]
+        return keel, (time.monotonic() - arrived) * 1000
+
+    for body in ({**CHAT, "stream": True}, CHAT):
+        keel, total_ms = run(keel_of(body))
+        assert 120 <= keel["model_ms"] < 1000 and keel["ttft_ms"] <= keel["model_ms"]
+        assert 0 <= keel["keel_ms"] < keel["model_ms"]  # fakes all round: the gateway's own time is small
+        assert keel["model_ms"] + keel["keel_ms"] <= total_ms + 0.2  # both taken before the reply was over
+        assert trails.records[-1][2]["model_ms"] == keel["model_ms"]  # the audit record's is the same

@@ -70,7 +70,9 @@ def interaction(ctx: RequestContext, seconds: float, zone: str) -> dict[str, Any
     if (o := ctx.outcome) is not None:
         out |= {"target": o.target, "failovers": o.failovers, "usage": o.usage,
                 "ttft_ms": round(o.ttft_s * 1000, 1) if o.ttft_s is not None else None,
-                "response_sha256": o.answer.hexdigest() if o.target else None}
+                "model_ms": round(o.model_s * 1000, 1), "response_sha256": o.answer.hexdigest() if o.target else None}
+    if ctx.tenant is not None and ctx.tenant.purpose == "evaluation":  # apart from users' traffic; absent otherwise
+        out["purpose"] = "evaluation"
     return out | {"data_class": ctx.data_class.value if ctx.data_class else None, "zone": zone,
                   "guard": ctx.actions.record()}
 

@@ -91,8 +91,8 @@ class Reply:
         yield f"event: keel.route\ndata: {json.dumps(final)}\n\n"
         yield "data: [DONE]\n\n"
 
-    @staticmethod
-    def _keel(ctx: RequestContext) -> dict[str, Any]:
+    def _keel(self, ctx: RequestContext) -> dict[str, Any]:
         """The response's `keel` field, taken when the answer is done (a failover may change the route)."""
         return api.keel_field(ctx.rid, required(ctx.route), required(ctx.outcome), ctx.citations,
-                              required(ctx.data_class).value, ctx.zones, ctx.actions.record())
+                              required(ctx.data_class).value, ctx.zones, ctx.actions.record(),
+                              elapsed_s=self.record.clock() - ctx.started)  # on the clock ctx.started is on
