@@ -354,10 +354,17 @@ class KeelSettings(BaseSettings):
 
     def serving_config_hash(self) -> str:
         """A hash of everything the gateway decides under (routing, the guard, the policy without its
-        keys): an evaluation run names the configuration it measured, as the audit trail does."""
+        keys): an evaluation run names the configuration it measured by the hash the gateway's audit
+        record `gateway_started` carries."""
+        from keel.audit import canonical
+
+        return hashlib.sha256(canonical(self.serving_config())).hexdigest()
+
+    def serving_config(self) -> dict[str, Any]:
+        """What the gateway decides under, secrets and key hashes left out."""
         doc = self.model_dump(mode="json", include={"gateway", "guard", "policy"}, exclude={"policy": {"tenants"}})
         doc["tenants"] = [t.model_dump(mode="json", exclude={"api_key_hashes"}) for t in self.policy.tenants]
-        return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        return doc
 
     @classmethod
     def settings_customise_sources(

@@ -80,9 +80,8 @@ def interaction(ctx: RequestContext, seconds: float, zone: str) -> dict[str, Any
 def config_fields(settings: KeelSettings) -> dict[str, Any]:
     """The configuration a replica decides under, for the audit trail: what routing, residency and the
     guard obey, and a hash of the whole (secrets left out), so a change of policy is on the record."""
-    doc = settings.model_dump(mode="json", include={"gateway", "guard", "policy"}, exclude={"policy": {"tenants"}})
-    doc["tenants"] = [t.model_dump(mode="json", exclude={"api_key_hashes"}) for t in settings.policy.tenants]
-    return {"event": "gateway_started", "config_sha256": hashlib.sha256(canonical(doc)).hexdigest(),
+    doc = settings.serving_config()
+    return {"event": "gateway_started", "config_sha256": settings.serving_config_hash(),
             "targets": [{"name": t.name, "kind": t.kind, "zone": t.zone, "tier": t.tier}
                         for t in settings.policy.targets],
             "data_classes": doc["policy"]["data_classes"], "guard": doc["guard"],
