@@ -104,6 +104,7 @@ class GatewayClient:
                 answer["citations"] = keel.get("citations") or []
                 answer["guard"] = keel.get("guard") or {}
                 answer["model_ms"] = keel.get("model_ms")
+                answer["gateway_ms"] = keel.get("keel_ms")  # the gateway's own share of keel_ms, as it measured it
                 answer["request_id"] = keel.get("request_id") or answer["request_id"]
         answer["text"] = "".join(parts)
 
@@ -118,7 +119,7 @@ class GatewayClient:
 
 def _empty() -> Answer:
     return {"text": "", "status": 0, "error": None, "finish_reason": None, "latency_ms": 0.0, "ttft_ms": None,
-            "model_ms": None, "keel_ms": None, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0,
+            "model_ms": None, "keel_ms": None, "gateway_ms": None, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0,
             "target": None, "citations": [], "guard": {}, "request_id": ""}
 
 
