@@ -133,11 +133,45 @@ def job_args(stage: chain.Stage, context: dict[str, Any], before: dict[str, Any]
 def run_stage(stage: chain.Stage, zone: str, context: dict[str, Any], before: dict[str, Any] | None = None,
               inlet: Any = None, outlet: Any = None) -> dict[str, Any]:
     """Body of a stage task: run the Ray job, log to MLflow, then publish its snapshot on the outlet,
-    or end skipped when the job found its output already committed."""
+    or end skipped when the job found its output already committed. The DAG run's MLflow run shows
+    the task running, then done, or failed with its reason (keel.orchestration.tracking)."""
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+    from keel.orchestration import tracking
+
+    ti = context["ti"]
+    mlflow_uri = get_settings().pipeline.mlflow_tracking_uri
+    try:
+        if mlflow_uri:
+            tracking.start_task(mlflow_uri, ti.dag_id, ti.run_id, ti.task_id)
+        result = run_stage_job(stage, zone, context, before, inlet)
+        summary = {k: v for k, v in result.items() if k != "manifest"}
+        log.info("run summary: %s", summary)
+        if mlflow_uri:
+            run = tracking.log_summary(mlflow_uri, ti.dag_id, ti.run_id, ti.task_id, result)
+            log.info("logged to MLflow run %s", run)
+    except BaseException as e:  # Airflow's timeout and termination too: the MLflow run must not stay RUNNING
+        if mlflow_uri:
+            tracking.fail_task(mlflow_uri, ti.dag_id, ti.run_id, ti.task_id,
+                               (e.__cause__ or e) if isinstance(e, AirflowFailException) else e)
+        raise
+    if outlet is None:
+        return summary
+    if result.get("skipped"):
+        raise AirflowSkipException(f"{stage.commits} snapshot {result['key']} was already committed: "
+                                   f"nothing new for {outlet.name}")
+    context["outlet_events"][outlet].extra = {"key": published_key(stage, result), "zone": zone,
+                                              "stage": result["stage"], "counts": result.get("counts") or {}}
+    return summary
+
+
+def run_stage_job(stage: chain.Stage, zone: str, context: dict[str, Any], before: dict[str, Any] | None,
+               inlet: Any) -> dict[str, Any]:
+    """The stage's Ray job for this try (attached to an earlier try's job still running), and its
+    summary; a failure that retrying cannot help fails the task at once."""
+    from airflow.sdk.exceptions import AirflowFailException
+
     from keel.orchestration.ray_jobs import run_job, submission_id
-    from keel.orchestration.tracking import log_summary
 
     settings = get_settings()
     ti = context["ti"]
@@ -146,7 +180,7 @@ def run_stage(stage: chain.Stage, zone: str, context: dict[str, Any], before: di
     env = {"KEEL_CONFIG": str(config_path().resolve()), "KEEL_HOME": str(settings.home)}
     python = settings.pipeline.job_python or sys.executable
     try:
-        result = run_job(
+        return run_job(
             settings.ray_address,
             [python, "-m", stage.job, "--zone", zone, *job_args(stage, context, before, inlet)],
             job_id=ids[-1],
@@ -159,19 +193,6 @@ def run_stage(stage: chain.Stage, zone: str, context: dict[str, Any], before: di
         if not kind.retryable:  # retrying a data-quality failure or a bug only repeats it
             raise AirflowFailException(f"[{kind.value}] {e}") from e
         raise
-    summary = {k: v for k, v in result.items() if k != "manifest"}
-    log.info("run summary: %s", summary)
-    if settings.pipeline.mlflow_tracking_uri:
-        run = log_summary(settings.pipeline.mlflow_tracking_uri, ti.dag_id, ti.run_id, ti.task_id, result)
-        log.info("logged to MLflow run %s", run)
-    if outlet is None:
-        return summary
-    if result.get("skipped"):
-        raise AirflowSkipException(f"{stage.commits} snapshot {result['key']} was already committed: "
-                                   f"nothing new for {outlet.name}")
-    context["outlet_events"][outlet].extra = {"key": published_key(stage, result), "zone": zone,
-                                              "stage": result["stage"], "counts": result.get("counts") or {}}
-    return summary
 
 
 def published_key(stage: chain.Stage, result: dict[str, Any]) -> str:
