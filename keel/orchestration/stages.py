@@ -141,9 +141,9 @@ def run_stage(stage: chain.Stage, zone: str, context: dict[str, Any], before: di
 
     ti = context["ti"]
     mlflow_uri = get_settings().pipeline.mlflow_tracking_uri
+    if mlflow_uri:  # MLflow unreachable: the task fails (and is retried) before its job runs, not after
+        tracking.start_task(mlflow_uri, ti.dag_id, ti.run_id, ti.task_id)
     try:
-        if mlflow_uri:
-            tracking.start_task(mlflow_uri, ti.dag_id, ti.run_id, ti.task_id)
         result = run_stage_job(stage, zone, context, before, inlet)
         summary = {k: v for k, v in result.items() if k != "manifest"}
         log.info("run summary: %s", summary)

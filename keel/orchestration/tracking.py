@@ -18,7 +18,8 @@ RUNNING while any task is running; else FAILED when any task's latest try failed
 in the run tag `failure`; else FINISHED. Each task sets it after its own state, with the end time of
 that moment, so the run ends when its last running task ends, and a retry that succeeds takes it
 from FAILED back through RUNNING to FINISHED (and drops `failure`). No task needs to know which
-tasks its DAG has: one that has not started yet is not running. Between two tasks in sequence the
+tasks its DAG has: one that has not started yet is not running. (Simpler, "every task ends the run
+after it logs" shows a run FINISHED while a parallel zone's task still runs.) Between two tasks in sequence the
 run is FINISHED for the seconds the scheduler takes to start the next one; a task killed outright
 (no exception reaches its code) stays `running` until a retry of it ends. While a later task runs,
 the run keeps the end time of its last ending: MLflow cannot clear an end time.
@@ -34,8 +35,9 @@ they were stored (start times come from each task's clock). A unique name is MLf
 check, so the creation takes a lock: a registered model named after the DAG run (experiment names
 would do too, but a deleted experiment keeps its name and stays in the database; a registered
 model's deletion is a real one). The task that creates the lock looks again, creates the run, and
-deletes the lock at once; the others wait for the run. A lock whose holder died is broken after
-LOCK_WAIT_S.
+deletes the lock at once; the others wait for the run. The lock exists for those milliseconds only
+(a registry webhook on `registered_model.created` would see it). A lock whose holder died is broken
+after LOCK_WAIT_S.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ LOCK_WAIT_S = 30.0
 REASON_CHARS = 500
 STATE = ".state"  # `<task>.state`: running, finished, skipped or failed
 RUNNING, FINISHED, SKIPPED, FAILED = "running", "finished", "skipped", "failed"
-_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Timeout|Terminated)\b: \S")
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Timeout|Terminated): \S")
 
 
 def start_task(tracking_uri: str, dag_id: str, run_id: str, task_id: str) -> str:
@@ -186,7 +188,7 @@ def _experiment_id(client: Any) -> str:
 def _dag_run(client: Any, dag_id: str, run_id: str) -> Any:
     """The DAG run's MLflow run (an mlflow Run), created once however many tasks look for it at once."""
     exp_id = _experiment_id(client)
-    lock = "keel-pipeline-lock-" + hashlib.sha256(f"{dag_id}\n{run_id}".encode()).hexdigest()[:32]
+    lock = creation_lock(dag_id, run_id)
     deadline = time.monotonic() + LOCK_WAIT_S
     while True:
         if (found := _find(client, exp_id, dag_id, run_id)) is not None:
@@ -203,6 +205,11 @@ def _dag_run(client: Any, dag_id: str, run_id: str) -> Any:
             _release(client, lock)
             deadline = time.monotonic() + LOCK_WAIT_S
         time.sleep(0.05)
+
+
+def creation_lock(dag_id: str, run_id: str) -> str:
+    """The registered model that locks the creation of a DAG run's run (a model name allows no ':')."""
+    return "keel-pipeline-lock-" + hashlib.sha256(f"{dag_id}\n{run_id}".encode()).hexdigest()[:32]
 
 
 def _find(client: Any, exp_id: str, dag_id: str, run_id: str) -> Any:
