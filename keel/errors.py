@@ -322,3 +322,20 @@ def _chain(error: BaseException) -> list[BaseException]:
         seen.append(e)
         e = e.__cause__ or e.__context__
     return seen
+
+
+REASON_CHARS = 500
+_RAISED_LINE = re.compile(r"^[\w.]*(Error|Exception|Timeout|Terminated): \S")
+
+
+def failure_reason(error: BaseException) -> str:
+    """`[kind] message`, one line: a Keel error's message, or for a failed Ray job its first line and
+    the exception its log ended with (Keel's errors carry no data values)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    raised = [line for line in lines[1:] if _RAISED_LINE.match(line)]
+    if raised:
+        text = f"{text} ... {raised[-1]}"
+    if not isinstance(error, KeelError):
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return f"[{classify(error).value}] {text}"[:REASON_CHARS]

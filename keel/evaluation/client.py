@@ -119,8 +119,8 @@ class GatewayClient:
 
 def _empty() -> Answer:
     return {"text": "", "status": 0, "error": None, "finish_reason": None, "latency_ms": 0.0, "ttft_ms": None,
-            "model_ms": None, "keel_ms": None, "gateway_ms": None, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0,
-            "target": None, "citations": [], "guard": {}, "request_id": ""}
+            "model_ms": None, "keel_ms": None, "gateway_ms": None, "prompt_tokens": 0, "completion_tokens": 0,
+            "cost_usd": 0.0, "target": None, "citations": [], "guard": {}, "request_id": ""}
 
 
 def _error_code(raw: bytes) -> str:

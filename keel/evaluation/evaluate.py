@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from keel.errors import EvaluationIncompleteError
+from keel.errors import EvaluationIncompleteError, failure_reason
 from keel.evaluation import gate, golden, runs
 from keel.evaluation.client import Answer, GatewayClient
 from keel.evaluation.golden import GoldenItem
@@ -119,7 +119,7 @@ def evaluate(settings: KeelSettings, plan: Plan, tracking_uri: str, client: Gate
             ev.phases = {k: round(v, 3) for k, v in phases.items()}
             mlflow.log_metrics({f"eval_{k}": v for k, v in ev.phases.items()})
         except Exception as e:
-            mlflow.set_tag("failure", f"[{type(e).__name__}] {e}"[:5000])
+            mlflow.set_tag("failure", failure_reason(e))
             mlflow.end_run("FAILED")
             raise
         mlflow.set_tag(runs.COMPLETE_TAG, "true")

@@ -45,21 +45,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
 from typing import Any
 
-from keel.errors import KeelError, classify
+from keel.errors import failure_reason
 
 log = logging.getLogger("keel.orchestration")
 
 EXPERIMENT = "keel-pipeline"
 FAILURE_TAG = "failure"
 LOCK_WAIT_S = 30.0
-REASON_CHARS = 500
 STATE = ".state"  # `<task>.state`: running, finished, skipped or failed
 RUNNING, FINISHED, SKIPPED, FAILED = "running", "finished", "skipped", "failed"
-_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Timeout|Terminated): \S")
 
 
 def start_task(tracking_uri: str, dag_id: str, run_id: str, task_id: str) -> str:
@@ -109,19 +106,6 @@ def fail_task(tracking_uri: str, dag_id: str, run_id: str, task_id: str, error: 
         _settle(client, run)
     except Exception as e:  # noqa: BLE001 - whatever MLflow raised, the task's own error is the one to see
         log.warning("could not record the failure of %s in MLflow (%s): %s", task_id, tracking_uri, e)
-
-
-def failure_reason(error: BaseException) -> str:
-    """`[kind] message`, one line: a Keel error's message, or for a failed Ray job its first line and
-    the exception its log ended with (Keel's errors carry no data values)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    raised = [line for line in lines[1:] if _EXCEPTION_LINE.match(line)]
-    if raised:
-        text = f"{text} ... {raised[-1]}"
-    if not isinstance(error, KeelError):
-        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
-    return f"[{classify(error).value}] {text}"[:REASON_CHARS]
 
 
 def numeric_metrics(summary: dict[str, Any], prefix: str) -> dict[str, float]:
