@@ -150,6 +150,11 @@ def test_scheduler_fires_the_asset_chain_and_logs_to_mlflow(ray_head, shared_sta
         found = client.search_runs([exp.experiment_id], f"tags.airflow_run_id = '{run['dag_run_id']}'")
         assert len(found) == 1 and found[0].data.tags["airflow_dag_id"] == "keel_ingest"
         assert found[0].data.metrics["ingest_us.documents"] == 8
+        # Every run ends, and the one-run-per-DAG-run lock leaves nothing behind.
+        from mlflow.entities import ViewType
+
+        assert found[0].info.status == "FINISHED" and found[0].info.end_time
+        assert [e.name for e in client.search_experiments(view_type=ViewType.ALL) if "lock" in e.name] == []
         downstream = client.search_runs([exp.experiment_id], "tags.airflow_dag_id = 'keel_index_us'")
         assert downstream and downstream[0].data.metrics["index_us.counts.documents"] == 8
     finally:

@@ -138,6 +138,9 @@ def test_keel_up_runs_the_whole_stack_and_keel_down_leaves_nothing(keel_stack):
         exp = mlflow.get_experiment_by_name("keel-pipeline")
         logged = mlflow.search_runs([exp.experiment_id], f"tags.airflow_run_id = '{run['dag_run_id']}'")
         assert len(logged) == 1 and logged[0].data.tags["airflow_dag_id"] == "keel_ingest"
+        # A skipped stage reports that it skipped, not counts it did not produce; the run ended.
+        assert logged[0].data.metrics == {} and logged[0].data.tags["ingest_us.skipped"] == "true"
+        assert logged[0].info.status == "FINISHED"
 
         # A second `keel up` finds everything up and returns at once.
         t0 = time.monotonic()
