@@ -126,9 +126,11 @@ def evidence(claim_texts: Sequence[str], chunks: Sequence[str], embed: Embed | N
     win_negated = [negated_words(w)[1] for _, w in wins]
     chunk_numbers = [numbers(c) for c in chunks]
     cos: np.ndarray | None = None
-    if embed is not None and claim_texts and wins:
-        vectors = embed([_for_embedding(t) for t in [*claim_texts, *(w for _, w in wins)]])
-        cos = vectors[: len(claim_texts)] @ vectors[len(claim_texts):].T
+    if embed is not None:
+        cos = np.zeros((len(claim_texts), len(wins)), np.float32)
+        if claim_texts and wins:
+            vectors = embed([_for_embedding(t) for t in [*claim_texts, *(w for _, w in wins)]])
+            cos = vectors[: len(claim_texts)] @ vectors[len(claim_texts):].T
     out = []
     for i, claim in enumerate(claim_texts):
         words, nums, negated = set(content_words(claim)), numbers(claim), negated_words(claim)[0]

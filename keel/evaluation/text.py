@@ -16,6 +16,7 @@ CITATION_MARK = re.compile(r"\[\d+(?:\s*[,;-]\s*\d+)*\]")  # "[1]", "[1, 3]": wh
 _ABBREVIATIONS = ("e.g.", "i.e.", "etc.", "vs.", "dr.", "mr.", "mrs.", "ms.", "no.", "approx.", "u.s.", "st.")
 # Within a line, a sentence ends at . ! ? followed by space and a capital, digit, quote or bracket.
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
+_LIST_NUMBER = re.compile(r"\d{1,2}[.)]")
 _LIST_MARK = re.compile(r"^\s*(?:[-*\u2022]|\d{1,2}[.)]|#{1,6})\s+")
 _WORD = re.compile(r"[a-z0-9]+(?:[.,][0-9]+)*")
 _NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)*(?![\w])|(?<![\w.])\d+(?=[a-z%])")
@@ -63,7 +64,7 @@ def sentences(text: str) -> list[str]:
     for line in text.splitlines():  # a line ends a sentence: headings, list items, table rows
         for n, piece in enumerate(_SENTENCE_END.split(_LIST_MARK.sub("", line))):
             piece = piece.strip()
-            if not piece:
+            if not piece or _LIST_NUMBER.fullmatch(piece):  # "1." of an inline list: numbering, not a sentence
                 continue
             if n and out and out[-1].lower().endswith(_ABBREVIATIONS):
                 out[-1] = f"{out[-1]} {piece}"
