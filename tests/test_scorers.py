@@ -236,6 +236,31 @@ def test_every_scorer_declares_its_sets(env):
     assert all(s.sets in (ALL_SETS, RAG, SAFETY) for s in env["list"])
 
 
+def test_the_optional_judge_parses_a_verdict_and_is_not_asked_about_a_failed_request(env):
+    from keel.evaluation.scorers import JudgeCorrectness, Models
+
+    asked: list[str] = []
+
+    def reply(text: str):
+        def ask(prompt: str) -> str:  # stands in for a configured judge target behind the gateway
+            asked.append(prompt)
+            return text
+        return ask
+
+    inputs, expectations = rag_item()
+    good = answer("Devices get a full refund within 30 days.")
+    assert JudgeCorrectness(reply("Yes.\nThe answer matches."))(inputs, good, expectations) == 1.0
+    assert JudgeCorrectness(reply("**No** - it adds a fee."))(inputs, good, expectations) == 0.0
+    assert expectations["reference"] in asked[0] and good["text"] in asked[0]
+    with pytest.raises(ValueError, match="not a verdict"):
+        JudgeCorrectness(reply("Maybe"))(inputs, good, expectations)
+    assert JudgeCorrectness(reply("yes"))(inputs, answer("", status=500, error="x"), expectations) == 0.0
+    assert len(asked) == 3
+    assert "judge_correctness" not in {s.name for s in env["list"]}  # off by default
+    judged = keel_scorers(Models(env["settings"]), None, judge=reply("yes"))
+    assert judged[-1].name == "judge_correctness" and judged[-1].sets == RAG
+
+
 class Exploding:
     name = "exploding"
     sets = frozenset({"safety"})
