@@ -50,6 +50,7 @@ def main() -> None:
                 {"airflow_dag_id": "benchmark", "airflow_run_id": f"bench-{int(time.time())}", "target": a.target})
     t0 = time.perf_counter()
     models = Models(settings)
+    models.warm()
     scorers = keel_scorers(models, Retriever(settings))
     client = GatewayClient(settings, gateway_url(settings), evaluation_api_key(settings))
     try:

@@ -29,8 +29,10 @@ def run(settings: KeelSettings, plan: Plan) -> Evaluation:
     if not uri:
         raise ConfigError("pipeline.mlflow_tracking_uri is not set: evaluation runs are logged to MLflow")
     client = GatewayClient(settings, gateway_url(settings), evaluation_api_key(settings))
+    models = Models(settings)
+    models.warm()  # loaded (and the ONNX graph exported) before MLflow's scorer timeout starts counting
     try:
-        return evaluate(settings, plan, uri, client, keel_scorers(Models(settings), Retriever(settings)))
+        return evaluate(settings, plan, uri, client, keel_scorers(models, Retriever(settings)))
     finally:
         client.close()
 

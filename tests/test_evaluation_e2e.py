@@ -11,12 +11,15 @@ the gateway with the CPU model and fault-server targets beside it).
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import pytest
 
 from keel.evaluation import runs
 from keel.orchestration.evaluate import DAG_ID
+from tests.conftest import run_keel
 
 pytestmark = pytest.mark.slow
 
@@ -68,8 +71,7 @@ def test_the_new_index_is_evaluated_end_to_end_and_becomes_the_first_baseline(ke
         n.startswith("keel-golden-privacy-") for n in inputs), inputs
 
     # Evaluation traffic is on the audit trail as such.
-    show = __import__("tests.conftest", fromlist=["run_keel"]).run_keel(
-        "eval", "show", "--target", "keel/auto", "--config", str(keel_stack.config))
+    show = run_keel("eval", "show", "--target", "keel/auto", "--config", str(keel_stack.config))
     assert show.returncode == 0 and run.info.run_id in show.stdout.decode(), show.stdout.decode()
 
 
@@ -112,7 +114,7 @@ def test_a_degraded_target_fails_on_its_own_metric_and_the_alert_names_it(keel_s
     def regressed(name: str) -> set[str]:
         run = _run_of(mlflow, exp, degraded_run, name)
         gate = mlflow.download_artifacts(run.info.run_id, "eval/gate.json")
-        found = __import__("json").loads(open(gate).read())["regressions"]
+        found = json.loads(Path(gate).read_text())["regressions"]
         assert all(r["baseline_run_id"] == baselines[name] for r in found if r["baseline"] is not None)
         return {r["metric"] for r in found}
 

@@ -232,7 +232,7 @@ def _logged(run: Any) -> Evaluation:
     import mlflow
 
     summary = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/eval/gate.json")
-    return Evaluation(run.info.run_id, summary["target"], dict(run.data.metrics),
+    return Evaluation(run.info.run_id, summary["target"], dict(summary["metrics"]),
                       [gate.Regression(**{k: v for k, v in r.items() if k in gate.Regression.__dataclass_fields__})
                        for r in summary["regressions"]],
                       summary["baseline_run_id"], summary["not_gated"], summary["items"], reused=True,

@@ -46,8 +46,9 @@ def record(item: GoldenItem, set_name: str) -> dict[str, Any]:
     return {
         "inputs": {"question": item.question, "set": set_name, "id": item.id,
                    "data_class": item.data_class.value if item.data_class else None},
-        "expectations": {"reference": item.reference, "sources": list(item.sources), "expected": item.expected,
-                         "pii": list(item.pii)},
+        # MLflow stores each expectation as an assessment and refuses one without a value: absent ones stay out.
+        "expectations": {k: v for k, v in {"reference": item.reference, "sources": list(item.sources),
+                                            "expected": item.expected, "pii": list(item.pii)}.items() if v},
     }
 
 
