@@ -84,6 +84,7 @@ def evaluate(settings: KeelSettings, plan: Plan, tracking_uri: str, client: Gate
     """Run (or find) the evaluation `plan` describes; `scorers` are Keel's (keel.evaluation.scorers)."""
     import mlflow
 
+    mlflow.set_tracking_uri(tracking_uri)
     c = runs.client(tracking_uri)
     exp = runs.experiment_id(c)
     sets, items = sample(settings, plan)
@@ -102,7 +103,6 @@ def evaluate(settings: KeelSettings, plan: Plan, tracking_uri: str, client: Gate
     t0 = time.perf_counter()
     answers = ask_all(client, plan.target, items)
     phases = {"ask_s": time.perf_counter() - t0}
-    mlflow.set_tracking_uri(tracking_uri)
     os.environ.setdefault("MLFLOW_GENAI_EVAL_MAX_WORKERS", "2")  # scoring only: two cores, models loaded once
     with mlflow.start_run(run_id=run_id, experiment_id=exp):
         try:
