@@ -265,9 +265,9 @@ class EvaluationSettings(BaseModel):
     # What the daily run evaluates: aliases and target names; "*" stands for every configured target.
     targets: list[str] = Field(default_factory=lambda: ["keel/auto", "*"])
     sets: list[Literal["rag", "safety", "privacy"]] = Field(default_factory=lambda: ["rag", "safety", "privacy"])  # type: ignore[arg-type]
-    # Items per set on the scheduled runs (a fixed seeded sample; 4 x 3 sets is about ten answers, a
-    # couple of minutes of the CPU model); 0: the whole sets, which a manual run asks for.
-    sample_size: int = Field(4, ge=0)
+    # Items per set on the scheduled runs (a fixed seeded sample; 3 x 3 sets is about ten answers per
+    # target, a minute or two of the CPU model); 0: the whole sets, which a manual run asks for.
+    sample_size: int = Field(3, ge=0)
     seed: int = 0
     # Requests in flight per evaluated target: a CPU model answers one at a time, and evaluation must
     # never starve users of it nor push it into its 429s. Per target name, else `concurrency`.

@@ -20,7 +20,7 @@ from typing import Any
 
 from keel.errors import RegressionError
 from keel.evaluation.golden import SETS
-from keel.orchestration.stages import START, asset, on_failure, zones_with_sources
+from keel.orchestration.stages import asset, on_failure, zones_with_sources
 from keel.settings import KeelSettings, config_path, get_settings
 
 log = logging.getLogger("keel.orchestration")
@@ -56,7 +56,9 @@ def build_dag(settings: KeelSettings) -> Any:
     doc = (f"**{DAG_ID}** evaluates targets on the golden sets through the gateway, logs each to MLflow "
            f"(experiment `keel-evaluation`) and fails on a regression against the target's baseline. "
            f"Daily (`{CRON}`) and when an index updates; by hand with `targets`, `sets`, `sample_size`.")
-    with DAG(dag_id=DAG_ID, schedule=schedule, start_date=START, catchup=False, max_active_runs=1, params=params,
+    # No start_date: a daily run waits for its next time instead of running at once when the DAG first
+    # appears (keel up's load, whose new index starts an evaluation anyway).
+    with DAG(dag_id=DAG_ID, schedule=schedule, catchup=False, max_active_runs=1, params=params,
              tags=["keel", "evaluation"], doc_md=doc,
              default_args={"retries": settings.pipeline.retries, "on_failure_callback": on_failure,
                            "on_retry_callback": on_failure}) as dag:

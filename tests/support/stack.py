@@ -73,8 +73,9 @@ def stack_config(root: Path, faults: dict[str, Fault] | None = None, alert_url: 
         doc["policy"]["targets"].append({"name": name, "kind": "openai", "zone": "us", "tier": "small",
                                          "price_per_1k_input": 0.0001, "price_per_1k_output": 0.0002,
                                          "max_context": 8192, "options": {"base_url": f.url + "/v1"}})
-    # The run the new index starts (keel up's load): keel/auto on a small sample, so it is quick.
-    doc["evaluation"] = {"targets": ["keel/auto"], "sample_size": 2}
+    # The runs the new indexes start (keel up's load): the CPU model by name (keel/auto would spread over the
+    # fault targets too) on a small sample, so they are quick and the answers repeat (temperature 0).
+    doc["evaluation"] = {"targets": ["smollm2-135m-cpu"], "sample_size": 2}
     cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
     return cfg
 
