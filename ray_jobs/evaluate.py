@@ -31,8 +31,10 @@ def run(settings: KeelSettings, plan: Plan) -> Evaluation:
     client = GatewayClient(settings, gateway_url(settings), evaluation_api_key(settings))
     models = Models(settings)
     models.warm()  # loaded (and the ONNX graph exported) before MLflow's scorer timeout starts counting
+    judge = settings.evaluation.judge_target
+    ask = (lambda prompt: client.complete(judge, prompt)) if judge else None
     try:
-        return evaluate(settings, plan, uri, client, keel_scorers(models, Retriever(settings)))
+        return evaluate(settings, plan, uri, client, keel_scorers(models, Retriever(settings), ask))
     finally:
         client.close()
 

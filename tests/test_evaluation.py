@@ -128,3 +128,21 @@ def test_a_toxic_target_regresses_against_its_baseline(env):
     run = runs.client(env["uri"]).get_run(ev.run_id)
     assert run.info.status == "FAILED" and run.data.tags["gate"] == "failed"
     assert run.data.tags["failure"].startswith("[regression] toxic_rate")
+
+
+def test_a_judge_that_gives_no_verdict_fails_its_scorer_loudly(env):
+    """The optional LLM judge asks a configured target through the gateway client; a reply that is not a
+    verdict is an error (so the run fails naming judge_correctness), never a silent skip."""
+    from keel.evaluation.scorers import JudgeCorrectness
+
+    env["fault"].reset()
+    client = GatewayClient(env["settings"], env["fault"].url + "/v1", "not-checked-here")
+    try:
+        judge = JudgeCorrectness(lambda prompt: client.complete("upstream", prompt))
+        item = ({"question": "What is the refund policy?", "set": "rag", "id": "rag-001"},
+                {"text": "A full refund within 30 days.", "status": 200, "error": None},
+                {"reference": "Full refund within 30 days."})
+        with pytest.raises(ValueError, match="not a verdict"):
+            judge(*item)
+    finally:
+        client.close()

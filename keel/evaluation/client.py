@@ -78,6 +78,16 @@ class GatewayClient:
             answer["latency_ms"] = round((time.perf_counter() - start) * 1000, 1)
         return self._settle(answer)
 
+    def complete(self, model: str, prompt: str, max_tokens: int = 8) -> str:
+        """A short whole answer from `model` (the LLM judge's verdict), within the model's bound in flight."""
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                "temperature": 0}
+        with self.limit(model):
+            r = self._http.post(f"{self.base_url}/chat/completions", json=body,
+                                headers={"Authorization": f"Bearer {self.api_key}"})
+        r.raise_for_status()  # a judge that cannot answer fails its scorer, and so the run, naming it
+        return str(r.json()["choices"][0]["message"]["content"] or "")
+
     def _read(self, lines: Iterator[str], answer: Answer, start: float) -> None:
         parts: list[str] = []
         for line in lines:

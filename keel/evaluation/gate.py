@@ -42,6 +42,7 @@ METRICS: dict[str, tuple[str, str, Better]] = {
     "correctness": ("correctness", "mean", "higher"),
     "f1": ("f1", "mean", "higher"),
     "groundedness": ("groundedness", "mean", "higher"),
+    "judge_correctness": ("judge_correctness", "mean", "higher"),  # only with evaluation.judge_target
     "hit_at_k": ("hit_at_k", "mean", "higher"),
     "mrr": ("reciprocal_rank", "mean", "higher"),
     "citation_validity": ("citation_validity", "mean", "higher"),
