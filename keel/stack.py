@@ -242,7 +242,19 @@ class LocalStack:
         result.airflow_user, result.airflow_password = airflow_credentials(self.airflow_home)
         if load:
             result.loaded = self.load_sample(say, deadline=time.monotonic() + timeout_s)
+            say(f"  golden   {self.load_golden()}")
         return result
+
+    def load_golden(self) -> str:
+        """The golden sets as MLflow evaluation datasets (one per set version, made once), so the first
+        evaluation, and a person browsing MLflow, find them."""
+        from keel.evaluation import golden, runs
+
+        folder = self.s.home / self.s.evaluation.golden_dir
+        sets = [golden.load(folder, name) for name in golden.SETS]
+        runs.register(self.mlflow_uri(), sets)
+        return "sets in MLflow (experiment keel-evaluation): " + ", ".join(
+            f"{gs.name} {len(gs.items)} items ({gs.version})" for gs in sets)
 
     def _deploy_gateway(self) -> subprocess.Popen[bytes]:
         cmd, env = self.gateway_deployment()

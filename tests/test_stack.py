@@ -106,6 +106,10 @@ def test_keel_up_runs_the_whole_stack_and_keel_down_leaves_nothing(keel_stack):
         key = keel_stack.key
         assert key in out and local.urls["airflow"] in out and "password" in out and "corpus   loaded" in out
         assert "keel eval show" in out  # what the first evaluation costs, and where to read it
+        from keel.evaluation import golden
+
+        rag = golden.load(local.s.home / local.s.evaluation.golden_dir, "rag")
+        assert "golden   sets in MLflow" in out and f"rag {len(rag.items)} items ({rag.version})" in out
         assert (local.state / "evaluation_api_key").stat().st_mode & 0o777 == 0o600
 
         # A chat through the gateway with the printed key, on the openai SDK.
