@@ -55,9 +55,10 @@ def test_dags_parse_with_assets_in_zone_storage(tmp_path):
     assert set(out["dags"]) == {"keel_ingest", "keel_scrub_us", "keel_scrub_eu", "keel_index_us", "keel_index_eu",
                                 "keel_evaluate"}
     assert out["schedules"]["keel_ingest"] == "@daily"
-    # Evaluation: daily, or when either zone's index updates.
+    # Evaluation: daily, or once every zone's index has updated.
     evaluate = out["schedules"]["keel_evaluate"]
-    assert "AssetOrTimeSchedule" in evaluate and "keel_us_index" in evaluate and "keel_eu_index" in evaluate, evaluate
+    assert "AssetOrTimeSchedule" in evaluate and "AssetAll" in evaluate, evaluate
+    assert "keel_us_index" in evaluate and "keel_eu_index" in evaluate, evaluate
     storage_us = str(tmp_path / "storage" / "us-east-1")
     assert f"file://{storage_us}/raw" in " ".join(out["dags"]["keel_ingest"])
     assert f"file://{storage_us}/scrubbed" in " ".join(out["dags"]["keel_scrub_us"])

@@ -1,6 +1,6 @@
 """The evaluation DAG, `keel_evaluate` (its one DAG file: dags/keel_evaluate.py).
 
-It runs daily and whenever a zone's index asset updates (a new index is re-evaluated), and by hand
+It runs daily and once every zone's index asset has updated (a new index is re-evaluated), and by hand
 with parameters (Trigger DAG w/ config in the UI, or `keel eval run`): which targets or aliases,
 which golden sets, how many items of each. The scheduled default (settings.evaluation) is
 `keel/auto` and each target on a small seeded sample; the whole sets run on demand.
@@ -41,13 +41,16 @@ def targets(settings: KeelSettings, asked: list[str]) -> list[str]:
 
 
 def build_dag(settings: KeelSettings) -> Any:
-    from airflow.sdk import DAG, AssetAny, AssetOrTimeSchedule, CronTriggerTimetable, Param, task
+    from airflow.sdk import DAG, AssetAll, AssetOrTimeSchedule, CronTriggerTimetable, Param, task
 
     ev = settings.evaluation
     indexes = [asset(settings, z, "index") for z in zones_with_sources(settings)]
     schedule: Any = CronTriggerTimetable(CRON, timezone="UTC")
     if indexes:
-        schedule = AssetOrTimeSchedule(timetable=schedule, assets=AssetAny(*indexes))
+        # Every zone's index updated since the last run: keel up's load (both zones) starts one evaluation, on
+        # the whole corpus; an evaluation on half an index would be a baseline of the wrong thing. A zone
+        # whose index changes alone waits for the others or for the daily run, at most a day.
+        schedule = AssetOrTimeSchedule(timetable=schedule, assets=AssetAll(*indexes))
     params = {
         "targets": Param(list(ev.targets), type="array", description='aliases or target names; "*": every target'),
         "sets": Param(list(ev.sets), type="array", items={"enum": list(SETS)}),
