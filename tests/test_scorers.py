@@ -218,6 +218,14 @@ def test_groundedness_on_the_held_out_labelled_sentences(env):
     assert right[True] / supported >= 0.85 and right[False] / (len(held_out) - supported) >= 0.85, right
 
 
+def test_embedding_only_the_windows_that_pass_the_word_checks_gives_the_same_verdicts(env):
+    """The scorer's shortcut (only_for): the "both" rule cannot pass a window that fails on words."""
+    for it in LABELLED[::3]:
+        full = g.evidence([it["sentence"]], it["chunks"], env["models"].embed)[0]
+        lazy = g.evidence([it["sentence"]], it["chunks"], env["models"].embed, only_for=g.DEFAULT)[0]
+        assert full.supported(g.DEFAULT) is lazy.supported(g.DEFAULT), it["id"]
+
+
 def test_the_labelled_set_is_balanced_and_split():
     assert len(LABELLED) >= 80 and all(it["chunks"] and it["sentence"] and it["made"] for it in LABELLED)
     for half in (0, 1):

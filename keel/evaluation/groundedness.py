@@ -119,26 +119,35 @@ class Evidence:
         return bool(np.any(ok & self.numbers_ok))
 
 
-def evidence(claim_texts: Sequence[str], chunks: Sequence[str], embed: Embed | None) -> list[Evidence]:
-    """Evidence for each claim over the windows of `chunks` (one embedding call for all of them)."""
+def evidence(claim_texts: Sequence[str], chunks: Sequence[str], embed: Embed | None,
+             only_for: Method | None = None) -> list[Evidence]:
+    """Evidence for each claim over the windows of `chunks` (one embedding call for all of them). With
+    `only_for` (a "both" method), only windows that pass the word checks for some claim are embedded:
+    the others cannot support anything under that rule, so their cosine (left 0) is never read. Most
+    windows fail on words, so this embeds a fraction of them, for the same verdicts."""
     wins = windows(chunks)
     win_words = [set(content_words(w)) for _, w in wins]
     win_negated = [negated_words(w)[1] for _, w in wins]
     chunk_numbers = [numbers(c) for c in chunks]
-    cos: np.ndarray | None = None
-    if embed is not None:
-        cos = np.zeros((len(claim_texts), len(wins)), np.float32)
-        if claim_texts and wins:
-            vectors = embed([_for_embedding(t) for t in [*claim_texts, *(w for _, w in wins)]])
-            cos = vectors[: len(claim_texts)] @ vectors[len(claim_texts):].T
-    out = []
-    for i, claim in enumerate(claim_texts):
+    cheap = []
+    for claim in claim_texts:
         words, nums, negated = set(content_words(claim)), numbers(claim), negated_words(claim)[0]
         recall = np.array([len(words & w) / max(1, len(words)) for w in win_words], np.float32)
         numbers_ok = np.array([nums <= chunk_numbers[c] for c, _ in wins], bool)
         negation_ok = np.array([negated == bool(words & n) for n in win_negated], bool)
-        out.append(Evidence(recall, numbers_ok, negation_ok, None if cos is None else cos[i]))
-    return out
+        cheap.append((recall, numbers_ok, negation_ok))
+    cos: np.ndarray | None = None
+    if embed is not None:
+        cos = np.zeros((len(claim_texts), len(wins)), np.float32)
+        keep = np.ones(len(wins), bool)
+        if only_for is not None and cheap:
+            keep = np.any([(r >= only_for.tau_recall) & n & (g if only_for.negation else True)
+                           for r, n, g in cheap], axis=0)
+        picked = [w for (_, w), k in zip(wins, keep, strict=True) if k]
+        if claim_texts and picked:
+            vectors = embed([_for_embedding(t) for t in [*claim_texts, *picked]])
+            cos[:, keep] = vectors[: len(claim_texts)] @ vectors[len(claim_texts):].T
+    return [Evidence(r, n, g, None if cos is None else cos[i]) for i, (r, n, g) in enumerate(cheap)]
 
 
 def groundedness(answer: str, chunks: Sequence[str], embed: Embed | None, method: Method = DEFAULT) -> float:
@@ -148,7 +157,8 @@ def groundedness(answer: str, chunks: Sequence[str], embed: Embed | None, method
     found = claims(answer)
     if not found:
         return 1.0
-    ev = evidence(found, chunks, embed if method.needs_embeddings else None)
+    ev = evidence(found, chunks, embed if method.needs_embeddings else None,
+                  only_for=method if method.rule == "both" else None)
     return sum(e.supported(method) for e in ev) / len(found)
 
 
