@@ -103,7 +103,9 @@ def evaluate(settings: KeelSettings, plan: Plan, tracking_uri: str, client: Gate
     t0 = time.perf_counter()
     answers = ask_all(client, plan.target, items)
     phases = {"ask_s": time.perf_counter() - t0}
-    os.environ.setdefault("MLFLOW_GENAI_EVAL_MAX_WORKERS", "2")  # scoring only: two cores, models loaded once
+    # Scoring only (the answers are in): MLflow logs each assessment in its own request, so items in
+    # parallel overlap that I/O; the models are shared and loaded once. 8 vs 2: 60 answers in 18.5 vs 22 s.
+    os.environ.setdefault("MLFLOW_GENAI_EVAL_MAX_WORKERS", "8")
     with mlflow.start_run(run_id=run_id, experiment_id=exp):
         try:
             t0 = time.perf_counter()
