@@ -18,7 +18,6 @@ first try, so no item is counted twice.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -100,14 +99,14 @@ def evaluate(settings: KeelSettings, plan: Plan, tracking_uri: str, client: Gate
     _tag(c, run_id, settings, plan, sets)
     _link(c, run_id, datasets)
 
-    t0 = time.perf_counter()
-    answers = ask_all(client, plan.target, items)
-    phases = {"ask_s": time.perf_counter() - t0}
     # Scoring only (the answers are in): MLflow logs each assessment in its own request, so items in
     # parallel overlap that I/O; the models are shared and loaded once. 8 vs 2: 60 answers in 18.5 vs 22 s.
     os.environ.setdefault("MLFLOW_GENAI_EVAL_MAX_WORKERS", "8")
     with mlflow.start_run(run_id=run_id, experiment_id=exp):
-        try:
+        try:  # the run ends FINISHED or FAILED whatever fails, asking included
+            t0 = time.perf_counter()
+            answers = ask_all(client, plan.target, items)
+            phases = {"ask_s": time.perf_counter() - t0}
             t0 = time.perf_counter()
             mlflow.genai.evaluate(data=[_row(s, it, a) for (s, it), a in zip(items, answers, strict=True)],
                                   scorers=_mlflow_scorers(scorers))
@@ -266,7 +265,3 @@ def _delete_traces(exp: str, run_id: str) -> None:
 
 def _run_name(plan: Plan) -> str:
     return f"{plan.target} {plan.identity.get('airflow_run_id', '')}".strip()
-
-
-def dumps(ev: Evaluation) -> str:
-    return json.dumps(ev.summary(), sort_keys=True)
