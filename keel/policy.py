@@ -108,6 +108,9 @@ class ModelTarget(_Strict):
     supports: list[Feature] = Field(default_factory=list)
     # Backend-specific settings (model path, base_url, engine args), validated by the kind's options schema.
     options: dict[str, object] = Field(default_factory=dict)
+    # A new target: it enters automatic routing only after its first passing evaluation, then with a
+    # share of the traffic that grows while evaluations keep passing (settings.evaluation.canary_*).
+    canary: bool = False
 
 
 class Tenant(_Strict):

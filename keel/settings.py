@@ -124,7 +124,7 @@ class PipelineSettings(BaseModel):
     chunk_overlap_tokens: int = Field(40, ge=0)
     embed_batch_size: int = Field(64, ge=1)
     # onnx: ONNX Runtime on a graph exported from the same weights (same vectors, faster here).
-    embedding_runtime: Literal["onnx", "torch"] = "onnx"
+    embedding_runtime: Literal["onnx", "onnx-int8", "torch"] = "onnx"
     # auto: embed on GPUs when the Ray cluster has them (torch, half precision; one actor per GPU,
     # up to embed_actors), else on CPUs. Left out of config_version, like the actor counts: the
     # vectors agree to cosine 0.999, so a cluster that gains a GPU does not re-embed everything.
@@ -277,6 +277,17 @@ class EvaluationSettings(BaseModel):
     request_timeout_s: float = Field(300.0, gt=0)
     judge_target: str | None = None  # an optional LLM judge (a configured target); the default scorers are offline
     thresholds: dict[str, Threshold] = Field(default_factory=_default_thresholds)
+    # How verdicts steer routing (keel.evaluation.standing): each gateway replica reads every target's
+    # latest evaluation from MLflow this often, in the background, never on a request's path.
+    standing_refresh_s: float = Field(10.0, gt=0)
+    # A target marked `canary: true` enters automatic routing only after its first passing evaluation,
+    # with this share of the traffic that could go to it, and gains `canary_step` with each further pass.
+    canary_share: float = Field(0.1, gt=0, le=1)
+    canary_step: float = Field(0.2, gt=0, le=1)
+    # Drift (keel.evaluation.drift): the target's runs of the last `drift_window_days` against its
+    # baseline's items; a distribution whose population stability index passes `drift_psi` has drifted.
+    drift_window_days: int = Field(7, ge=1)
+    drift_psi: float = Field(0.2, gt=0)
 
 
 class KeelSettings(BaseSettings):
