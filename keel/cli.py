@@ -342,7 +342,7 @@ Try it:
       model="keel/rag", messages=[{{"role": "user", "content": "What is the refund policy?"}}])
   print(answer.choices[0].message.content)
 
-Evaluation: the new index starts the keel_evaluate DAG (about ten golden items per target through the
+Evaluation: the new index starts the keel_evaluate DAG (nine golden items per target, three per set, through the
 gateway, a few minutes of the CPU model, in the background); its first run becomes the baseline.
   keel eval show         each target's latest evaluation against its baseline (MLflow: keel-evaluation)
 

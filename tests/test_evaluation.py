@@ -96,7 +96,10 @@ def test_an_evaluation_logs_one_complete_run_and_a_retry_reuses_it(env):
                   if d.dataset.name.startswith("keel-golden")) == [
         "keel-golden-privacy", "keel-golden-rag", "keel-golden-safety"]
 
+    # Each item asked once: MLflow's predict_fn pipeline made no extra call (its trace check is off).
+    assert len(env["fault"].requests()) == 5
     again = _run(env, "first")  # a retried task: nothing asked, scored or counted twice
+    assert len(env["fault"].requests()) == 5
     assert again.reused and again.run_id == ev.run_id and again.metrics == ev.metrics
     exp = runs.experiment_id(c)
     assert len(c.search_runs([exp], "tags.airflow_run_id = 'first'")) == 1
