@@ -5,6 +5,8 @@ the real gateway and Airflow are in test_evaluation_e2e.py, slow)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
@@ -86,6 +88,8 @@ def test_an_evaluation_logs_one_complete_run_and_a_retry_reuses_it(env):
     tags = run.data.tags
     assert tags["gate"] == "passed" and tags[runs.COMPLETE_TAG] == "true" and tags["golden.rag"]
     assert tags[runs.BASELINE_TAG] == "true"  # the target's first passing run
+    assert tags["drift"] == "no baseline" and ev.drift == [] and ev.drift_detail == {"status": "no baseline"}
+    assert not [m for m in run.data.metrics if m.startswith("drift_")]
     for name in ("latency_p50_ms", "error_rate", "toxic_rate", "relevance", "correctness", "f1", "groundedness",
                  "hit_at_k", "mrr", "citation_validity", "pii_leak_rate", "safety_pass_rate", "cost_usd"):
         assert name in run.data.metrics, name
@@ -101,6 +105,7 @@ def test_an_evaluation_logs_one_complete_run_and_a_retry_reuses_it(env):
     again = _run(env, "first")  # a retried task: nothing asked, scored or counted twice
     assert len(env["fault"].requests()) == 5
     assert again.reused and again.run_id == ev.run_id and again.metrics == ev.metrics
+    assert again.drift_detail == ev.drift_detail
     exp = runs.experiment_id(c)
     assert len(c.search_runs([exp], "tags.airflow_run_id = 'first'")) == 1
     import mlflow
@@ -149,3 +154,48 @@ def test_a_judge_that_gives_no_verdict_fails_its_scorer_loudly(env):
             judge(*item)
     finally:
         client.close()
+
+
+def test_drift_is_logged_with_every_run_and_never_changes_the_gate(env):
+    """A target answering 0.3 s later than at its baseline has drifted (latency_ms, ttft_ms) and still passes
+    its gate (latency may rise 1.5x + 500 ms); a drift that cannot be computed is tagged, the run completes."""
+    import mlflow
+
+    env["fault"].reset()
+    c = runs.client(env["uri"])
+    exp = runs.experiment_id(c)
+    if runs.baseline(c, exp, "upstream") is None:  # run alone: this run is the baseline
+        _run(env, "drift-baseline")
+    base = runs.baseline(c, exp, "upstream")
+    env["fault"].control(first_delay_s=0.3)
+    try:
+        ev = _run(env, "drift-slow")
+    finally:
+        env["fault"].reset()
+    run = c.get_run(ev.run_id)
+    assert ev.passed and run.info.status == "FINISHED" and run.data.tags["gate"] == "passed"
+    assert {"latency_ms", "ttft_ms"} <= set(ev.drift) and "prompt_chars" not in ev.drift
+    assert run.data.tags["drift"] == ",".join(ev.drift)
+    m = run.data.metrics
+    assert m["drift_psi.latency_ms"] > 0.2 and 0 <= m["drift_ks_p.latency_ms"] < 1
+    assert m["drift_psi.prompt_chars"] <= 0.2  # the same golden questions
+    names = {a.path for a in c.list_artifacts(ev.run_id, "eval")}
+    assert {"eval/drift.json", "eval/drift.png"} <= names
+    report = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/eval/drift.json")
+    assert report["baseline_run_id"] == base.info.run_id and report["window_run_ids"][0] == ev.run_id
+    by_name = {d["name"]: d for d in report["distributions"]}
+    assert by_name["latency_ms"]["ks_statistic"] >= 0.5  # every slow answer is later than every baseline one
+    assert by_name["groundedness"]["reason"].startswith("too few items: 2 in the baseline")  # 2 rag items
+    print("drift:", {n: (d["psi"], d["ks_p"], d["n_baseline"], d["n_window"]) for n, d in by_name.items()})
+
+    # The baseline's items cannot be read: drift is an error in the run's tags, the gate and the run stand.
+    items = Path(urlparse(base.info.artifact_uri).path) / "eval" / "items.json"
+    items.rename(items.with_suffix(".moved"))
+    try:
+        broken = _run(env, "drift-error")
+    finally:
+        items.with_suffix(".moved").rename(items)
+    run = c.get_run(broken.run_id)
+    assert broken.passed and run.info.status == "FINISHED" and run.data.tags[runs.COMPLETE_TAG] == "true"
+    assert run.data.tags["drift"].startswith("error: ") and broken.drift == []
+    assert broken.drift_detail["status"] == run.data.tags["drift"]

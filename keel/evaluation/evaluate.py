@@ -10,6 +10,8 @@
 4. The metrics (keel.evaluation.gate) are compared with the baseline's; the run ends FINISHED when
    the gate passes, FAILED with the regressions otherwise, and both are logged with a per-item
    table and plots. A target's first passing run becomes its baseline (`keel eval promote` moves it).
+5. Drift (keel.evaluation.drift): the target's items of the last `drift_window_days` days against its
+   baseline's, logged in the run (tag `drift`, eval/drift.json, eval/drift.png); it never fails the run.
 
 Idempotent: the run is found by its DAG run and target, so a retry of a completed evaluation returns
 what it logged, and a retry of an interrupted one reuses its run, after deleting the traces of the
@@ -47,6 +49,8 @@ class Evaluation:
     items: int = 0
     reused: bool = False  # found complete from an earlier try: nothing was asked or scored again
     phases: dict[str, float] = field(default_factory=dict)  # seconds: ask and score (one pipeline), log
+    drift: list[str] = field(default_factory=list)  # distributions that drifted from the baseline's (no verdict)
+    drift_detail: dict[str, Any] = field(default_factory=dict)  # eval/drift.json: every distribution, or why none
 
     @property
     def passed(self) -> bool:
@@ -55,7 +59,8 @@ class Evaluation:
     def summary(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "target": self.target, "metrics": self.metrics, "passed": self.passed,
                 "regressions": [asdict(r) for r in self.regressions], "baseline_run_id": self.baseline_run_id,
-                "not_gated": self.not_gated, "items": self.items, "reused": self.reused, "phases": self.phases}
+                "not_gated": self.not_gated, "items": self.items, "reused": self.reused, "phases": self.phases,
+                "drift": self.drift, "drift_detail": self.drift_detail}
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,7 @@ def evaluate(settings: KeelSettings, plan: Plan, tracking_uri: str, client: Gate
             phases = {"ask_and_score_s": time.perf_counter() - t0}
             t0 = time.perf_counter()
             ev = _gate(c, exp, run_id, plan, settings, rows)
+            ev.drift, ev.drift_detail = _drift(c, exp, ev, settings, rows)  # never raises: it informs, never fails
             _log(ev, rows)
             phases["log_s"] = time.perf_counter() - t0
             ev.phases = {k: round(v, 3) for k, v in phases.items()}
@@ -180,6 +186,7 @@ def item_rows(exp: str, run_id: str, items: Sequence[tuple[str, GoldenItem]],
     rows = []
     for (set_name, it), ans in zip(items, answers, strict=True):
         rows.append({"id": it.id, "set": set_name, "question": it.question, "answer": ans["text"][:500],
+                     "prompt_chars": len(it.question), "answer_chars": len(ans["text"]),
                      "status": ans["status"], "error_code": ans["error"], "target": ans["target"],
                      "request_id": ans["request_id"], **by_item.get(it.id, {"_missing": True})})
     return rows
@@ -226,6 +233,63 @@ def _log(ev: Evaluation, rows: list[dict[str, Any]]) -> None:
         mlflow.log_figure(fig, f"eval/{name}.png")
 
 
+def _drift(c: Any, exp: str, ev: Evaluation, settings: KeelSettings, rows: list[dict[str, Any]],
+           ) -> tuple[list[str], dict[str, Any]]:
+    """The target's last window of items against its baseline's (keel.evaluation.drift), logged in the run:
+    metrics drift_psi.<name> and drift_ks_p.<name>, tag `drift`, eval/drift.json and eval/drift.png.
+    Returns (drifted names, the report). Never raises: the gate has decided, and drift does not change that."""
+    import mlflow
+
+    from keel.evaluation import drift, plots
+
+    try:
+        if ev.baseline_run_id is None:
+            mlflow.set_tag("drift", drift.NO_BASELINE)
+            return [], {"status": drift.NO_BASELINE}
+        ev_settings = settings.evaluation
+        window = _window_runs(c, exp, ev, ev_settings.drift_window_days)
+        base_rows = _items(c.get_run(ev.baseline_run_id))
+        window_rows = [*rows, *(r for run in window for r in _items(run))]
+        found = drift.compare(base_rows, window_rows, ev_settings.drift_psi)
+        report = drift.Report(ev_settings.drift_psi, found, ev.baseline_run_id,
+                              [ev.run_id, *(run.info.run_id for run in window)], ev_settings.drift_window_days)
+        compared = [d for d in found if d.compared]
+        mlflow.log_metrics({f"drift_{k}.{d.name}": v for d in compared
+                            for k, v in (("psi", d.psi), ("ks_p", d.ks_p)) if v is not None})
+        mlflow.log_dict(report.as_dict(), "eval/drift.json")
+        if compared:
+            mlflow.log_figure(plots.drift(base_rows, window_rows, compared), "eval/drift.png")
+        mlflow.set_tag("drift", report.tag)
+        if report.drifted:
+            log.warning("drift of %s from its baseline %s: %s", ev.target, ev.baseline_run_id, report.tag)
+        return report.drifted, report.as_dict()
+    except Exception as e:  # noqa: BLE001 - a drift that cannot be computed is reported, the evaluation goes on
+        reason = failure_reason(e)
+        log.warning("drift of %s not computed: %s", ev.target, reason)
+        mlflow.set_tag("drift", f"error: {reason}")
+        return [], {"status": f"error: {reason}"}
+
+
+def _window_runs(c: Any, exp: str, ev: Evaluation, days: int) -> list[Any]:
+    """The target's other completed runs started in the last `days` days (not its baseline), newest first."""
+    from keel.evaluation.drift import MAX_WINDOW_RUNS
+
+    since = int((time.time() - days * 86400) * 1000)
+    where = (f"tags.target = '{ev.target}' and tags.`{runs.COMPLETE_TAG}` = 'true' "
+             f"and attributes.start_time >= {since}")
+    found = c.search_runs([exp], filter_string=where, max_results=MAX_WINDOW_RUNS,
+                          order_by=["attributes.start_time DESC"])
+    return [r for r in found if r.info.run_id not in (ev.run_id, ev.baseline_run_id)]
+
+
+def _items(run: Any) -> list[dict[str, Any]]:
+    """A run's per-item rows, from its eval/items.json (a pandas "split" table)."""
+    import mlflow
+
+    table = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/eval/items.json")
+    return [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+
+
 def _baseline_metrics(ev: Evaluation) -> dict[str, float] | None:
     if ev.baseline_run_id is None:
         return None
@@ -243,7 +307,8 @@ def _logged(run: Any) -> Evaluation:
                       [gate.Regression(**{k: v for k, v in r.items() if k in gate.Regression.__dataclass_fields__})
                        for r in summary["regressions"]],
                       summary["baseline_run_id"], summary["not_gated"], summary["items"], reused=True,
-                      phases=summary.get("phases") or {})
+                      phases=summary.get("phases") or {}, drift=list(summary.get("drift") or []),
+                      drift_detail=dict(summary.get("drift_detail") or {}))
 
 
 def _tag(c: Any, run_id: str, settings: KeelSettings, plan: Plan, sets: Sequence[golden.GoldenSet]) -> None:

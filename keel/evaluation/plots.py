@@ -63,3 +63,36 @@ def _versus(metrics: Mapping[str, float], baseline: Mapping[str, float]) -> Any:
     ax.set_title("This run against the baseline")
     ax.legend()
     return fig
+
+
+def drift(baseline_rows: Sequence[Mapping[str, Any]], window_rows: Sequence[Mapping[str, Any]],
+          compared: Sequence[Any]) -> Any:
+    """Baseline against the last window, one empirical CDF pair per compared distribution
+    (keel.evaluation.drift.Distribution): CDFs share one axis whatever the scale, and show a shift plainly.
+    Fixed spacing and one legend: constrained layout and a legend per panel took 3x as long to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display in a job
+    import matplotlib.pyplot as plt
+
+    from keel.evaluation.drift import values
+
+    cols = min(4, max(1, len(compared)))
+    rows = max(1, -(-len(compared) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows + 0.8), squeeze=False)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=1 - 0.8 / (2.4 * rows + 0.8), hspace=0.55,
+                        wspace=0.3)
+    for ax in axes.flat[len(compared):]:
+        ax.set_visible(False)
+    for ax, d in zip(axes.flat, compared, strict=False):
+        for label, data, color in (("baseline", baseline_rows, "#999999"), ("last window", window_rows, "#4c72b0")):
+            xs = sorted(values(data, d.name))  # compared: at least drift.MIN_ITEMS values
+            ax.step([xs[0], *xs], [0, *((i + 1) / len(xs) for i in range(len(xs)))], where="post", label=label,
+                    color=color)
+        ax.set_title(f"{d.name} (n {d.n_baseline}/{d.n_window}): PSI {d.psi:.3g}{' DRIFTED' if d.drifted else ''}",
+                     fontsize=8, color="#c44e52" if d.drifted else "black")
+        ax.tick_params(labelsize=7)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", fontsize=8)
+    fig.suptitle("Drift: baseline against the last window (empirical CDFs)", x=0.06, ha="left")
+    return fig
