@@ -16,6 +16,7 @@ import keel
 from keel.records import Record, output_line, read_records
 
 if TYPE_CHECKING:
+    from keel.evaluation.standing import Standing
     from keel.privacy.engine import PrivacyEngine
     from keel.privacy.redact import RedactionMode
     from keel.settings import KeelSettings
@@ -263,6 +264,40 @@ def eval_promote(run_id: str = typer.Argument(..., help="an evaluation run's id 
     typer.echo(f"run {run_id} is now the baseline of {run.data.tags['target']}{replaced}")
 
 
+@eval_app.command("clear")
+def eval_clear(target: str = typer.Argument(..., help="a target whose latest evaluation regressed"),
+               config: Path | None = ConfigOpt) -> None:
+    """Let a regressed target back into automatic routing before an evaluation passes (tags the failed run)."""
+    from keel.errors import NotFoundError
+    from keel.evaluation import standing
+    from keel.stack import LocalStack
+
+    settings = _settings(config)
+    run_id = _or_exit(lambda: standing.clear(LocalStack(settings, config).mlflow_uri(), target), NotFoundError, 1,
+                      "keel eval clear: ")
+    if run_id is None:
+        typer.echo(f"{target}: its latest evaluation did not regress; nothing to clear")
+        return
+    typer.echo(f"{target}: regression of run {run_id} cleared; every gateway replica lets it back into automatic "
+               f"routing within {settings.evaluation.standing_refresh_s:g} s")
+
+
+def _standings(tracking_uri: str, settings: KeelSettings) -> dict[str, Standing]:
+    """Each target's standing as the gateway reads it (empty when MLflow is not a server)."""
+    from keel.evaluation import standing
+
+    if not tracking_uri.startswith(("http://", "https://")):
+        return {}
+    ev = settings.evaluation
+    source = standing.VerdictSource(tracking_uri)
+    try:
+        found = source.histories([t.name for t in settings.policy.targets],
+                                 standing.history_needed(ev.canary_share, ev.canary_step))
+    finally:
+        source.close()
+    return standing.standings(settings.policy.targets, found, ev.canary_share, ev.canary_step)
+
+
 def _show(tracking_uri: str, target: str | None, settings: KeelSettings) -> None:
     from keel.evaluation import runs
 
@@ -273,6 +308,7 @@ def _show(tracking_uri: str, target: str | None, settings: KeelSettings) -> None
     if not names:
         typer.echo("no evaluation run yet: `keel eval run` starts one")
         raise typer.Exit(1)
+    now = _standings(tracking_uri, settings)
     for name in names:
         latest = runs.latest(c, exp, name)
         if latest is None:
@@ -282,6 +318,8 @@ def _show(tracking_uri: str, target: str | None, settings: KeelSettings) -> None
         gate = latest.data.tags.get("gate", "?")
         base_id = base.info.run_id if base is not None else "none (`keel eval promote <run id>`)"
         typer.echo(f"\n{name}: run {latest.info.run_id} ({gate}), baseline {base_id}")
+        if name in now:
+            typer.echo(f"  routing: {now[name].state} ({now[name].reason})")
         typer.echo(f"  {'metric':<20} {'baseline':>12} {'latest':>12}  verdict")
         for metric, b, new, verdict in runs.comparison(latest, base, settings.evaluation.thresholds):
             typer.echo(f"  {metric:<20} {b:>12} {new:>12}  {verdict}")

@@ -36,6 +36,7 @@ class RouteRequest:
     # Residency hook: zones this request's data may go to; None means any (the compliance layer sets it).
     allowed_zones: frozenset[str] | None = None
     complexity: float = 0.0  # 0..1, from complexity_score()
+    draw: float = 0.0  # uniform in [0, 1), drawn per request: which canary, if any, takes it
 
 
 @dataclass
@@ -69,6 +70,10 @@ class Candidate:
     target: ModelTarget
     available: bool = True  # its circuit breaker lets a request through
     stats: LatencyStats = field(default_factory=LatencyStats)
+    # Its standing from evaluation (keel.evaluation.standing): the share of automatic traffic it may take
+    # (1 all, 0 none: it regressed, between: a canary) and why.
+    share: float = 1.0
+    standing: str = ""
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,8 @@ class Exclusion(StrEnum):
     CONTEXT = "context"
     CAPABILITY = "capability"
     HEALTH = "health"
+    QUALITY = "quality"  # its latest evaluation regressed (automatic routing only)
+    CANARY = "canary"  # a canary this request did not draw (automatic routing only)
 
 
 @dataclass(frozen=True)
@@ -116,10 +123,11 @@ def plan(
     weights: Weights = Weights(),
     complexity_threshold: float = 0.5,
 ) -> Route:
-    """Filter by health, context, capability and residency; rank by strategy.
+    """Filter by health, context, capability and residency; then by evaluation; rank by strategy.
 
-    `pinned` (a caller naming a concrete target) puts that target first; the other eligible
-    targets of its tier stay behind it as failover, so naming a model does not give up resilience.
+    `pinned` (a caller naming a concrete target) puts that target first whatever its evaluations
+    said; the other eligible targets of its tier in good standing stay behind it as failover, so
+    naming a model does not give up resilience.
     """
     eligible: list[Candidate] = []
     excluded: dict[str, Excluded] = {}
@@ -136,14 +144,48 @@ def plan(
             return Route((), "pinned", f"{pinned} cannot serve this request", excluded)
         # A named target whose breaker is open is skipped, not fatal: its tier-mates answer instead.
         first = [] if why else [named]
-        rest = [c for c in eligible if c.target.name != pinned and c.target.tier == named.target.tier]
+        rest = [c for c in eligible if c.target.name != pinned and c.target.tier == named.target.tier
+                and c.share >= 1.0]
         ranked = first + _rank(rest, req, "blend", weights, want_large)
         reason = f"caller named {pinned}" + (f" ({why}: its tier answers)" if why else "")
         return Route(tuple(c.target.name for c in ranked), "pinned", reason, excluded)
-    ranked = _rank(eligible, req, strategy, weights, want_large)
+    lead, members, note = _by_standing(eligible, excluded, req.draw)
+    ranked = lead + _rank(members, req, strategy, weights, want_large)
     if not ranked:
         return Route((), strategy, "no eligible target", excluded)
-    return Route(tuple(c.target.name for c in ranked), strategy, _why(ranked[0], req, strategy, want_large), excluded)
+    return Route(tuple(c.target.name for c in ranked), strategy,
+                 note or _why(ranked[0], req, strategy, want_large), excluded)
+
+
+def _by_standing(eligible: list[Candidate], excluded: dict[str, Excluded], draw: float,
+                 ) -> tuple[list[Candidate], list[Candidate], str]:
+    """Automatic routing by evaluation: (a canary this request drew, first; the targets to rank; a reason
+    that replaces the strategy's when evaluation decided). Targets in good standing serve; a canary
+    takes its share (the draw falls in it); a regressed target serves only when nothing else is
+    eligible (the fail-safe: a regression never leaves a request without a target)."""
+    members = [c for c in eligible if c.share >= 1.0]
+    canaries = [c for c in eligible if 0.0 < c.share < 1.0]
+    regressed = [c for c in eligible if c.share <= 0.0]
+    drawn, edge = None, 0.0
+    for c in canaries:
+        edge += c.share
+        if drawn is None and draw < edge:
+            drawn = c
+    note = ""
+    if drawn is not None:
+        note = f"canary {drawn.target.name} drawn ({drawn.share:.0%} of automatic traffic; {drawn.standing})"
+    elif not members and canaries:  # only canaries left: they serve, whatever the draw
+        members, canaries, note = canaries, [], "only canaries are eligible: they serve all of it"
+    elif not members and regressed:
+        names = ", ".join(c.target.name for c in regressed)
+        members, regressed, note = regressed, [], (f"fail-safe: {names} regressed but no other target is eligible, "
+                                                   "so it serves (and its evaluation alerted)")
+    for c in canaries:
+        if c is not drawn:
+            excluded[c.target.name] = Excluded(Exclusion.CANARY, f"{c.standing}: not drawn for this request")
+    for c in regressed:
+        excluded[c.target.name] = Excluded(Exclusion.QUALITY, c.standing or "its latest evaluation regressed")
+    return ([drawn] if drawn else []), members, note
 
 
 def _exclusion(c: Candidate, req: RouteRequest) -> Excluded | None:

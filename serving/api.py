@@ -24,6 +24,7 @@ from keel.errors import (
     http_status,
 )
 from keel.messages import text_of
+from keel.routing import Exclusion
 
 if TYPE_CHECKING:
     import numpy as np
@@ -125,7 +126,11 @@ def target_body(kind: Kind, req: Any) -> tuple[dict[str, Any], str, str]:
 
 
 def route_header(target: str | None, route: Route) -> str:
-    return f"target={target or 'none'}; strategy={route.strategy}; reason={route.reason}"
+    """target, strategy and reason; then the targets evaluation kept out (quality, canary), if any."""
+    held = [f"{n}:{why.reason.value}" for n, why in route.excluded.items()
+            if why.reason in (Exclusion.QUALITY, Exclusion.CANARY)]
+    return (f"target={target or 'none'}; strategy={route.strategy}; reason={route.reason}"
+            + (f"; excluded={','.join(held)}" if held else ""))
 
 
 def keel_field(rid: str, route: Route, outcome: Outcome, citations: list[dict[str, Any]] | None, data_class: str,

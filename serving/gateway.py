@@ -20,6 +20,7 @@ from ray import serve
 from keel.audit import Trails
 from keel.breaker import CircuitBreaker
 from keel.errors import KeelError, NotFoundError
+from keel.evaluation.standing import StandingBoard, VerdictSource
 from keel.guard import Guard
 from keel.keys import KeyRing
 from keel.ratelimit import RateLimiter
@@ -58,6 +59,13 @@ def _guard(settings: KeelSettings) -> Guard | None:
         return Guard(settings.guard, settings.privacy)
 
 
+def _standing_board(settings: KeelSettings) -> StandingBoard:
+    """The targets' standings from their evaluations in MLflow (none configured: targets serve, canaries wait)."""
+    ev, uri = settings.evaluation, settings.pipeline.mlflow_tracking_uri
+    source = VerdictSource(uri) if uri and uri.startswith(("http://", "https://")) else None
+    return StandingBoard(settings.policy.targets, source, ev.standing_refresh_s, ev.canary_share, ev.canary_step)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Gateway:
@@ -73,8 +81,10 @@ class Gateway:
         self.admission = Admission(g.max_in_flight_per_replica, g.retry_after_s)
         self.metrics = Metrics(self.states)
         # Records are written by the trail's own thread, never on this event loop; a failed write is counted.
-        self.trails = Trails(settings, f"gateway-{replica_name()}", on_error=lambda e, rid: self.metrics.audit_failed())
+        self.replica = replica_name()
+        self.trails = Trails(settings, f"gateway-{self.replica}", on_error=lambda e, rid: self.metrics.audit_failed())
         limiter, retriever = RateLimiter(share=1 / g.replicas), Retriever(settings)
+        self.board = _standing_board(settings)
         self.authenticate = Authenticate(KeyRing(settings), {t.name: t for t in policy.tenants})
         self.generate = Generate(self.states, Limits(g.request_timeout_s, g.first_token_timeout_s, g.stall_timeout_s),
                                  self.admission, g.retry_after_s)
@@ -82,7 +92,7 @@ class Gateway:
             self.authenticate, Parse(), Scope(policy), Admit(self.admission, limiter),
             Ground(retriever.search, policy, g.rag_top_k, g.rag_zone),
             Router(self.states, g.strategy, Weights(g.weights.latency, g.weights.cost, g.weights.complexity),
-                   g.complexity_threshold, g.retry_after_s),
+                   g.complexity_threshold, g.retry_after_s, self.board),
             Protect(_guard(settings), policy, {n: s.target.config.kind for n, s in self.states.items()}),
             self.generate, Check(),
         )
@@ -96,6 +106,8 @@ class Gateway:
     def __del__(self) -> None:
         if (trails := getattr(self, "trails", None)) is not None:  # not when __init__ failed before it
             trails.close()  # Serve calls it when the replica stops: the open segment gets sealed
+        if (board := getattr(self, "board", None)) is not None:
+            board.close()
 
     # -- endpoints -----------------------------------------------------------------------------
 
@@ -146,8 +158,9 @@ class Gateway:
         targets = {n: {"breaker": s.breaker.status, "in_flight": s.in_flight, "served": s.served, "failed": s.failed,
                        "ewma_ms": round(s.stats.expected_s * 1000, 1)} for n, s in self.states.items()}
         ok = any(s.breaker.available for s in self.states.values())
-        return JSONResponse({"status": "ok" if ok else "degraded", "in_flight": self.admission.in_flight,
-                             "targets": targets}, status_code=200 if ok else 503)
+        return JSONResponse({"status": "ok" if ok else "degraded", "replica": self.replica,
+                             "in_flight": self.admission.in_flight,
+                             "targets": targets, "standing": self.board.public()}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def prometheus(self) -> Response:

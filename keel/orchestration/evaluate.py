@@ -109,7 +109,7 @@ def run_evaluation(target: str, context: dict[str, Any]) -> dict[str, Any]:
         log.info("  %-20s %12.4f", name, value)
     if not result["passed"]:
         error = regression(target, result)
-        raise AirflowFailException(str(error)) from error
+        raise AirflowFailException(f"{error}. Routing: {routing_consequence(settings, target)}") from error
     return {k: result[k] for k in ("run_id", "target", "passed", "baseline_run_id", "items")}
 
 
@@ -119,3 +119,24 @@ def regression(target: str, result: dict[str, Any]) -> RegressionError:
     fields = Regression.__dataclass_fields__
     found = [Regression(**{k: v for k, v in r.items() if k in fields}) for r in result["regressions"]]
     return regression_error(target, result["run_id"], result.get("baseline_run_id"), found)
+
+
+def routing_consequence(settings: KeelSettings, target: str) -> str:
+    """For the regression's alert: whether the target now leaves automatic routing or keeps serving as
+    the last eligible one (keel.evaluation.standing), from the standings the gateway reads too."""
+    from keel.evaluation import standing
+
+    if target not in {t.name for t in settings.policy.targets}:
+        return f"{target} is an alias, not one target: routing is unchanged (each target is judged by its own runs)"
+    now: dict[str, standing.Standing] = {}
+    if (uri := settings.pipeline.mlflow_tracking_uri) and uri.startswith(("http://", "https://")):
+        ev, source = settings.evaluation, standing.VerdictSource(uri)
+        try:
+            found = source.histories([t.name for t in settings.policy.targets],
+                                     standing.history_needed(ev.canary_share, ev.canary_step))
+            now = standing.standings(settings.policy.targets, found, ev.canary_share, ev.canary_step)
+        except Exception as e:  # noqa: BLE001 - the alert goes out anyway, saying what it could not read
+            log.warning("standings not read for the alert: %s", e)
+        finally:
+            source.close()
+    return standing.consequence(settings.policy, target, now)

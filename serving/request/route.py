@@ -3,6 +3,7 @@ order), in its zones only; when none is left, the error that says why, from the 
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 
 from keel.errors import (
@@ -14,6 +15,7 @@ from keel.errors import (
     ServiceUnavailableError,
     UnsupportedParameterError,
 )
+from keel.evaluation.standing import Standing, StandingBoard
 from keel.routing import (
     ALIASES,
     Candidate,
@@ -36,9 +38,10 @@ class Router:
     name = "route"
 
     def __init__(self, states: Mapping[str, TargetState], strategy: Strategy, weights: Weights,
-                 complexity_threshold: float, retry_after_s: int) -> None:
+                 complexity_threshold: float, retry_after_s: int, board: StandingBoard | None = None) -> None:
         self.states, self.strategy, self.weights = states, strategy, weights
         self.complexity_threshold, self.retry_after_s = complexity_threshold, retry_after_s
+        self.board = board  # the targets' standings from evaluation, refreshed in the background
 
     async def __call__(self, ctx: RequestContext) -> None:
         req = ctx.request
@@ -47,8 +50,10 @@ class Router:
         strategy, pinned = self._strategy(req.model)
         complexity = complexity_score(ctx.ask) if uses_complexity(strategy, pinned, self.weights) else 0.0
         rr = RouteRequest(estimate_tokens(ctx.prompt_text), ctx.max_tokens, _needs(req), frozenset(ctx.zones),
-                          complexity)
-        candidates = [Candidate(s.target.config, s.breaker.available, s.stats) for s in self.states.values()]
+                          complexity, random.random())  # noqa: S311 - a canary's share, not a secret
+        standings = self.board.current if self.board is not None else {}
+        candidates = [Candidate(s.target.config, s.breaker.available, s.stats,
+                                *_standing(standings.get(name))) for name, s in self.states.items()]
         route = plan(candidates, rr, strategy, pinned=pinned, weights=self.weights,
                      complexity_threshold=self.complexity_threshold)
         if not route.ranked:
@@ -94,6 +99,10 @@ class Router:
                 "eligible target's context window", param="messages" if ctx.kind == "chat" else "prompt")
         return ServiceUnavailableError(f"no model target in zones {zones} can serve this request: "
                                        f"{'; '.join(f'{n}: {why}' for n, why in reasons)}")
+
+
+def _standing(s: Standing | None) -> tuple[float, str]:
+    return (1.0, "") if s is None else (s.share, s.reason)
 
 
 def _needs(req: ChatRequest | CompletionRequest) -> frozenset[str]:
