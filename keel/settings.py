@@ -285,9 +285,11 @@ class EvaluationSettings(BaseModel):
     canary_share: float = Field(0.1, gt=0, le=1)
     canary_step: float = Field(0.2, gt=0, le=1)
     # Drift (keel.evaluation.drift): the target's runs of the last `drift_window_days` against its
-    # baseline's items; a distribution whose population stability index passes `drift_psi` has drifted.
+    # baseline's items; a distribution has drifted when its population stability index passes
+    # `drift_psi` and a KS test rejects "the same" at `drift_ks_p` (PSI alone: 20% false alarms on 9 items).
     drift_window_days: int = Field(7, ge=1)
     drift_psi: float = Field(0.2, gt=0)
+    drift_ks_p: float = Field(0.05, gt=0, le=1)
 
 
 class KeelSettings(BaseSettings):

@@ -141,14 +141,21 @@ def test_a_degraded_target_fails_on_its_own_metric_and_the_alert_names_it(keel_s
         run = _run_of(mlflow, exp, degraded_run, name)
         assert run.info.status == "FAILED" and run.data.tags["failure"].startswith("[regression]"), name
 
-    # Each regression alerted at once (no retry), with its kind, its metric and the runs.
+    # Each regression alerted at once (no retry), with its kind, its metric, the runs, and what it does to
+    # routing; the slow target's latency also drifted from its baseline's (an alert that fails nothing).
+    def sent(kind: str) -> list[dict]:
+        return [a for a in keel_stack.alerts.alerts[alerts_before:] if a["dag_id"] == DAG_ID and a["kind"] == kind]
+
     deadline = time.monotonic() + 60
-    while len(keel_stack.alerts.alerts) < alerts_before + 3 and time.monotonic() < deadline:
+    while len(sent("regression")) < 3 and time.monotonic() < deadline:
         time.sleep(1)
-    new = [a for a in keel_stack.alerts.alerts[alerts_before:] if a["dag_id"] == DAG_ID]
-    assert len(new) == 3 and {a["kind"] for a in new} == {"regression"} and not any(a["will_retry"] for a in new)
+    new = sent("regression")
+    assert len(new) == 3 and not any(a["will_retry"] for a in new)
     text = " ".join(a["message"] for a in new)
     assert "groundedness" in text and "toxic_rate" in text and "latency" in text
     assert all(baselines[n] in text for n in ("ungrounded", "toxic", "slow"))
+    assert "leaves automatic routing" in text
+    drifted = [a for a in sent("drift") if "evaluation of slow " in a["message"]]
+    assert drifted and "latency_ms" in drifted[0]["message"] and not drifted[0]["will_retry"], sent("drift")
     for name in FAULTS:
         faults[name].reset()

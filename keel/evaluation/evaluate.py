@@ -250,7 +250,7 @@ def _drift(c: Any, exp: str, ev: Evaluation, settings: KeelSettings, rows: list[
         window = _window_runs(c, exp, ev, ev_settings.drift_window_days)
         base_rows = _items(c.get_run(ev.baseline_run_id))
         window_rows = [*rows, *(r for run in window for r in _items(run))]
-        found = drift.compare(base_rows, window_rows, ev_settings.drift_psi)
+        found = drift.compare(base_rows, window_rows, ev_settings.drift_psi, ev_settings.drift_ks_p)
         report = drift.Report(ev_settings.drift_psi, found, ev.baseline_run_id,
                               [ev.run_id, *(run.info.run_id for run in window)], ev_settings.drift_window_days)
         compared = [d for d in found if d.compared]

@@ -18,6 +18,7 @@ import logging
 import sys
 from typing import Any
 
+from keel import alerts
 from keel.errors import RegressionError
 from keel.evaluation.golden import SETS
 from keel.orchestration.stages import asset, on_failure, zones_with_sources
@@ -107,10 +108,18 @@ def run_evaluation(target: str, context: dict[str, Any]) -> dict[str, Any]:
              "passed" if result["passed"] else "REGRESSED")
     for name, value in sorted(result["metrics"].items()):
         log.info("  %-20s %12.4f", name, value)
+    if result.get("drift"):  # informs, never fails the task: the gate has decided
+        alerts.send(alerts.Alert(
+            kind="drift", dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id, try_number=tries,
+            will_retry=False, log_url=getattr(ti, "log_url", None),
+            message=(f"evaluation of {target} drifted from its baseline run {result.get('baseline_run_id')} "
+                     f"in MLflow run {result['run_id']}: {', '.join(result['drift'])} (PSI > "
+                     f"{settings.evaluation.drift_psi}, KS p < {settings.evaluation.drift_ks_p}; eval/drift.png)"
+                     )[:2000]), settings.pipeline.alert_webhook)
     if not result["passed"]:
         error = regression(target, result)
         raise AirflowFailException(f"{error}. Routing: {routing_consequence(settings, target)}") from error
-    return {k: result[k] for k in ("run_id", "target", "passed", "baseline_run_id", "items")}
+    return {k: result.get(k) for k in ("run_id", "target", "passed", "baseline_run_id", "items", "drift")}
 
 
 def regression(target: str, result: dict[str, Any]) -> RegressionError:
