@@ -69,10 +69,10 @@ def env(tmp_path_factory):
     fault.proc.stop()
 
 
-def _run(env, run_id: str, scorers=None, sets=("rag", "safety", "privacy")):
+def _run(env, run_id: str, scorers=None, sets=("rag", "safety", "privacy"), target="upstream"):
     fault, settings = env["fault"], env["settings"]
     client = GatewayClient(settings, fault.url + "/v1", "not-checked-here")
-    plan = Plan("upstream", list(sets), 0, {"airflow_dag_id": "test", "airflow_run_id": run_id, "target": "upstream"})
+    plan = Plan(target, list(sets), 0, {"airflow_dag_id": "test", "airflow_run_id": run_id, "target": target})
     try:
         return evaluate(settings, plan, env["uri"], client, scorers if scorers is not None else env["scorers"])
     finally:
@@ -164,12 +164,12 @@ def test_drift_is_logged_with_every_run_and_never_changes_the_gate(env):
     env["fault"].reset()
     c = runs.client(env["uri"])
     exp = runs.experiment_id(c)
-    if runs.baseline(c, exp, "upstream") is None:  # run alone: this run is the baseline
-        _run(env, "drift-baseline")
-    base = runs.baseline(c, exp, "upstream")
+    # A target name of its own (the fault server answers any), so its window holds only this test's runs.
+    _run(env, "drift-baseline", target="drifting")
+    base = runs.baseline(c, exp, "drifting")
     env["fault"].control(first_delay_s=0.3)
     try:
-        ev = _run(env, "drift-slow")
+        ev = _run(env, "drift-slow", target="drifting")
     finally:
         env["fault"].reset()
     run = c.get_run(ev.run_id)
@@ -192,7 +192,7 @@ def test_drift_is_logged_with_every_run_and_never_changes_the_gate(env):
     items = Path(urlparse(base.info.artifact_uri).path) / "eval" / "items.json"
     items.rename(items.with_suffix(".moved"))
     try:
-        broken = _run(env, "drift-error")
+        broken = _run(env, "drift-error", target="drifting")
     finally:
         items.with_suffix(".moved").rename(items)
     run = c.get_run(broken.run_id)
