@@ -110,7 +110,19 @@ def route(gw, n: int, zone: str | None = None) -> tuple[Counter[str], list[str]]
             assert r.status_code == 200, r.text
             served[r.json()["keel"]["route"]["target"]] += 1
             routes.append(r.headers["x-keel-route"])
+    gw["last_request_id"] = r.headers["x-request-id"]
     return served, routes
+
+
+def audit_route(gw, request_id: str) -> dict:
+    """The route the audit record of a request holds (records are written a moment after the answer)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{gw['base']}/v1/audit/{request_id}", headers={"Authorization": f"Bearer {gw['key']}"})
+        if r.status_code == 200:
+            return next(rec["route"] for rec in r.json()["data"] if "route" in rec)
+        time.sleep(0.5)
+    raise AssertionError(f"no audit record for {request_id}")
 
 
 def test_a_regressed_target_leaves_automatic_routing_and_returns_when_it_passes(gw):
@@ -128,6 +140,7 @@ def test_a_regressed_target_leaves_automatic_routing_and_returns_when_it_passes(
     served, routes = route(gw, 40)
     assert served["flaky"] == 0 and served["good-a"] + served["good-b"] == 40, served
     assert all("flaky:quality" in r for r in routes), routes[0]
+    assert audit_route(gw, gw["last_request_id"])["excluded"]["flaky"].startswith("quality: regressed in run")
     health = httpx.get(gw["base"] + "/healthz").json()["standing"]["targets"]["flaky"]
     assert health["share"] == 0 and "toxic_rate" in health["reason"]
 
@@ -146,6 +159,8 @@ def test_a_regressed_target_leaves_automatic_routing_and_returns_when_it_passes(
     standing_everywhere(gw, "flaky", "serving")
     _, routes = route(gw, 10)
     assert not any("flaky:" in r for r in routes), routes[0]
+    served, routes = route(gw, 5, zone="eu")
+    assert served == {"flaky": 5} and "fail-safe" not in routes[0]  # an ordinary target again
 
 
 def test_a_canary_enters_on_its_first_pass_grows_and_drops_out_on_a_regression(gw):
