@@ -123,7 +123,11 @@ class PipelineSettings(BaseModel):
     chunk_tokens: int = Field(200, ge=16)
     chunk_overlap_tokens: int = Field(40, ge=0)
     embed_batch_size: int = Field(64, ge=1)
-    # onnx: ONNX Runtime on a graph exported from the same weights (same vectors, faster here).
+    # onnx: ONNX Runtime on a graph exported from the same weights (same vectors, faster here). onnx-int8 (INT8
+    # weights) is 2.2x faster at chunk + embed (15.9 vs 7.1 docs/s, 1k docs) but stays off by default: it must
+    # keep hit@k and MRR within 1% of fp32 and lost hit@4 on both sets, 0.962 vs 0.987 on the RAG golden set (2 of
+    # 78 left the top 4) and 0.546 vs 0.552 on 174 generated queries; MRR held (0.815 vs 0.789, 0.419 vs 0.421).
+    # benchmarks/embedding_int8.py
     embedding_runtime: Literal["onnx", "onnx-int8", "torch"] = "onnx"
     # auto: embed on GPUs when the Ray cluster has them (torch, half precision; one actor per GPU,
     # up to embed_actors), else on CPUs. Left out of config_version, like the actor counts: the
