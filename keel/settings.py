@@ -367,6 +367,10 @@ class KeelSettings(BaseSettings):
             # Where outputs are stored does not change them: zones are left out, redaction modes are in.
             "policy": self.policy.model_dump(mode="json", include={"data_classes"}),
         }
+        if self.pipeline.embedding_runtime == "onnx-int8":  # how the graph is quantized shapes the vectors too
+            from keel.pipeline.embedding import INT8_RECIPE
+
+            doc["embedding_recipe"] = INT8_RECIPE
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
     def serving_config_hash(self) -> str:

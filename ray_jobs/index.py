@@ -65,10 +65,10 @@ def _chunk_embed(settings: KeelSettings, docs: pa.Table, known: frozenset[str]) 
     if not docs.num_rows:
         return index.CHUNKS_SCHEMA.empty_table()
     device, actors, batch, per_actor = placement(settings, free_resources())
-    if device == "cpu" and settings.pipeline.embedding_runtime == "onnx":
+    if device == "cpu" and settings.pipeline.embedding_runtime in ("onnx", "onnx-int8"):
         from keel.pipeline.embedding import ensure_exported
 
-        ensure_exported(index.model_cache(settings))
+        ensure_exported(index.model_cache(settings), settings.pipeline.embedding_runtime)
     step = max(16, -(-docs.num_rows // (4 * actors)))
     ds = ray.data.from_arrow([docs.slice(i, step) for i in range(0, docs.num_rows, step)]).map_batches(
         index.ChunkEmbedder,
