@@ -314,7 +314,7 @@ def _show(tracking_uri: str, target: str | None, settings: KeelSettings) -> None
         if latest is None:
             typer.echo(f"{name}: no completed evaluation run")
             continue
-        base = runs.baseline(c, exp, name)
+        base = runs.baseline(c, exp, name, runs.scope_of(latest))
         gate = latest.data.tags.get("gate", "?")
         base_id = base.info.run_id if base is not None else "none (`keel eval promote <run id>`)"
         typer.echo(f"\n{name}: run {latest.info.run_id} ({gate}), baseline {base_id}")

@@ -126,13 +126,14 @@ def test_a_scorer_that_raises_fails_the_run_naming_it(env):
 
 def test_a_toxic_target_regresses_against_its_baseline(env):
     env["fault"].reset()
+    base = _run(env, "toxic-baseline", sets=("safety",))  # the baseline of this scope (safety only)
     env["fault"].control(answer="toxic")
     try:
         ev = _run(env, "toxic", sets=("safety",))
     finally:
         env["fault"].reset()
     assert not ev.passed and "toxic_rate" in {r.metric for r in ev.regressions}
-    assert ev.baseline_run_id is not None
+    assert ev.baseline_run_id == base.run_id
     run = runs.client(env["uri"]).get_run(ev.run_id)
     assert run.info.status == "FAILED" and run.data.tags["gate"] == "failed"
     assert run.data.tags["failure"].startswith("[regression] toxic_rate")
@@ -166,7 +167,7 @@ def test_drift_is_logged_with_every_run_and_never_changes_the_gate(env):
     exp = runs.experiment_id(c)
     # A target name of its own (the fault server answers any), so its window holds only this test's runs.
     _run(env, "drift-baseline", target="drifting")
-    base = runs.baseline(c, exp, "drifting")
+    base = runs.baseline(c, exp, "drifting", {"sets": "rag,safety,privacy", "sample_size": "0"})
     env["fault"].control(first_delay_s=0.3)
     try:
         ev = _run(env, "drift-slow", target="drifting")
@@ -199,3 +200,17 @@ def test_drift_is_logged_with_every_run_and_never_changes_the_gate(env):
     assert broken.passed and run.info.status == "FINISHED" and run.data.tags[runs.COMPLETE_TAG] == "true"
     assert run.data.tags["drift"].startswith("error: ") and broken.drift == []
     assert broken.drift_detail["status"] == run.data.tags["drift"]
+
+
+def test_a_run_is_gated_only_against_a_baseline_that_asked_the_same(env):
+    """A baseline per target and scope (sets, sample size): a full-set run is not a daily sample's baseline."""
+    env["fault"].reset()
+    c = runs.client(env["uri"])
+    exp = runs.experiment_id(c)
+    safety = _run(env, "scope-safety", sets=("safety",), target="scoped")
+    everything = _run(env, "scope-all", target="scoped")
+    assert safety.passed and everything.passed and everything.baseline_run_id is None  # nothing of its scope yet
+    assert c.get_run(everything.run_id).data.tags[runs.BASELINE_TAG] == "true"  # its scope's first baseline
+    again = _run(env, "scope-safety-2", sets=("safety",), target="scoped")
+    assert again.baseline_run_id == safety.run_id
+    assert runs.baseline(c, exp, "scoped", {"sets": "safety", "sample_size": "0"}).info.run_id == safety.run_id

@@ -72,6 +72,12 @@ class Plan:
     sample_size: int
     identity: dict[str, str]  # tags that name this run: the Airflow dag and run ids, and the target
 
+    @property
+    def scope(self) -> dict[str, str]:
+        """What it asks (runs.SCOPE_TAGS): it is gated, and its drift measured, only against runs that asked
+        the same."""
+        return {"sets": ",".join(self.sets), "sample_size": str(self.sample_size)}
+
 
 def sample(settings: KeelSettings, plan: Plan) -> tuple[list[golden.GoldenSet], list[tuple[str, GoldenItem]]]:
     folder = settings.home / settings.evaluation.golden_dir
@@ -128,7 +134,7 @@ def evaluate(settings: KeelSettings, plan: Plan, tracking_uri: str, client: Gate
             phases = {"ask_and_score_s": time.perf_counter() - t0}
             t0 = time.perf_counter()
             ev = _gate(c, exp, run_id, plan, settings, rows)
-            ev.drift, ev.drift_detail = _drift(c, exp, ev, settings, rows)  # never raises: it informs, never fails
+            ev.drift, ev.drift_detail = _drift(c, exp, ev, settings, rows, plan.scope)  # informs, never raises
             _log(ev, rows)
             phases["log_s"] = time.perf_counter() - t0
             ev.phases = {k: round(v, 3) for k, v in phases.items()}
@@ -138,7 +144,7 @@ def evaluate(settings: KeelSettings, plan: Plan, tracking_uri: str, client: Gate
             mlflow.end_run("FAILED")
             raise
         mlflow.set_tag(runs.COMPLETE_TAG, "true")
-        if ev.baseline_run_id is None and ev.passed and runs.baseline(c, exp, plan.target) is None:
+        if ev.baseline_run_id is None and ev.passed and runs.baseline(c, exp, plan.target, plan.scope) is None:
             # A target's first evaluation that holds its absolute bounds is its baseline until a person
             # promotes another: a new stack (or a new target) is gated from its second run on.
             mlflow.set_tags({runs.BASELINE_TAG: "true", "baseline_reason": "first passing evaluation"})
@@ -210,7 +216,7 @@ def check_complete(rows: Sequence[dict[str, Any]], scorers: Sequence[Any]) -> No
 def _gate(c: Any, exp: str, run_id: str, plan: Plan, settings: KeelSettings, rows: list[dict[str, Any]],
           ) -> Evaluation:
     metrics = gate.aggregate(rows)
-    base = runs.baseline(c, exp, plan.target)
+    base = runs.baseline(c, exp, plan.target, plan.scope)
     base_metrics = base.data.metrics if base is not None and base.info.run_id != run_id else None
     thresholds = settings.evaluation.thresholds
     return Evaluation(run_id, plan.target, metrics, gate.compare(metrics, base_metrics, thresholds),
@@ -234,7 +240,7 @@ def _log(ev: Evaluation, rows: list[dict[str, Any]]) -> None:
 
 
 def _drift(c: Any, exp: str, ev: Evaluation, settings: KeelSettings, rows: list[dict[str, Any]],
-           ) -> tuple[list[str], dict[str, Any]]:
+           scope: dict[str, str]) -> tuple[list[str], dict[str, Any]]:
     """The target's last window of items against its baseline's (keel.evaluation.drift), logged in the run:
     metrics drift_psi.<name> and drift_ks_p.<name>, tag `drift`, eval/drift.json and eval/drift.png.
     Returns (drifted names, the report). Never raises: the gate has decided, and drift does not change that."""
@@ -247,7 +253,7 @@ def _drift(c: Any, exp: str, ev: Evaluation, settings: KeelSettings, rows: list[
             mlflow.set_tag("drift", drift.NO_BASELINE)
             return [], {"status": drift.NO_BASELINE}
         ev_settings = settings.evaluation
-        window = _window_runs(c, exp, ev, ev_settings.drift_window_days)
+        window = _window_runs(c, exp, ev, scope, ev_settings.drift_window_days)
         base_rows = _items(c.get_run(ev.baseline_run_id))
         window_rows = [*rows, *(r for run in window for r in _items(run))]
         found = drift.compare(base_rows, window_rows, ev_settings.drift_psi, ev_settings.drift_ks_p)
@@ -270,13 +276,14 @@ def _drift(c: Any, exp: str, ev: Evaluation, settings: KeelSettings, rows: list[
         return [], {"status": f"error: {reason}"}
 
 
-def _window_runs(c: Any, exp: str, ev: Evaluation, days: int) -> list[Any]:
-    """The target's other completed runs started in the last `days` days (not its baseline), newest first."""
+def _window_runs(c: Any, exp: str, ev: Evaluation, scope: dict[str, str], days: int) -> list[Any]:
+    """The target's other completed runs of the same scope started in the last `days` days (not its
+    baseline), newest first."""
     from keel.evaluation.drift import MAX_WINDOW_RUNS
 
     since = int((time.time() - days * 86400) * 1000)
-    where = (f"tags.target = '{ev.target}' and tags.`{runs.COMPLETE_TAG}` = 'true' "
-             f"and attributes.start_time >= {since}")
+    where = " and ".join([f"tags.target = '{ev.target}'", f"tags.`{runs.COMPLETE_TAG}` = 'true'",
+                          *(f"tags.{k} = '{v}'" for k, v in scope.items()), f"attributes.start_time >= {since}"])
     found = c.search_runs([exp], filter_string=where, max_results=MAX_WINDOW_RUNS,
                           order_by=["attributes.start_time DESC"])
     return [r for r in found if r.info.run_id not in (ev.run_id, ev.baseline_run_id)]
@@ -312,8 +319,8 @@ def _logged(run: Any) -> Evaluation:
 
 
 def _tag(c: Any, run_id: str, settings: KeelSettings, plan: Plan, sets: Sequence[golden.GoldenSet]) -> None:
-    tags = {"config_hash": settings.serving_config_hash(), "sample_size": str(plan.sample_size),
-            "sets": ",".join(plan.sets), **{f"golden.{gs.name}": gs.version for gs in sets}}
+    tags = {"config_hash": settings.serving_config_hash(), **plan.scope,
+            **{f"golden.{gs.name}": gs.version for gs in sets}}
     for k, v in tags.items():
         c.set_tag(run_id, k, v)
 

@@ -7,8 +7,9 @@ run and target, and the baseline a person promotes.
 - A golden set version is an MLflow evaluation dataset of its own, `keel-golden-<set>-<version>`,
   written once (OSS MLflow has no dataset versions; a new file content is a new dataset), and every
   run that used it lists it among its inputs.
-- The baseline of a target is the run tagged `baseline=true` (one per target: promoting a run takes
-  the tag from the one before).
+- The baseline of a target is the run tagged `baseline=true`, one per target and scope (the golden sets
+  and the sample size it asked): a run is gated only against one that asked the same, so a full-set run
+  on demand is never compared with the daily sample's. Promoting a run takes the tag from the one before.
 """
 
 from __future__ import annotations
@@ -85,8 +86,15 @@ def find_run(c: Any, exp: str, tags: dict[str, str]) -> Any | None:
     return found[0] if found else None
 
 
-def baseline(c: Any, exp: str, target: str) -> Any | None:
-    return find_run(c, exp, {"target": target, BASELINE_TAG: "true"})
+SCOPE_TAGS = ("sets", "sample_size")  # what a run asked: only runs that asked the same are compared
+
+
+def scope_of(run: Any) -> dict[str, str]:
+    return {k: run.data.tags[k] for k in SCOPE_TAGS if k in run.data.tags}
+
+
+def baseline(c: Any, exp: str, target: str, scope: dict[str, str]) -> Any | None:
+    return find_run(c, exp, {"target": target, BASELINE_TAG: "true", **scope})
 
 
 def latest(c: Any, exp: str, target: str) -> Any | None:
@@ -106,7 +114,7 @@ def promote(tracking_uri: str, run_id: str) -> tuple[Any, Any | None]:
         raise NotFoundError(f"run {run_id} is not an evaluation run of experiment {EXPERIMENT}")
     if run.data.tags.get(COMPLETE_TAG) != "true":
         raise NotFoundError(f"run {run_id} did not complete its evaluation: it cannot be a baseline")
-    before = baseline(c, exp, target)
+    before = baseline(c, exp, target, scope_of(run))
     c.set_tag(run_id, BASELINE_TAG, "true")
     if before is not None and before.info.run_id != run_id:
         c.delete_tag(before.info.run_id, BASELINE_TAG)
