@@ -63,7 +63,7 @@ class GatewayClient:
         body, headers = self.request(model, item, set_name)
         with self.limit(model):
             start = time.perf_counter()
-            answer = empty_answer()
+            answer = _empty()
             try:
                 with self._http.stream("POST", f"{self.base_url}/chat/completions", json=body,
                                        headers=headers) as resp:
@@ -127,7 +127,7 @@ class GatewayClient:
         return answer
 
 
-def empty_answer() -> Answer:
+def _empty() -> Answer:
     return {"text": "", "status": 0, "error": None, "finish_reason": None, "latency_ms": 0.0, "ttft_ms": None,
             "model_ms": None, "keel_ms": None, "gateway_ms": None, "prompt_tokens": 0, "completion_tokens": 0,
             "cost_usd": 0.0, "target": None, "citations": [], "guard": {}, "request_id": ""}
