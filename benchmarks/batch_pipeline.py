@@ -44,7 +44,7 @@ def corpus(docs: int) -> Path:
     return out
 
 
-def config_for(corpus_dir: Path, work: Path) -> Path:
+def config_for(corpus_dir: Path, work: Path, runtime: str = "onnx") -> Path:
     from tests.support.services import write_config
 
     sources = [
@@ -53,7 +53,8 @@ def config_for(corpus_dir: Path, work: Path) -> Path:
         {"name": "product", "uri": str(corpus_dir / "us/product"), "zone": "us", "data_class": "public"},
         {"name": "hr", "uri": str(corpus_dir / "eu/hr"), "zone": "us", "data_class": "pii"},
     ]
-    return write_config(work, state_dir=work / "state", sources=sources, max_quarantine_share=0.5)
+    return write_config(work, state_dir=work / "state", sources=sources, max_quarantine_share=0.5,
+                        embedding_runtime=runtime)
 
 
 def texts_of(cfg: Path) -> list[str]:
@@ -163,19 +164,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--naive-sample", type=int, default=300, help="documents the naive loop runs (docs/s is per doc)")
     ap.add_argument("--stage-sample", type=int, default=2000, help="documents each stage-alone run sees")
     ap.add_argument("--scale", action="store_true", help="also run the pipeline on 10x the documents")
+    ap.add_argument("--embedding-runtime", default="onnx", choices=["onnx", "onnx-int8", "torch"])
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.disable(logging.WARNING)
     from tests.support.services import start_ray_head
 
-    report: dict = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count()}, "docs": args.docs}
+    report: dict = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count()}, "docs": args.docs,
+                    "embedding_runtime": args.embedding_runtime}
     with tempfile.TemporaryDirectory(prefix="keel-bench-") as tmp:
         work = Path(tmp)
         head = start_ray_head(work / "ray")
         os.environ.update(head.env)
         try:
-            cfg = config_for(corpus(args.docs), work / "w10")
+            cfg = config_for(corpus(args.docs), work / "w10", args.embedding_runtime)
             texts = texts_of(cfg)
             step = max(1, len(texts) // args.naive_sample)
             report["naive_docs_per_s"] = bench_naive(texts[::step][: args.naive_sample])
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             report["pipeline"] = bench_pipeline(cfg, head.gcs)
             print(f"pipeline: {report['pipeline']}", flush=True)
             if args.scale:
-                big = config_for(corpus(args.docs * 10), work / "w100")
+                big = config_for(corpus(args.docs * 10), work / "w100", args.embedding_runtime)
                 report["pipeline_10x"] = bench_pipeline(big, head.gcs)
         finally:
             head.stop()
