@@ -16,7 +16,6 @@ import keel
 from keel.records import Record, output_line, read_records
 
 if TYPE_CHECKING:
-    from keel.evaluation.standing import Standing
     from keel.privacy.engine import PrivacyEngine
     from keel.privacy.redact import RedactionMode
     from keel.settings import KeelSettings
@@ -282,24 +281,8 @@ def eval_clear(target: str = typer.Argument(..., help="a target whose latest eva
                f"routing within {settings.evaluation.standing_refresh_s:g} s")
 
 
-def _standings(tracking_uri: str, settings: KeelSettings) -> dict[str, Standing]:
-    """Each target's standing as the gateway reads it (empty when MLflow is not a server)."""
-    from keel.evaluation import standing
-
-    if not tracking_uri.startswith(("http://", "https://")):
-        return {}
-    ev = settings.evaluation
-    source = standing.VerdictSource(tracking_uri)
-    try:
-        found = source.histories([t.name for t in settings.policy.targets],
-                                 standing.history_needed(ev.canary_share, ev.canary_step))
-    finally:
-        source.close()
-    return standing.standings(settings.policy.targets, found, ev.canary_share, ev.canary_step)
-
-
 def _show(tracking_uri: str, target: str | None, settings: KeelSettings) -> None:
-    from keel.evaluation import runs
+    from keel.evaluation import runs, standing
 
     c = runs.client(tracking_uri)
     exp = runs.experiment_id(c)
@@ -308,7 +291,8 @@ def _show(tracking_uri: str, target: str | None, settings: KeelSettings) -> None
     if not names:
         typer.echo("no evaluation run yet: `keel eval run` starts one")
         raise typer.Exit(1)
-    now = _standings(tracking_uri, settings)
+    ev = settings.evaluation
+    now = standing.read_once(tracking_uri, settings.policy.targets, ev.canary_share, ev.canary_step)
     for name in names:
         latest = runs.latest(c, exp, name)
         if latest is None:

@@ -20,7 +20,7 @@ from ray import serve
 from keel.audit import Trails
 from keel.breaker import CircuitBreaker
 from keel.errors import KeelError, NotFoundError
-from keel.evaluation.standing import StandingBoard, VerdictSource
+from keel.evaluation.standing import StandingBoard, source_for
 from keel.guard import Guard
 from keel.keys import KeyRing
 from keel.ratelimit import RateLimiter
@@ -61,9 +61,9 @@ def _guard(settings: KeelSettings) -> Guard | None:
 
 def _standing_board(settings: KeelSettings) -> StandingBoard:
     """The targets' standings from their evaluations in MLflow (none configured: targets serve, canaries wait)."""
-    ev, uri = settings.evaluation, settings.pipeline.mlflow_tracking_uri
-    source = VerdictSource(uri) if uri and uri.startswith(("http://", "https://")) else None
-    return StandingBoard(settings.policy.targets, source, ev.standing_refresh_s, ev.canary_share, ev.canary_step)
+    ev = settings.evaluation
+    return StandingBoard(settings.policy.targets, source_for(settings.pipeline.mlflow_tracking_uri),
+                         ev.standing_refresh_s, ev.canary_share, ev.canary_step)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})

@@ -127,6 +127,25 @@ def clear(tracking_uri: str, target: str) -> str | None:
 # -- reading the verdicts from MLflow (its REST API: the gateway does not import mlflow) -------------
 
 
+def source_for(tracking_uri: str | None) -> VerdictSource | None:
+    """A reader of the verdicts where MLflow is a server (its REST API); None otherwise."""
+    if tracking_uri and tracking_uri.startswith(("http://", "https://")):
+        return VerdictSource(tracking_uri)
+    return None
+
+
+def read_once(tracking_uri: str | None, targets: Sequence[ModelTarget], share0: float, step: float,
+              ) -> dict[str, Standing]:
+    """Every target's standing now, as the gateway reads it (the CLI, an alert); {} without a server."""
+    source = source_for(tracking_uri)
+    if source is None:
+        return {}
+    try:
+        return source.standings(targets, share0, step)
+    finally:
+        source.close()
+
+
 class VerdictSource:
     """The completed evaluations of each target, newest first, from an MLflow tracking server."""
 
@@ -153,6 +172,10 @@ class VerdictSource:
             r.raise_for_status()
             out[name] = [_verdict(run) for run in r.json().get("runs", [])]
         return out
+
+    def standings(self, targets: Sequence[ModelTarget], share0: float, step: float) -> dict[str, Standing]:
+        found = self.histories([t.name for t in targets], history_needed(share0, step))
+        return standings(targets, found, share0, step)
 
 
 def _verdict(run: dict[str, Any]) -> Verdict:
@@ -181,13 +204,12 @@ class StandingBoard:
         if self.source is None:
             return
         try:
-            found = self.source.histories([t.name for t in self.targets], history_needed(self.share0, self.step))
+            new = self.source.standings(self.targets, self.share0, self.step)
         except Exception as e:  # noqa: BLE001 - MLflow down: keep the last standings, and say so
             if self.error is None:
                 log.warning("evaluation standings not refreshed (kept the last read): %s", e)
             self.error = f"{type(e).__name__}: {e}"[:300]
             return
-        new = standings(self.targets, found, self.share0, self.step)
         for name, s in new.items():
             if s != self.current.get(name):
                 log.info("standing of %s: %s (%s)", name, s.state, s.reason)

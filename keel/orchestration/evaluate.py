@@ -138,14 +138,10 @@ def routing_consequence(settings: KeelSettings, target: str) -> str:
     if target not in {t.name for t in settings.policy.targets}:
         return f"{target} is an alias, not one target: routing is unchanged (each target is judged by its own runs)"
     now: dict[str, standing.Standing] = {}
-    if (uri := settings.pipeline.mlflow_tracking_uri) and uri.startswith(("http://", "https://")):
-        ev, source = settings.evaluation, standing.VerdictSource(uri)
-        try:
-            found = source.histories([t.name for t in settings.policy.targets],
-                                     standing.history_needed(ev.canary_share, ev.canary_step))
-            now = standing.standings(settings.policy.targets, found, ev.canary_share, ev.canary_step)
-        except Exception as e:  # noqa: BLE001 - the alert goes out anyway, saying what it could not read
-            log.warning("standings not read for the alert: %s", e)
-        finally:
-            source.close()
+    ev = settings.evaluation
+    try:
+        now = standing.read_once(settings.pipeline.mlflow_tracking_uri, settings.policy.targets, ev.canary_share,
+                                 ev.canary_step)
+    except Exception as e:  # noqa: BLE001 - the alert goes out anyway, saying what it could not read
+        log.warning("standings not read for the alert: %s", e)
     return standing.consequence(settings.policy, target, now)
