@@ -17,18 +17,22 @@ new PII. Whether a request is pseudonymized at all is the policy's decision (`Po
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
-from collections import Counter
-from collections.abc import AsyncIterator
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from keel.privacy.pseudonymize import PLACEHOLDER, StreamRestorer, Vault, pseudonymize_spans
 from keel.privacy.redact import redact_spans
+from keel.privacy.spans import Span, resolve_overlaps
 from keel.settings import GuardSettings, PrivacySettings
 
 logger = logging.getLogger("keel.guard")
+MEMO_TEXTS = 4096  # texts whose findings a replica remembers (a retrieved passage, a turn of a conversation)
 SEGMENT_CHARS = 400  # a streamed answer without a sentence end is checked at least this often
 _SENTENCE_END = re.compile(r"[.!?;:](?=\s)|\n")
 
@@ -68,6 +72,10 @@ class Guard:
 
         self.settings = settings
         self.engine = PrivacyEngine(privacy)
+        # Findings by the text's hash: a popular passage, or a conversation's earlier turns (sent again
+        # with every turn), are analysed once. Spans only: offsets, types and scores, never a value.
+        self._memo: OrderedDict[bytes, list[Span]] = OrderedDict()
+        self._memo_lock = threading.Lock()
         self.output_entities = frozenset(settings.output_entities)
         self._toxicity = None
         if settings.toxicity != "off":
@@ -75,22 +83,45 @@ class Guard:
 
             self._toxicity = predict_prob
 
-    def protect(self, body: dict[str, Any]) -> Protected:
-        """The body with every text the caller sent pseudonymized (one vault for the whole request)."""
+    def protect(self, body: dict[str, Any], pieces: Mapping[int, Sequence[tuple[int, int]]] | None = None,
+                ) -> Protected:
+        """The body with every text it holds pseudonymized (one vault for the whole request). `pieces`
+        names, by message index, spans of a message's text analysed each on its own: the retrieved
+        passages of a RAG request (serving.request.ground), so a passage that comes back is not analysed again."""
         slots = _text_slots(body)
-        texts = [get() for get, _ in slots]
-        found = self.engine.detect_batch(texts) if texts else []
+        texts = [get() for _, get, _ in slots]
+        cuts = [_cut(text, (pieces or {}).get(message, ()) if message is not None else ())
+                for (message, _, _), text in zip(slots, texts, strict=True)]
+        found = self._detect(cuts)
         vault = Vault()
         entities: Counter[str] = Counter()
-        for (_, put), text, spans in zip(slots, texts, found, strict=True):
+        for (_, _, put), text, spans in zip(slots, texts, found, strict=True):
             if spans:
                 put(pseudonymize_spans(text, spans, vault, avoid=tuple(texts))[0])
                 entities.update(s.type for s in spans)
         return Protected(body, vault, dict(entities), "\n".join(texts))
 
+    def _detect(self, cuts: list[list[tuple[int, str]]]) -> list[list[Span]]:
+        """Each text's spans, from its pieces ((offset, text) each): remembered pieces are not analysed again."""
+        keys = {piece: hashlib.sha256(piece.encode()).digest() for cut in cuts for _, piece in cut}
+        with self._memo_lock:
+            known = {k: self._memo[k] for k in set(keys.values()) if k in self._memo}
+            for k in known:
+                self._memo.move_to_end(k)
+        todo = list(dict.fromkeys(p for p, k in keys.items() if k not in known))
+        if todo:
+            fresh = dict(zip((keys[p] for p in todo), self.engine.detect_batch(todo), strict=True))
+            known |= fresh
+            with self._memo_lock:
+                self._memo.update(fresh)
+                while len(self._memo) > MEMO_TEXTS:
+                    self._memo.popitem(last=False)
+        return [resolve_overlaps([replace(s, start=s.start + offset, end=s.end + offset)
+                                  for offset, piece in cut for s in known[keys[piece]]]) for cut in cuts]
+
     def unprotected(self, body: dict[str, Any]) -> Protected:
         """A request the policy lets through as sent: nothing to restore, the answer is still checked."""
-        return Protected(body, Vault(), {}, "\n".join(get() for get, _ in _text_slots(body)))
+        return Protected(body, Vault(), {}, "\n".join(get() for _, get, _ in _text_slots(body)))
 
     def check(self, text: str, protected: Protected, actions: Actions) -> tuple[str, bool]:
         """One segment of the model's answer after the output checks, and whether it is blocked."""
@@ -186,29 +217,41 @@ class AnswerGuard:
         return out
 
 
-def _text_slots(body: dict[str, Any]) -> list[tuple[Any, Any]]:
-    """(read, write) pairs for every text a caller sent: the prompt, each message's content (string
-    or text parts) and the arguments of tool calls in the history. Writes replace the body's
-    containers with copies, so the caller's request object is never changed in place."""
-    slots: list[tuple[Any, Any]] = []
+def _cut(text: str, spans: Sequence[tuple[int, int]]) -> list[tuple[int, str]]:
+    """`text` as (offset, piece) pieces: each of `spans` (sorted, disjoint) and the text between them."""
+    out, at = [], 0
+    for start, end in [*spans, (len(text), len(text))]:
+        if start < at or end > len(text):
+            raise ValueError(f"piece {start}:{end} is not within the text after offset {at}")
+        out += [(a, text[a:b]) for a, b in ((at, start), (start, end)) if b > a]
+        at = end
+    return out
+
+
+def _text_slots(body: dict[str, Any]) -> list[tuple[int | None, Any, Any]]:
+    """(message index, read, write) for every text a caller sent: the prompt (no message), each
+    message's content (string or text parts) and the arguments of tool calls in the history. Writes
+    replace the body's containers with copies, so the caller's request object is never changed in place."""
+    slots: list[tuple[int | None, Any, Any]] = []
     if isinstance(body.get("prompt"), str):
-        slots.append((lambda: body["prompt"], lambda v: body.__setitem__("prompt", v)))
+        slots.append((None, lambda: body["prompt"], lambda v: body.__setitem__("prompt", v)))
     if "messages" in body:
         body["messages"] = messages = [dict(m) for m in body["messages"]]
-        for m in messages:
+        for i, m in enumerate(messages):
             content = m.get("content")
             if isinstance(content, str):
-                slots.append((lambda m=m: m["content"], lambda v, m=m: m.__setitem__("content", v)))
+                slots.append((i, lambda m=m: m["content"], lambda v, m=m: m.__setitem__("content", v)))
             elif isinstance(content, list):
                 m["content"] = parts = [dict(p) for p in content]
-                for p in parts:
+                for p in parts:  # a message's pieces name its string content: parts are analysed whole
                     if p.get("type") == "text" and isinstance(p.get("text"), str):
-                        slots.append((lambda p=p: p["text"], lambda v, p=p: p.__setitem__("text", v)))
+                        slots.append((None, lambda p=p: p["text"], lambda v, p=p: p.__setitem__("text", v)))
             if m.get("tool_calls"):
                 m["tool_calls"] = calls = [{**c, "function": dict(c.get("function") or {})} for c in m["tool_calls"]]
                 for c in calls:
                     if isinstance(c["function"].get("arguments"), str):
                         fn = c["function"]
-                        slots.append((lambda fn=fn: fn["arguments"], lambda v, fn=fn: fn.__setitem__("arguments", v)))
+                        slots.append((None, lambda fn=fn: fn["arguments"],
+                                      lambda v, fn=fn: fn.__setitem__("arguments", v)))
     return slots
 

@@ -85,6 +85,17 @@ def test_redaction_tokens_are_not_placeholders(engine):
     assert engine.restore(masked, vault) == redacted
 
 
+def test_keels_own_tokens_and_placeholders_are_not_pii_but_a_name_beside_them_is(engine):
+    # Scrubbed text read back (a retrieved passage): spaCy tags parts of the tokens as PERSON or LOCATION.
+    text = ("[PERSON:1c16bcb6] wrote on [DATE_OF_BIRTH:12ab34cd] from [LOCATION], and <PERSON_1> called "
+            "Maria Garcia about it. [JOHN] is not a token.")
+    spans = engine.detect(text)
+    marks = [m.span() for m in engine.own_marks.finditer(text)]
+    assert len(marks) == 4  # "[JOHN]" is no type the engine knows: it is read like any text
+    assert not [s for s in spans if any(a <= s.start and s.end <= b for a, b in marks)]
+    assert ("PERSON", "Maria Garcia") in found(text, spans)
+
+
 def test_overlaps_are_unioned():
     spans = [Span(0, 10, "PERSON", 0.6), Span(5, 20, "STREET_ADDRESS", 0.9), Span(30, 35, "EMAIL_ADDRESS", 1.0)]
     assert resolve_overlaps(spans) == [Span(0, 20, "STREET_ADDRESS", 0.9), Span(30, 35, "EMAIL_ADDRESS", 1.0)]

@@ -44,6 +44,36 @@ def test_every_value_becomes_a_placeholder_and_the_request_object_is_not_changed
     assert set(p.vault.values.values()) >= set(VALUES)
 
 
+def test_passages_are_read_one_by_one_and_one_that_comes_back_is_not_analysed_again():
+    guard = Guard(GuardSettings(toxicity="off"), PrivacySettings())
+    analysed: list[str] = []
+    detect_batch = guard.engine.detect_batch
+    guard.engine.detect_batch = lambda texts: (analysed.extend(texts), detect_batch(texts))[1]  # type: ignore[method-assign]
+    passage = "Call Maria Gonzalez on 212-555-0199 about the refund."
+    other = "The refund window is 30 days."
+
+    def rag(*passages: str, question: str = "When does Maria get her refund?"):
+        content, spans = "Answer from these.\n\n", []
+        for i, text in enumerate(passages, 1):
+            content += f"[{i}] "
+            spans.append((len(content), len(content) + len(text)))
+            content += text + "\n\n"
+        body = {"messages": [{"role": "system", "content": content}, {"role": "user", "content": question}]}
+        return guard.protect(body, {0: spans})
+
+    first = rag(passage, other)
+    system = first.body["messages"][0]["content"]
+    assert "Maria Gonzalez" not in system and "212-555-0199" not in system and other in system
+    assert passage in analysed and other in analysed  # each passage on its own
+    analysed.clear()
+    second = rag(other, passage, question="And Maria's card?")
+    assert analysed == ["And Maria's card?"]  # both passages and the prompt were remembered
+    assert second.entities == first.entities | {"PERSON": first.entities["PERSON"]}  # the same findings
+    assert "Maria Gonzalez" not in second.body["messages"][0]["content"]
+    with pytest.raises(ValueError):  # pieces that do not fit the text fail closed (the gateway answers 500)
+        guard.protect({"messages": [{"role": "system", "content": "short"}]}, {0: [(2, 40)]})
+
+
 def test_one_vault_across_messages_text_parts_and_tool_arguments(guard):
     body = {"messages": [
         {"role": "user", "content": [{"type": "text", "text": "Email maria.gonzalez@example.com today."}]},

@@ -114,7 +114,7 @@ class FakeGuard:
     def __init__(self, fails: bool = False) -> None:
         self.fails = fails
 
-    def protect(self, body: dict) -> Protected:
+    def protect(self, body: dict, pieces: dict | None = None) -> Protected:
         if self.fails:
             raise RuntimeError("the PII engine fell over")
         vault = Vault({"<PERSON_1>": "Maria"})
@@ -288,6 +288,8 @@ def test_ground_retrieves_in_the_request_zones_with_the_classes_it_may_carry():
     assert asked == [("Hi, I am Maria.", ["us"], 3, ["public", "internal"])]
     system = ctx.body["messages"][0]
     assert system == {"role": "system", "content": RAG_PROMPT + "[1] Refunds within 30 days."}
+    (start, end), = ctx.passages[0]  # where the passage lies: the guard reads it on its own
+    assert system["content"][start:end] == "Refunds within 30 days."
     assert ctx.citations == [{"n": 1, "chunk_id": "c1", "doc_id": "d1", "source": "policy.md", "title": "Refunds",
                               "zone": "us", "data_class": "public", "distance": 0.1235}]
     assert ctx.prompt_text.startswith(RAG_PROMPT)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
@@ -110,6 +111,13 @@ class PrivacyEngine:
             context_aware_enhancer=IndexedContextEnhancer() if profile == "keel" else None,
         )
         self.nlp_engine = nlp_engine
+        # Keel's own marks: the batch's redaction tokens ([PERSON], [PERSON:1a2b3c4d]) and the request
+        # path's placeholders (<PERSON_1>), of the types this engine knows (so "[JOHN]" is still read).
+        # Read again (retrieved passages are scrubbed text), spaCy tagged "DATE" in "[DATE_OF_BIRTH:...]"
+        # a PERSON and "PERSON:1c16bcb6" a LOCATION, and the guard made placeholders of the tokens.
+        types = "|".join(sorted({*DEFAULT_ENTITIES, *(self.entities or []), *self.analyzer.get_supported_entities()},
+                                key=len, reverse=True))
+        self.own_marks = re.compile(rf"\[(?:{types})(?::[0-9a-f]{{8}})?\]|<(?:{types})_\d+>")
 
     # -- detection ---------------------------------------------------------------------------
 
@@ -140,7 +148,16 @@ class PrivacyEngine:
                 score_threshold=self.threshold,
             )
             found[i].extend(Span(r.start + offset, r.end + offset, r.entity_type, r.score) for r in results)
-        return [resolve_overlaps(spans) for spans in found]
+        if self.profile != "keel":
+            return [resolve_overlaps(spans) for spans in found]
+        return [self._without_own_marks(text, spans) for text, spans in zip(texts, found, strict=True)]
+
+    def _without_own_marks(self, text: str, spans: list[Span]) -> list[Span]:
+        """`spans` less those wholly inside one of Keel's own marks: a token or placeholder is not PII."""
+        marks = [m.span() for m in self.own_marks.finditer(text)]
+        if not marks:
+            return resolve_overlaps(spans)
+        return resolve_overlaps([s for s in spans if not any(a <= s.start and s.end <= b for a, b in marks)])
 
     def _windows(self, text: str) -> Iterable[tuple[int, str]]:
         size, overlap = self.settings.chunk_chars, self.settings.chunk_overlap

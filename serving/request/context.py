@@ -50,6 +50,7 @@ class RequestContext:
     zones: list[str] = field(default_factory=list)
     charged: int = 0  # admit: tokens charged to the tenant, settled by record
     citations: list[dict[str, Any]] | None = None  # ground
+    passages: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # ground: message -> its passages
     route: Route | None = None  # route
     actions: Actions = field(default_factory=Actions)  # protect and check: what the guard did
     answer_guard: AnswerGuard | None = None

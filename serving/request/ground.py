@@ -1,6 +1,8 @@
 """RAG: a chat request for keel/rag (or with `rag: true`) grounded in the vector indexes of the zones
 its data may go to (`rag_zone` alone when it is one of them), with chunks of the classes it may carry
-only: retrieval never moves data across zones. The chunks go in a system message, cited as [n]."""
+only: retrieval never moves data across zones. The chunks go in a system message, cited as [n]; where
+each chunk's text lies in it is kept (`ctx.passages`), so the guard reads each passage on its own
+and a passage retrieved again is not analysed again (keel.guard)."""
 
 from __future__ import annotations
 
@@ -38,10 +40,15 @@ class Ground:
         classes = self.policy.readable_classes(required(ctx.tenant), required(ctx.data_class), ctx.zones)
         zones = [self.rag_zone] if self.rag_zone in ctx.zones else ctx.zones
         hits = await asyncio.to_thread(self.search, ctx.ask, zones, self.top_k, [c.value for c in classes])
-        context = "\n\n".join(f"[{i}] {h.text}" for i, h in enumerate(hits, 1))
-        system = {"role": "system", "content": RAG_PROMPT + (context or "(the index is empty)")}
+        content, passages = RAG_PROMPT, []
+        for i, h in enumerate(hits, 1):
+            content += ("\n\n" if i > 1 else "") + f"[{i}] "
+            passages.append((len(content), len(content) + len(h.text)))
+            content += h.text
+        system = {"role": "system", "content": content if hits else RAG_PROMPT + "(the index is empty)"}
         body = required(ctx.body)
         ctx.body = {**body, "messages": [system, *body["messages"]]}
+        ctx.passages = {0: passages}
         ctx.prompt_text = "\n".join(text_of(m.get("content")) for m in ctx.body["messages"])
         ctx.citations = [{"n": i, "chunk_id": h.chunk_id, "doc_id": h.doc_id, "source": h.source, "title": h.title,
                           "zone": h.zone, "data_class": h.data_class, "distance": round(h.distance, 4)}

@@ -29,7 +29,7 @@ class Protect:
         kinds = [self.kinds[name] for name in required(ctx.route).ranked]
         if self.policy.pseudonymizes(required(ctx.data_class), kinds):
             try:
-                protected = await asyncio.to_thread(self.guard.protect, body)
+                protected = await asyncio.to_thread(self.guard.protect, body, ctx.passages)
             except Exception:  # fail closed: nothing unprotected goes out
                 logger.exception("the PII guard failed on request %s", ctx.rid)
                 raise GuardFailedError("the PII guard could not process this request; it was not sent to any "
