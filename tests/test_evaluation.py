@@ -14,6 +14,7 @@ from keel.errors import EvaluationIncompleteError
 from keel.evaluation import runs
 from keel.evaluation.client import GatewayClient
 from keel.evaluation.evaluate import Plan, evaluate
+from keel.evaluation.scorers import ALL_SETS, MEASURED, KeelScorer
 from keel.settings import load_settings
 from tests.support.faults import Fault
 from tests.support.services import write_config
@@ -111,7 +112,14 @@ def test_an_evaluation_logs_one_complete_run_and_a_retry_reuses_it(env):
     import mlflow
 
     mlflow.set_tracking_uri(env["uri"])
-    assert len(mlflow.search_traces(locations=[exp], run_id=ev.run_id, return_type="list")) == 5
+    traces = mlflow.search_traces(locations=[exp], run_id=ev.run_id, return_type="list")
+    assert len(traces) == 5
+    # What is read off the answer is measured in Keel's process: in the item table, not MLflow assessments.
+    logged = {a.name for t in traces for a in t.info.assessments or [] if getattr(a, "feedback", None)}
+    assert "relevance" in logged and not logged & MEASURED
+    table = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/eval/items.json")
+    rows = [dict(zip(table["columns"], r, strict=True)) for r in table["data"]]
+    assert all(isinstance(r[m], float) for r in rows for m in MEASURED - {"model_ms", "keel_ms"})
 
 
 def test_a_scorer_that_raises_fails_the_run_naming_it(env):
@@ -122,6 +130,17 @@ def test_a_scorer_that_raises_fails_the_run_naming_it(env):
     run = runs.find_run(c, runs.experiment_id(c), {"airflow_run_id": "broken"})
     assert run.info.status == "FAILED" and "exploding" in run.data.tags["failure"]
     assert run.data.tags.get(runs.COMPLETE_TAG) != "true"
+
+
+def test_a_measured_metric_that_cannot_be_read_fails_the_run_naming_it(env):
+    env["fault"].reset()
+
+    def no_cost(it):
+        raise ValueError("the answer has no cost_usd")
+
+    scorers = [s for s in env["scorers"] if s.name != "cost_usd"] + [KeelScorer("cost_usd", ALL_SETS, no_cost)]
+    with pytest.raises(EvaluationIncompleteError, match=r"scorer cost_usd: 5 item\(s\).*the answer has no cost_usd"):
+        _run(env, "no-cost", scorers=scorers)
 
 
 def test_a_toxic_target_regresses_against_its_baseline(env):
