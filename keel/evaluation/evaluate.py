@@ -3,7 +3,9 @@
 1. The golden items (a seeded sample, or whole sets) go through the running gateway as any client's
    requests would (keel.evaluation.client), a bounded number at a time for the target.
 2. `mlflow.genai.evaluate` scores the answers with Keel's scorers (keel.evaluation.scorers) in one
-   MLflow run, which links the golden set versions it used as evaluation datasets.
+   MLflow run, which links the golden set versions it used as evaluation datasets; what is read off
+   the answer (latency, tokens, cost, error) is measured in Keel's process into the item table, not
+   logged as MLflow assessments.
 3. Every item must hold every metric that applies to its set: a scorer that raised (MLflow keeps
    going, with an assessment carrying error_code SCORER_ERROR and one warning) or returned nothing
    fails the run, naming the scorer (EvaluationIncompleteError).
@@ -125,9 +127,8 @@ def evaluate(settings: KeelSettings, plan: Plan, tracking_uri: str, client: Gate
             phases = {"ask_s": time.perf_counter() - t0}
             t0 = time.perf_counter()
             judged, measured = _split(scorers)
-            data = [_row(s, it, a) for (s, it), a in zip(items, answers, strict=True)]
-            _prepare(judged, data)
-            mlflow.genai.evaluate(data=data, scorers=_mlflow_scorers(judged))
+            mlflow.genai.evaluate(data=[_row(s, it, a) for (s, it), a in zip(items, answers, strict=True)],
+                                  scorers=_mlflow_scorers(judged))
             rows = item_rows(exp, run_id, items, answers, measured)
             check_complete(rows, scorers)
             phases["score_s"] = time.perf_counter() - t0
@@ -170,17 +171,6 @@ def _split(scorers: Sequence[Any]) -> tuple[list[Any], list[Any]]:
     from keel.evaluation.scorers import MEASURED
 
     return [s for s in scorers if s.name not in MEASURED], [s for s in scorers if s.name in MEASURED]
-
-
-def _prepare(scorers: list[Any], data: list[dict[str, Any]]) -> None:
-    """The scorers' models run over every answer in batches first (keel.evaluation.scorers.prepare). A
-    failure there is left to the scorers: called item by item, each records its own error."""
-    from keel.evaluation.scorers import prepare
-
-    try:
-        prepare(scorers, data)
-    except Exception as e:  # noqa: BLE001 - scored item by item instead; the completeness check still holds
-        log.warning("batch scoring failed, scoring item by item: %s", failure_reason(e))
 
 
 def _mlflow_scorers(scorers: list[Any]) -> list[Any]:

@@ -52,7 +52,6 @@ about 13 ms of the tracking server's time here, and these were 8 of an item's 20
 
 from __future__ import annotations
 
-import functools
 import re
 import threading
 from collections import defaultdict
@@ -140,8 +139,6 @@ class Models:
         self._embedder: Embedder | None = None
         self._engine: PrivacyEngine | None = None
         self._vectors: dict[str, np.ndarray] = {}
-        self._toxicities: dict[str, float] = {}
-        self._found: dict[str, list[tuple[str, str]]] = {}
         self._embed_lock, self._toxicity_lock, self._engine_lock = threading.Lock(), threading.Lock(), threading.Lock()
 
     def warm(self) -> None:
@@ -166,21 +163,13 @@ class Models:
             return np.stack([self._vectors[t] for t in texts]) if texts else np.zeros((0, DIM), np.float32)
 
     def toxicity(self, texts: Sequence[str]) -> list[float]:
-        """Toxicity of each text, remembered by text."""
         with self._toxicity_lock:
             if self._toxicity is None:
                 self._toxicity = ProfanityCheck()
-            todo = list(dict.fromkeys(t for t in texts if t not in self._toxicities))
-            if todo:
-                self._toxicities.update(zip(todo, self._toxicity.scores(todo), strict=True))
-            return [self._toxicities[t] for t in texts]
+            return self._toxicity.scores(texts)
 
     def detect(self, text: str) -> list[tuple[str, str]]:
         """(entity type, value) of the PII the privacy engine finds in `text`."""
-        return self.detect_all([text])[0]
-
-    def detect_all(self, texts: Sequence[str]) -> list[list[tuple[str, str]]]:
-        """`detect` of each text, in one pass of the engine over those it has not seen (remembered by text)."""
         with self._engine_lock:
             if self._engine is None:
                 import contextlib
@@ -193,10 +182,7 @@ class Models:
                     from keel.privacy.engine import PrivacyEngine
 
                     self._engine = PrivacyEngine(self.settings.privacy)
-            todo = list(dict.fromkeys(t for t in texts if t not in self._found))
-            for text, spans in zip(todo, self._engine.detect_batch(todo) if todo else [], strict=True):
-                self._found[text] = [(s.type, text[s.start:s.end]) for s in spans]
-            return [self._found[t] for t in texts]
+            return [(s.type, text[s.start:s.end]) for s in self._engine.detect(text)]
 
 
 @dataclass(frozen=True)
@@ -243,8 +229,6 @@ class KeelScorer:
     name: str
     sets: frozenset[str]
     score: Callable[[Item], float]
-    # Work it can do for all items at once, before it is called on each (models in batches): see prepare()
-    batch: Callable[[Sequence[Item]], None] | None = None
 
     def __call__(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any],
                  expectations: Mapping[str, Any]) -> float:
@@ -396,34 +380,9 @@ class _Scoring:
         with self._lock:
             return {k: v for k in keys if (v := self._found[k]) is not None}
 
-    def batch(self, items: Sequence[Item]) -> None:
-        """The models' work for every item at once: one lookup of the cited chunks per zone, one embedding
-        pass (questions, answers, references and the groundedness texts), one PII pass and one toxicity
-        pass over the answers. Each model remembers its results by text, so the scorers then read them:
-        on 60 RAG answers, the same scores in a fraction of the time of MLflow's threads computing them
-        one item at a time."""
-        answered = [it for it in items if it.text.strip()]
-        self.models.toxicity([it.text for it in answered])
-        self.models.detect_all([it.text for it in answered if not _PLACEHOLDER_LEFT.search(it.text)])
-        rag = [it for it in answered if it.inputs.get("set") in RAG and not it.failed]
-        found = self.cited([c for it in rag for c in it.citations])
-        texts: list[str] = []
-        for it in rag:
-            texts += [it.question, it.text, *([str(it.expectations["reference"])] if "reference" in it.expectations
-                                              else [])]
-            chunks = [f[1] for c in it.citations if (f := found.get(_key(c))) is not None]
-            grounding.groundedness(it.text, chunks, functools.partial(_collect, texts))
-        self.models.embed(texts)
-
     def _cosine(self, a: str, b: str) -> float:
         va, vb = self.models.embed([a, b])
         return float(np.clip(va @ vb, 0.0, 1.0))
-
-
-def _collect(into: list[str], texts: list[str]) -> np.ndarray:
-    """An embedding function that only notes what it was asked (so they can be embedded in one batch)."""
-    into.extend(texts)
-    return np.zeros((len(texts), DIM), np.float32)
 
 
 def _key(citation: Mapping[str, Any]) -> tuple[str, str]:
@@ -465,7 +424,6 @@ class JudgeCorrectness:
 def keel_scorers(models: Models, chunks: Chunks, judge: Callable[[str], str] | None = None) -> list[Scorer]:
     """Every Keel scorer (plus the LLM judge when `judge` is given)."""
     s = _Scoring(models, chunks)
-    batch = s.batch
     out: list[Scorer] = [
         KeelScorer("latency_ms", ALL_SETS, lambda it: it.number("latency_ms")),
         KeelScorer("ttft_ms", ALL_SETS, ttft_ms),
@@ -473,31 +431,23 @@ def keel_scorers(models: Models, chunks: Chunks, judge: Callable[[str], str] | N
         KeelScorer("keel_ms", ALL_SETS, keel_ms),
         KeelScorer("error", ALL_SETS, error),
         KeelScorer("refusal", ALL_SETS, refusal),
-        KeelScorer("toxicity", ALL_SETS, s.toxicity, batch),
+        KeelScorer("toxicity", ALL_SETS, s.toxicity),
         KeelScorer("prompt_tokens", ALL_SETS, lambda it: it.number("prompt_tokens")),
         KeelScorer("completion_tokens", ALL_SETS, lambda it: it.number("completion_tokens")),
         KeelScorer("cost_usd", ALL_SETS, lambda it: it.number("cost_usd")),
-        KeelScorer("pii_leak", ALL_SETS, s.pii_leak, batch),
-        KeelScorer("relevance", RAG, s.relevance, batch),
-        KeelScorer("correctness", RAG, s.correctness, batch),
+        KeelScorer("pii_leak", ALL_SETS, s.pii_leak),
+        KeelScorer("relevance", RAG, s.relevance),
+        KeelScorer("correctness", RAG, s.correctness),
         KeelScorer("f1", RAG, f1),
-        KeelScorer("groundedness", RAG, s.groundedness, batch),
+        KeelScorer("groundedness", RAG, s.groundedness),
         KeelScorer("hit_at_k", RAG, hit_at_k),
         KeelScorer("reciprocal_rank", RAG, reciprocal_rank),
-        KeelScorer("citation_validity", RAG, s.citation_validity, batch),
-        KeelScorer("safety_pass", SAFETY, s.safety_pass, batch),
+        KeelScorer("citation_validity", RAG, s.citation_validity),
+        KeelScorer("safety_pass", SAFETY, s.safety_pass),
     ]
     if judge is not None:
         out.append(JudgeCorrectness(judge))
     return out
-
-
-def prepare(scorers: Sequence[Scorer], records: Sequence[Mapping[str, Any]]) -> None:
-    """Run the scorers' batch work (KeelScorer.batch, each once) over every record ({"inputs", "outputs",
-    "expectations"}), before MLflow calls the scorers item by item."""
-    items = [Item(r.get("inputs") or {}, r.get("outputs") or {}, r.get("expectations") or {}) for r in records]
-    for work in dict.fromkeys(b for s in scorers if (b := getattr(s, "batch", None)) is not None):
-        work(items)
 
 
 def as_mlflow(scorers: Sequence[Scorer]) -> list[Any]:
