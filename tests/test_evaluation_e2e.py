@@ -134,7 +134,11 @@ def test_a_degraded_target_fails_on_its_own_metric_and_the_alert_names_it(keel_s
 
     assert regressed("healthy") == set()
     assert _run_of(mlflow, exp, degraded_run, "healthy").info.status == "FINISHED"
-    assert regressed("ungrounded") == {"groundedness"}
+    # Invented claims sit further from the question too (relevance 0.50 against 0.66 once, the bound a drop of
+    # 0.15), so relevance may regress beside groundedness; what the answers share with grounded ones may not.
+    assert "groundedness" in regressed("ungrounded")
+    assert not regressed("ungrounded") & {"toxic_rate", "latency_p50_ms", "latency_p95_ms", "ttft_p50_ms",
+                                          "error_rate", "pii_leak_rate", "hit_at_k", "citation_validity"}
     assert "toxic_rate" in regressed("toxic")
     assert {"latency_p50_ms", "ttft_p50_ms"} & regressed("slow")
     for name in ("ungrounded", "toxic", "slow"):
