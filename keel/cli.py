@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -79,8 +80,11 @@ def config_check(config: Path | None = ConfigOpt) -> None:
 def pii_detect(input: str | None = InputOpt, config: Path | None = ConfigOpt) -> None:
     """Write {"id", "entities": [{"type", "start", "end", "score"}]} per input line (character offsets)."""
     engine = _engine(config)
-    for record, spans in _process(input, engine, lambda texts: engine.detect_batch(texts)):
+    stream = _open(input)
+    progress = _Progress(stream)
+    for record, spans in _process(stream, engine, lambda texts: engine.detect_batch(texts, progress=progress)):
         _write(output_line(record, entities=[s.to_dict() for s in spans] if spans is not None else None))
+    progress.done()
 
 
 @pii_app.command("redact")
@@ -94,8 +98,11 @@ def pii_redact(
         raise typer.BadParameter("use 'typed' or 'hashed'", param_hint="--mode")
     redaction: RedactionMode = "typed" if mode == "typed" else "hashed"
     engine = _engine(config)
-    for record, text in _process(input, engine, lambda texts: engine.redact_batch(texts, redaction)):
+    stream = _open(input)
+    progress = _Progress(stream)
+    for record, text in _process(stream, engine, lambda texts: engine.redact_batch(texts, redaction, progress)):
         _write(output_line(record, text=text))
+    progress.done()
 
 
 @app.command()
@@ -432,13 +439,12 @@ def _engine(config: Path | None) -> PrivacyEngine:
     return PrivacyEngine(_settings(config).privacy)
 
 
-def _process(input: str | None, engine: PrivacyEngine,
+def _process(stream: BinaryIO, engine: PrivacyEngine,
              fn: Callable[[list[str]], Sequence[T]]) -> Iterator[tuple[Record, T | None]]:
     """Run fn over batches of good records; yield (record, result) for every input line, in order.
 
     A batch that raises is retried one record at a time, so one bad record costs only itself.
     """
-    stream = _open(input)
     batch: list[Record] = []
     size = engine.settings.batch_size
     for record in read_records(stream, engine.settings.max_text_bytes):
@@ -473,6 +479,39 @@ def _open(input: str | None) -> BinaryIO:
     except OSError as e:
         typer.echo(f"cannot read {input}: {e.strerror}", err=True)
         raise typer.Exit(2) from None
+
+
+class _Progress:
+    """`keel pii` on a long input: on stderr (stdout is the JSONL), from 2 s on and every 5 s, how much
+    text has been analysed, and of how much when the input is a file."""
+
+    def __init__(self, stream: BinaryIO, first_s: float = 2.0, every_s: float = 5.0) -> None:
+        self.start = time.monotonic()
+        self.next, self.every_s = self.start + first_s, every_s
+        try:  # a file has a size; a pipe does not
+            self.total = os.fstat(stream.fileno()).st_size if stream.seekable() else 0
+        except OSError:
+            self.total = 0
+        self.chars, self.shown = 0, False
+
+    def __call__(self, chars: int) -> None:
+        self.chars += chars
+        if (now := time.monotonic()) >= self.next:
+            self.next = now + self.every_s
+            self._show(now)
+
+    def done(self) -> None:
+        if self.shown:  # a short input says nothing, a long one says when it is over
+            typer.echo(f"keel pii: done, {self.chars / 1e6:.1f} MB of text in {self._elapsed()}", err=True)
+
+    def _show(self, now: float) -> None:
+        self.shown = True
+        # Characters of text against the file's bytes (JSON around them): an estimate, never past 99%.
+        of = f" of a {self.total / 1e6:.1f} MB file (~{min(0.99, self.chars / self.total):.0%})" if self.total else ""
+        typer.echo(f"keel pii: {self.chars / 1e6:.1f} MB of text analysed{of}, {self._elapsed()}", err=True)
+
+    def _elapsed(self) -> str:
+        return f"{time.monotonic() - self.start:.0f} s"
 
 
 def _write(line: str) -> None:

@@ -1,6 +1,6 @@
 """Reading `{"id": ..., "text": ...}` JSONL robustly: every input line yields exactly one record.
 
-A line that cannot be used (malformed JSON, invalid UTF-8, binary junk, missing or empty text,
+A line that cannot be used (blank, malformed JSON, invalid UTF-8, binary junk, missing or empty text,
 a text above the size limit) becomes a record with an `error` and, where it can be recovered,
 its id, so the writer emits one output line per input and nothing is silently dropped.
 """
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 # Enough to recover an id from the head of a line that is too large or broken to parse whole.
+BOM = b"\xef\xbb\xbf"
 _ID_HEAD = re.compile(rb'"id"\s*:\s*("(?:[^"\\]|\\.){0,512}"|-?\d{1,32})')
 
 
@@ -41,8 +42,11 @@ def read_records(stream: BinaryIO, max_text_bytes: int) -> Iterator[Record]:
             yield Record(line_no, _recover_id(head),
                          error=f"line exceeds the size limit ({max_text_bytes} bytes of text)")
             continue
-        if not raw.strip():
-            continue  # blank lines carry no record (a trailing newline is not an input)
+        if line_no == 1 and raw.startswith(BOM):  # as editors on Windows write UTF-8
+            raw = raw[len(BOM):]
+        if not raw.strip():  # one output line per input line: a blank one too (a final newline ends a line)
+            yield Record(line_no, None, error="blank line")
+            continue
         yield parse_line(raw, line_no, max_text_bytes)
 
 

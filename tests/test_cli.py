@@ -51,16 +51,18 @@ def test_bad_input_one_line_per_input_nothing_lost(tmp_path):
         b'{"id": 42, "text": "Email bob@example.com"}',
         b"[]",
         b'{"id": "late", "text": "Reach me at +44 20 7946 0958"}',
+        b"",
     ]
     src = tmp_path / "in.jsonl"
-    src.write_bytes(b"\n".join(lines) + b"\n")
+    src.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")  # a UTF-8 BOM first, as Windows editors write
     for cmd in ("detect", "redact"):
         r = run_keel("pii", cmd, str(src))
         assert r.returncode == 0, r.stderr
         out = jsonl(r.stdout)
         assert len(out) == len(lines)
-        assert [o["id"] for o in out] == ["1", "empty", "utf8", None, "trunc", 42, None, "late"]
+        assert [o["id"] for o in out] == ["1", "empty", "utf8", None, "trunc", 42, None, "late", None]
         errors = {o["id"] if o["id"] is not None else f"line{o['line']}": o.get("error") for o in out}
+        assert errors["line9"] == "blank line"
         assert errors["empty"] == "empty text"
         assert errors["utf8"].startswith("invalid UTF-8")
         assert errors["line4"] and errors["line7"]
@@ -97,6 +99,9 @@ def test_ten_megabyte_text_is_processed_in_chunks(tmp_path):
     src.write_text(json.dumps({"id": "big", "text": text}) + "\n" + json.dumps({"id": "next", "text": "Hi Ana"}) + "\n")
     r = run_keel("pii", "redact", str(src), timeout=1800)
     assert r.returncode == 0, r.stderr[-2000:]
+    progress = [line for line in r.stderr.decode().splitlines() if line.startswith("keel pii: ")]
+    assert len(progress) >= 3 and progress[-1].startswith("keel pii: done, 10.5 MB of text in ")
+    assert "MB of text analysed of a 10.5 MB file (~" in progress[0]  # on stderr, every few seconds
     out = jsonl(r.stdout)
     assert [o["id"] for o in out] == ["big", "next"]
     assert "error" not in out[0]

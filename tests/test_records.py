@@ -29,9 +29,10 @@ def test_good_and_bad_lines_each_give_one_record():
         b'{"id": "sur", "text": "\\udc80"}',
         b'{"id": "nul", "text": "a\\u0000b"}',
     ]
-    recs = read(b"\n".join(lines) + b"\n\n")
-    assert len(recs) == len(lines)
-    assert [r.line for r in recs] == list(range(1, len(lines) + 1))
+    recs = read(b"\n".join(lines) + b"\n\n")  # a blank line last: an input line too
+    assert len(recs) == len(lines) + 1
+    assert [r.line for r in recs] == list(range(1, len(lines) + 2))
+    assert (recs[-1].id, recs[-1].error) == (None, "blank line")
     got = {r.line: (r.id, r.error) for r in recs}
     assert got[1] == ("a", None) and recs[0].text == "hello"
     assert got[2] == (7, None)
@@ -69,3 +70,10 @@ def test_output_line_shapes():
     bad = Record(3, None, error="malformed JSON")
     assert json.loads(output_line(ok, entities=[])) == {"id": "a", "entities": []}
     assert json.loads(output_line(bad, entities=[])) == {"id": None, "error": "malformed JSON", "line": 3}
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_record_and_blank_lines_are_answered():
+    recs = read(b'\xef\xbb\xbf{"id": "a", "text": "hello"}\n\n   \n{"id": "b", "text": "there"}')
+    assert [(r.line, r.id, r.text, r.error) for r in recs] == [
+        (1, "a", "hello", None), (2, None, None, "blank line"), (3, None, None, "blank line"), (4, "b", "there", None)]
+    assert json.loads(output_line(recs[1])) == {"id": None, "error": "blank line", "line": 2}

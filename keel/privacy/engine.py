@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 from keel.privacy.context import IndexedContextEnhancer
@@ -124,12 +124,15 @@ class PrivacyEngine:
     def detect(self, text: str) -> list[Span]:
         return self.detect_batch([text])[0]
 
-    def detect_batch(self, texts: Sequence[str], batch_size: int | None = None) -> list[list[Span]]:
+    def detect_batch(self, texts: Sequence[str], batch_size: int | None = None,
+                     progress: Callable[[int], None] | None = None) -> list[list[Span]]:
         """Detect PII in many texts at once: spaCy runs them through nlp.pipe in batches.
 
         Texts longer than `chunk_chars` are cut into overlapping windows (so an entity on a
-        window edge is still seen whole in one of them) and the findings mapped back.
+        window edge is still seen whole in one of them) and the findings mapped back. `progress`
+        is told each window's characters that no earlier window covered, as it is analysed.
         """
+        covered = [0] * len(texts)
         pieces: list[tuple[int, int, str]] = []  # (text index, offset, window)
         for i, text in enumerate(texts):
             for offset, window in self._windows(text):
@@ -148,6 +151,10 @@ class PrivacyEngine:
                 score_threshold=self.threshold,
             )
             found[i].extend(Span(r.start + offset, r.end + offset, r.entity_type, r.score) for r in results)
+            if progress is not None:
+                end = offset + len(window)
+                progress(max(0, end - covered[i]))
+                covered[i] = max(covered[i], end)
         if self.profile != "keel":
             return [resolve_overlaps(spans) for spans in found]
         return [self._without_own_marks(text, spans) for text, spans in zip(texts, found, strict=True)]
@@ -180,9 +187,11 @@ class PrivacyEngine:
     def redact(self, text: str, mode: RedactionMode = "typed") -> str:
         return self.redact_batch([text], mode)[0]
 
-    def redact_batch(self, texts: Sequence[str], mode: RedactionMode = "typed") -> list[str]:
+    def redact_batch(self, texts: Sequence[str], mode: RedactionMode = "typed",
+                     progress: Callable[[int], None] | None = None) -> list[str]:
         key = self.settings.hash_key.get_secret_value().encode()
-        return [redact_spans(t, s, mode, key) for t, s in zip(texts, self.detect_batch(texts), strict=True)]
+        found = self.detect_batch(texts, progress=progress)
+        return [redact_spans(t, s, mode, key) for t, s in zip(texts, found, strict=True)]
 
     def pseudonymize(self, text: str, vault: Vault | None = None) -> tuple[str, Vault]:
         return pseudonymize_spans(text, self.detect(text), vault)
