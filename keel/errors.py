@@ -141,6 +141,18 @@ class ModelNotFoundError(NotFoundError):
     code = "model_not_found"
 
 
+class UnknownURLError(NotFoundError):
+    """A path the API does not have."""
+
+    code = "unknown_url"
+
+
+class MethodNotAllowedError(KeelError):
+    """A path the API has, asked with a method it does not take."""
+
+    code = "method_not_allowed"
+
+
 class SnapshotNotFoundError(NotFoundError):
     """A batch stage's input snapshot that was never committed (or was pruned)."""
 
@@ -230,23 +242,30 @@ class StackError(KeelError):
     code = "stack"
 
 
-# HTTP status and OpenAI error type, by the nearest class in an error's ancestry.
+# HTTP status and OpenAI error type, by the nearest class in an error's ancestry. The types are the ones
+# OpenAI's API sends: every refused request is an "invalid_request_error" (the status and the `code`, e.g.
+# "invalid_api_key" or "model_not_found", say which), a rate limit on requests is "requests", and a
+# failure on the server's side "server_error".
 HTTP: dict[type[KeelError], tuple[int, str]] = {
     BadRequestError: (400, "invalid_request_error"),
-    AuthenticationError: (401, "authentication_error"),
-    PermissionDeniedError: (403, "permission_error"),
-    NotFoundError: (404, "not_found_error"),
-    RateLimitError: (429, "rate_limit_error"),
-    ServiceUnavailableError: (503, "service_unavailable"),
+    AuthenticationError: (401, "invalid_request_error"),
+    PermissionDeniedError: (403, "invalid_request_error"),
+    NotFoundError: (404, "invalid_request_error"),
+    MethodNotAllowedError: (405, "invalid_request_error"),
+    RateLimitError: (429, "requests"),
+    ServiceUnavailableError: (503, "server_error"),
     KeelError: (500, "server_error"),
 }
-_TYPE_OF_STATUS = {status: kind for status, kind in HTTP.values()}
+
+
+def _type_of_status(status: int) -> str:
+    return "requests" if status == 429 else "server_error" if status >= 500 else "invalid_request_error"
 
 
 def http_status(error: KeelError) -> tuple[int, str]:
     """(HTTP status, OpenAI error type) of an error."""
     if isinstance(error, TargetRejectedError):  # passed on as the target answered
-        return error.status, _TYPE_OF_STATUS.get(error.status, "invalid_request_error")
+        return error.status, _type_of_status(error.status)
     for cls in type(error).__mro__:
         if cls in HTTP:
             return HTTP[cls]

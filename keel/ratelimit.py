@@ -57,6 +57,21 @@ class RateLimiter:
             tok.level -= tokens
         return None
 
+    def headers(self, tenant: str, requests_per_minute: int | None, tokens_per_minute: int | None,
+                ) -> dict[str, str]:
+        """OpenAI's `x-ratelimit-*` headers for the limits the tenant has: the limit per minute, what is
+        left of it (this replica's bucket scaled to the whole, as Serve spreads requests evenly) and the
+        time until it is whole again."""
+        out: dict[str, str] = {}
+        now = self.clock()
+        for what, per_minute in (("requests", requests_per_minute), ("tokens", tokens_per_minute)):
+            if (b := self._bucket(tenant, what, per_minute, now)) is None:
+                continue
+            out[f"x-ratelimit-limit-{what}"] = str(per_minute)
+            out[f"x-ratelimit-remaining-{what}"] = str(max(0, int(b.level / self.share)))
+            out[f"x-ratelimit-reset-{what}"] = duration((b.capacity - b.level) / b.per_s)
+        return out
+
     def settle(self, tenant: str, charged: int, used: int) -> None:
         """Correct a request's token charge with what it really used."""
         if (b := self._buckets.get((tenant, "tokens"))) is not None:
@@ -71,3 +86,12 @@ class RateLimiter:
             b = self._buckets[(tenant, what)] = _Bucket(capacity, capacity / 60.0, capacity, now)
         b.refill(now)
         return b
+
+
+def duration(seconds: float) -> str:
+    """A duration as OpenAI writes its resets: "0s", "250ms", "1.5s", "6m0s"."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms" if seconds >= 0.001 else "0s"
+    minutes, rest = divmod(seconds, 60)
+    text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
+    return f"{int(minutes)}m{text}" if minutes else text

@@ -36,7 +36,9 @@ if TYPE_CHECKING:
     from keel.settings import GatewaySettings
 
 GROUP = "keel.target_kinds"
-Feature = Literal["tools", "response_format"]  # request features a target may honour
+# Request features a target may honour: tools, a structured response_format, and content parts other
+# than text (images: "image_url", audio: "input_audio", files: "file").
+Feature = Literal["tools", "response_format", "images", "audio", "files"]
 
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
 

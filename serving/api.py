@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -36,10 +37,30 @@ if TYPE_CHECKING:
 M = TypeVar("M", bound=BaseModel)
 
 
+# Content part types and the target feature each needs (keel.target_kinds.Feature); text needs none.
+PART_FEATURES: dict[str, str | None] = {"text": None, "refusal": None, "image_url": "images", "input_audio": "audio",
+                                        "file": "files"}
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _known_parts(cls, v: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
+        # A part Keel cannot read is refused, never passed on unread or dropped.
+        for part in v if isinstance(v, list) else ():
+            if part.get("type") not in PART_FEATURES:
+                raise ValueError(f"content part type {part.get('type')!r} is not one of {sorted(PART_FEATURES)}")
+        return v
+
+    def features(self) -> set[str]:
+        """What a target needs to read this message's content parts."""
+        if not isinstance(self.content, list):
+            return set()
+        return {f for p in self.content if (f := PART_FEATURES[p["type"]]) is not None}
 
 
 class _Common(BaseModel):
@@ -53,6 +74,11 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
+    stream_options: dict[str, Any] | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
 
 
 class ChatRequest(_Common):
@@ -80,6 +106,11 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
 
 
+# The bodies the endpoints parse by hand (parse below), for the OpenAPI document.
+BODIES: dict[str, type[BaseModel]] = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest,
+                                      "/v1/embeddings": EmbeddingRequest}
+
+
 def parse(raw: bytes, model: type[M]) -> M:
     try:
         data = json.loads(raw)
@@ -97,6 +128,40 @@ def parse(raw: bytes, model: type[M]) -> M:
         raise InvalidParameterError(f"invalid parameter {param!r}: {err['msg']}", param=param) from None
 
 
+def openapi(app: FastAPI) -> dict[str, Any]:
+    """The API's OpenAPI document (`/openapi.json`): FastAPI's paths, the request bodies the endpoints
+    parse by hand, their bearer-key security and OpenAI's error object. Built once."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+        from pydantic.json_schema import models_json_schema
+
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                          description="OpenAI-compatible: chat completions, completions, embeddings, models.")
+        refs, defs = models_json_schema([(m, "validation") for m in BODIES.values()],
+                                        ref_template="#/components/schemas/{model}")
+        components = doc.setdefault("components", {})
+        components.setdefault("schemas", {}).update(defs.get("$defs", {}))
+        components["schemas"]["Error"] = {
+            "type": "object", "required": ["error"],
+            "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"],
+                                     "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                                                    "param": {"type": ["string", "null"]},
+                                                    "code": {"type": ["string", "null"]}}}}}
+        components["securitySchemes"] = {"ApiKeyAuth": {"type": "http", "scheme": "bearer"}}
+        error = {"description": "OpenAI's error object",
+                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        for path, ops in doc["paths"].items():
+            for op in ops.values():
+                if path.startswith("/v1/"):
+                    op["security"] = [{"ApiKeyAuth": []}]
+                    op["responses"]["default"] = error
+                if path in BODIES:
+                    schema = refs[(BODIES[path], "validation")]
+                    op["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
 # -- responses ----------------------------------------------------------------------------------
 
 
@@ -110,7 +175,7 @@ def error_response(error: KeelError, headers: Mapping[str, str] | None = None) -
 
 def error_event(error: KeelError) -> str:
     """An error after a stream began: the status line is gone, so it is an event of its own."""
-    return f"data: {json.dumps(error_body(error))}\n\n"
+    return sse(error_body(error))
 
 
 def target_body(kind: Kind, req: Any) -> tuple[dict[str, Any], str, str]:
@@ -152,17 +217,28 @@ def keel_field(rid: str, route: Route, outcome: Outcome, citations: list[dict[st
     return out | {"data_class": data_class, "zones": zones, "guard": guard}
 
 
-def sse_chunk(kind: Kind, meta: dict[str, Any], c: Chunk, role: bool = False) -> str:
+def sse(data: Mapping[str, Any]) -> str:
+    """One server-sent event: an unnamed `data:` line, the only kind every SSE client delivers."""
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def chunk_body(kind: Kind, meta: dict[str, Any], c: Chunk, role: bool = False) -> dict[str, Any]:
     if kind == "completion":
         choice = {"index": 0, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
-        return f"data: {json.dumps({**meta, 'object': 'text_completion', 'choices': [choice]})}\n\n"
+        return {**meta, "object": "text_completion", "choices": [choice]}
     delta: dict[str, Any] = {"role": "assistant"} if role else {}
     if c.text or not c.tool_calls:
         delta["content"] = c.text
     if c.tool_calls:
         delta["tool_calls"] = c.tool_calls
     choice = {"index": 0, "delta": delta, "finish_reason": c.finish_reason, "logprobs": None}
-    return f"data: {json.dumps({**meta, 'object': 'chat.completion.chunk', 'choices': [choice]})}\n\n"
+    return {**meta, "object": "chat.completion.chunk", "choices": [choice]}
+
+
+def usage_chunk(kind: Kind, meta: dict[str, Any], usage: dict[str, int] | None) -> dict[str, Any]:
+    """The stream's last chunk when the caller asked `stream_options.include_usage`: no choices, the usage."""
+    return {**meta, "object": "text_completion" if kind == "completion" else "chat.completion.chunk",
+            "choices": [], "usage": usage or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
 
 
 def gathered(kind: Kind, meta: dict[str, Any], chunks: list[Chunk], outcome: Outcome) -> dict[str, Any]:
@@ -174,7 +250,7 @@ def gathered(kind: Kind, meta: dict[str, Any], chunks: list[Chunk], outcome: Out
     if kind == "completion":
         choice: dict[str, Any] = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
         return {**meta, "object": "text_completion", "choices": [choice], "usage": usage}
-    message: dict[str, Any] = {"role": "assistant", "content": text or None}
+    message: dict[str, Any] = {"role": "assistant", "content": text or None, "refusal": None}
     if calls := merge_tool_calls(chunks):
         message["tool_calls"] = calls
     choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}

@@ -16,10 +16,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keel.audit import Trails
 from keel.breaker import CircuitBreaker
-from keel.errors import KeelError, NotFoundError
+from keel.errors import KeelError, MethodNotAllowedError, NotFoundError, UnknownURLError
 from keel.evaluation.standing import StandingBoard, source_for
 from keel.guard import Guard
 from keel.keys import KeyRing
@@ -46,7 +47,21 @@ from serving.request.route import Router
 from serving.request.scope import Scope
 from serving.targets import make_target
 
-app = FastAPI(title="Keel gateway", docs_url=None, redoc_url=None, openapi_url=None)
+app = FastAPI(title="Keel gateway", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+app.openapi = lambda: api.openapi(app)  # type: ignore[method-assign]
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _refused_by_the_router(request: Request, exc: StarletteHTTPException) -> Response:
+    """What the router refuses itself (a path the API lacks, a method a path does not take), in OpenAI's
+    error shape like every other refusal."""
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 405:
+        return api.error_response(MethodNotAllowedError(f"Method not allowed ({where})"), exc.headers)
+    if exc.status_code == 404:
+        return api.error_response(UnknownURLError(f"Invalid URL ({where})"))
+    return JSONResponse({"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None,
+                                   "code": None}}, status_code=exc.status_code, headers=exc.headers)
 
 
 # Above the class: Serve serializes the class (with the module globals it uses) when it is decorated.

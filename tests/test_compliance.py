@@ -115,8 +115,7 @@ def streamed(stream) -> tuple[str, str | None, dict]:
         if chunk.choices:
             parts.append(chunk.choices[0].delta.content or "")
             finish = chunk.choices[0].finish_reason or finish
-        elif (chunk.model_extra or {}).get("keel"):
-            keel = chunk.model_extra["keel"]
+        keel = (chunk.model_extra or {}).get("keel") or keel  # on the stream's last chunk
     return "".join(parts), finish, keel
 
 

@@ -25,12 +25,12 @@ def test_every_error_has_its_own_code() -> None:
 @pytest.mark.parametrize(("error", "status", "kind"), [
     (errors.InvalidJSONError("x"), 400, "invalid_request_error"),
     (errors.ContextLengthExceededError("x"), 400, "invalid_request_error"),
-    (errors.MissingAPIKeyError("x"), 401, "authentication_error"),
-    (errors.ResidencyError("x"), 403, "permission_error"),
-    (errors.ZoneNotAllowedError("x"), 403, "permission_error"),
-    (errors.ModelNotFoundError("x"), 404, "not_found_error"),
-    (errors.OverloadedError("x"), 429, "rate_limit_error"),
-    (errors.NoHealthyTargetError("x"), 503, "service_unavailable"),
+    (errors.MissingAPIKeyError("x"), 401, "invalid_request_error"),
+    (errors.ResidencyError("x"), 403, "invalid_request_error"),
+    (errors.ZoneNotAllowedError("x"), 403, "invalid_request_error"),
+    (errors.ModelNotFoundError("x"), 404, "invalid_request_error"),
+    (errors.OverloadedError("x"), 429, "requests"),
+    (errors.NoHealthyTargetError("x"), 503, "server_error"),
     (errors.GuardFailedError("x"), 500, "server_error"),
     (errors.ConfigError("x"), 500, "server_error"),
 ])
@@ -40,7 +40,7 @@ def test_http_status_comes_from_the_nearest_class_in_the_table(error: KeelError,
 
 def test_error_body_is_openais_shape() -> None:
     body = errors.error_body(errors.ZoneNotAllowedError("no", param="x-keel-zone"))
-    assert body == {"error": {"message": "no", "type": "permission_error", "param": "x-keel-zone",
+    assert body == {"error": {"message": "no", "type": "invalid_request_error", "param": "x-keel-zone",
                               "code": "zone_not_allowed"}}
 
 

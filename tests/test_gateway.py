@@ -103,8 +103,7 @@ def stream_text(gw, ask: str, model: str = "primary") -> tuple[str, dict]:
     for chunk in chat(gw, ask, model, stream=True):
         if chunk.choices:
             parts.append(chunk.choices[0].delta.content or "")
-        elif (chunk.model_extra or {}).get("keel"):
-            final = chunk.model_extra["keel"]
+        final = (chunk.model_extra or {}).get("keel") or final  # on the stream's last chunk
     return "".join(parts), final
 
 
@@ -271,7 +270,7 @@ def test_admission_control_answers_429_at_once(gw, faults):
     assert set(codes) <= {200, 429} and codes.count(429) >= 10 and codes.count(200) >= 8, \
         [r.text for r in rs if r.status_code != 200][:3]
     refused = [r for r in rs if r.status_code == 429]
-    assert all(r.headers.get("retry-after") and r.json()["error"]["type"] == "rate_limit_error" for r in refused)
+    assert all(r.headers.get("retry-after") and r.json()["error"]["type"] == "requests" for r in refused)
     assert time.monotonic() - t0 < 20
 
 
@@ -338,7 +337,7 @@ def test_keys_are_required_and_revocation_takes_effect(gw, faults):
     assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
     r = httpx.post(gw["base"] + "/v1/chat/completions", headers={"Authorization": "Bearer keel-wrong"},
                    json={"model": "primary", "messages": MSG})
-    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert r.status_code == 401 and r.json()["error"]["type"] == "invalid_request_error"
     store = KeyStore(gw["settings"])
     key, rec = store.create("demo", "short-lived")
     ok = httpx.post(gw["base"] + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
@@ -458,3 +457,59 @@ def test_a_caller_leaving_mid_stream_frees_its_slots(gw, faults):
         time.sleep(0.2)
     assert h["in_flight"] == 0 and h["targets"]["primary"]["in_flight"] == 0
     assert h["targets"]["primary"]["breaker"] == "closed"  # a caller leaving is no verdict on the target
+
+
+@pytest.mark.parametrize("finish", ["done", "usage"])
+def test_an_upstream_stream_complete_by_its_own_convention_is_not_taken_for_a_cut(gw, faults, finish):
+    # "done": deltas, no finish_reason, then `data: [DONE]` (several servers and proxies); "usage": the
+    # finish_reason on the chunk that carries the usage. Four requests: past the breaker's three failures.
+    primary, backup = faults
+    primary.control(finish=finish)
+    for i in range(4):
+        text, final = stream_text(gw, f"complete {i}")
+        assert text == expected(f"complete {i}")
+        assert final["route"]["target"] == "primary" and final["failovers"] == []
+        r = chat(gw, f"whole {i}")
+        assert r.choices[0].message.content == expected(f"whole {i}") and r.choices[0].finish_reason == "stop"
+    assert backup.requests() == []
+    assert httpx.get(gw["base"] + "/healthz").json()["targets"]["primary"]["breaker"] == "closed"
+
+
+def test_a_connection_closed_before_any_answer_is_retried_once_on_another_before_it_counts(gw, faults):
+    # As a pooled keep-alive connection to an upstream that restarted: the request is read, no answer comes.
+    primary, backup = faults
+    assert chat(gw, "fill the pool").choices[0].message.content == expected("fill the pool")
+    primary.control(drop_requests=1)
+    r = chat(gw, "after a restart")
+    assert r.choices[0].message.content == expected("after a restart")
+    assert r.model_extra["keel"]["route"]["target"] == "primary" and r.model_extra["keel"]["failovers"] == []
+    assert len(primary.requests()) == 3 and backup.requests() == []  # the dropped one, once more, no failover
+    primary.control(drop_requests=2)  # twice in a row is the target's failure: the backup answers
+    r = chat(gw, "still down")
+    assert r.choices[0].message.content == expected("still down")
+    assert [f["target"] for f in r.model_extra["keel"]["failovers"]] == ["primary"]
+    assert r.model_extra["keel"]["route"]["target"] == "backup"
+
+
+def test_unknown_paths_and_wrong_methods_are_refused_in_openai_shape(gw):
+    for method, path, status, code in [("POST", "/v1/chat/complete", 404, "unknown_url"),
+                                       ("GET", "/nothing/here", 404, "unknown_url"),
+                                       ("GET", "/v1/chat/completions", 405, "method_not_allowed"),
+                                       ("DELETE", "/v1/models", 405, "method_not_allowed")]:
+        r = httpx.request(method, gw["base"] + path, headers={"Authorization": f"Bearer {gw['key']}"})
+        assert r.status_code == status, (method, path, r.text)
+        assert r.json() == {"error": {"message": f"{'Invalid URL' if status == 404 else 'Method not allowed'} "
+                                                 f"({method} {path})", "type": "invalid_request_error",
+                                      "param": None, "code": code}}
+        if status == 405:
+            assert r.headers["allow"]
+
+
+def test_the_openapi_document_describes_the_request_bodies_the_gateway_parses(gw):
+    doc = httpx.get(gw["base"] + "/openapi.json").json()
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"} <= set(doc["paths"])
+    chat = doc["paths"]["/v1/chat/completions"]["post"]
+    assert chat["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ChatRequest"}
+    assert chat["security"] == [{"ApiKeyAuth": []}]
+    schema = doc["components"]["schemas"]["ChatRequest"]
+    assert {"model", "messages"} <= set(schema["required"]) and "stream_options" in schema["properties"]

@@ -50,3 +50,23 @@ def test_each_replica_enforces_its_share_and_a_config_change_applies():
     rl = RateLimiter(share=0.5, clock=clock)
     assert [rl.admit("a", 4, None, 1) for _ in range(3)][-1] is not None  # 2 per replica of 2
     assert rl.admit("a", 40, None, 1) is None  # a raised limit starts a new, full bucket
+
+
+def test_headers_say_the_limit_what_is_left_and_when_it_is_whole_again_as_openai_does():
+    clock = Clock()
+    rl = RateLimiter(share=0.5, clock=clock)  # one of two replicas: half of each limit here
+    assert rl.headers("a", None, None) == {}  # no limit, nothing to say
+    assert rl.admit("a", 60, 6000, 1000) is None
+    assert rl.headers("a", 60, 6000) == {
+        "x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "58", "x-ratelimit-reset-requests": "2s",
+        "x-ratelimit-limit-tokens": "6000", "x-ratelimit-remaining-tokens": "4000",
+        "x-ratelimit-reset-tokens": "20s"}  # this replica refills at half the pace
+    clock.t += 1.5
+    assert rl.headers("a", 60, None)["x-ratelimit-reset-requests"] == "500ms"
+
+
+def test_durations_are_written_as_openai_writes_them():
+    from keel.ratelimit import duration
+
+    assert [duration(s) for s in (0, 0.0004, 0.25, 1, 1.5, 59.9994, 360, 361.25)] == [
+        "0s", "0s", "250ms", "1s", "1.5s", "59.999s", "6m0s", "6m1.25s"]

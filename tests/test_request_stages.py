@@ -258,6 +258,12 @@ def test_admit_refuses_at_capacity_then_applies_the_tenants_rate_limit():
     limited = refused(admit, second)
     assert wire(limited) == (429, "rate_limit_exceeded", None) and 1 <= limited.retry_after <= 60
     assert "tenant 'basic' is over its rate limit (1 requests" in limited.message and second.charged == 0
+    # OpenAI's headers, on the answer and on the refusal alike (reply sends ctx.headers with either)
+    assert first.headers["x-ratelimit-limit-requests"] == "1" and first.headers["x-ratelimit-remaining-requests"] == "0"
+    assert second.headers["x-ratelimit-reset-requests"] == "1m0s" and "x-ratelimit-limit-tokens" not in second.headers
+    unlimited = parsed()
+    run(admit(unlimited))
+    assert not [h for h in unlimited.headers if h.startswith("x-ratelimit")]  # acme has no limit: nothing to say
     clock.t += 60
     run(admit(parsed(tenant="basic")))  # a minute later: admitted again
 
@@ -322,6 +328,20 @@ def test_route_maps_each_exclusion_to_its_error():
     assert wire(refused(router(us), parsed({**CHAT, "tools": tools}))) == (400, "unsupported_parameter", "tools")
     small = FakeTarget("small", ctx=500)
     assert wire(refused(router(small), parsed())) == (400, "context_length_exceeded", "messages")
+
+
+def test_content_parts_go_only_to_a_target_that_reads_them_and_an_unknown_part_is_refused():
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    body = {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}]}
+    text_only, seeing = FakeTarget("text-only"), FakeTarget("seeing")
+    seeing.config = seeing.config.model_copy(update={"supports": ["images"]})
+    e = refused(router(text_only), parsed(body))  # never dropped: the caller hears which part no target reads
+    assert wire(e) == (400, "unsupported_parameter", "messages") and "image_url content parts (images)" in e.message
+    ctx = parsed(body)
+    run(router(text_only, seeing)(ctx))
+    assert ctx.route.ranked == ("seeing",) and str(ctx.route.excluded["text-only"]).startswith("capability")
+    odd = refused(Parse(), context({**CHAT, "messages": [{"role": "user", "content": [{"type": "video", "v": 1}]}]}))
+    assert wire(odd) == (400, "invalid_parameter", "messages.0.content") and "'video'" in odd.message
 
 
 def test_route_says_no_healthy_target_with_the_breakers_retry_after():
@@ -568,10 +588,37 @@ def test_a_whole_answer_and_a_streamed_one_take_the_same_path_and_are_recorded_o
         return out
 
     out = run(events())
-    assert out[-1] == "data: [DONE]\n\n" and out[-2].startswith("event: keel.route")
-    text = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in out[:-2])
-    assert text == "Hello there."
+    assert out[-1] == "data: [DONE]\n\n" and all(e.startswith("data: ") for e in out)  # unnamed events only
+    chunks = [json.loads(e[6:]) for e in out[:-1]]
+    assert all(c["choices"] for c in chunks)  # no usage chunk was asked for: every chunk has its choice
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "Hello there."
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "stop"
+    assert [("keel" in c) for c in chunks] == [False] * (len(chunks) - 1) + [True]  # on the finishing chunk
+    assert chunks[-1]["keel"]["route"]["target"] == "us-1"
     assert [r[2]["status"] for r in trails.records] == [200, 200] and admission.in_flight == 0
+
+
+def test_a_stream_that_asks_for_usage_ends_with_openais_usage_chunk_holding_the_keel_field():
+    handle, _, _ = gateway(FakeTarget("us-1"), guard=FakeGuard())
+
+    async def events():
+        resp = await handle(context({**CHAT, "stream": True, "stream_options": {"include_usage": True}}))
+        return [e async for e in resp.body_iterator]
+
+    out = run(events())
+    assert out[-1] == "data: [DONE]\n\n" and all(e.startswith("data: ") for e in out)
+    *answer, last = [json.loads(e[6:]) for e in out[:-1]]
+    assert last["choices"] == [] and last["object"] == "chat.completion.chunk" and last["id"] == answer[0]["id"]
+    assert set(last["usage"]) >= {"prompt_tokens", "completion_tokens", "total_tokens"}
+    assert last["keel"]["route"]["target"] == "us-1"
+    assert all(c["choices"] and "keel" not in c and "usage" not in c for c in answer)
+    assert answer[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_whole_chat_answer_carries_openais_required_refusal_field():
+    handle, _, _ = gateway(FakeTarget("us-1"))
+    message = json.loads(run(handle(context())).body)["choices"][0]["message"]
+    assert message["refusal"] is None and message["role"] == "assistant"
 
 
 def test_a_stage_ending_the_request_is_answered_in_openai_shape_and_recorded():
@@ -592,7 +639,7 @@ def test_an_answers_time_is_split_into_the_models_and_keels():
     async def keel_of(body: dict) -> tuple[dict, float]:
         arrived = time.monotonic()
         resp = await handle(RequestContext(HTTP(body), "chat", "req-1", arrived))
-        if body.get("stream"):  # the last event before [DONE]
+        if body.get("stream"):  # the last chunk before [DONE]
             keel = json.loads([e async for e in resp.body_iterator][-2].split("data: ", 1)[1])["keel"]
         else:
             keel = json.loads(resp.body)["keel"]

@@ -33,6 +33,7 @@ class Admit:
         tenant = required(ctx.tenant)
         tokens = estimate_tokens(ctx.prompt_text) + ctx.max_tokens
         wait = self.limiter.admit(tenant.name, tenant.requests_per_minute, tenant.tokens_per_minute, tokens)
+        ctx.headers.update(self.limiter.headers(tenant.name, tenant.requests_per_minute, tenant.tokens_per_minute))
         if wait is not None:
             raise RateLimitError(f"tenant {tenant.name!r} is over its rate limit ({tenant.requests_per_minute or '-'} "
                                  f"requests, {tenant.tokens_per_minute or '-'} tokens per minute); retry after "

@@ -4,7 +4,6 @@ once, when its answer is over or its caller has gone."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
@@ -74,21 +73,37 @@ class Reply:
         ctx.status = 200
 
     async def _events(self, ctx: RequestContext, meta: dict[str, Any]) -> AsyncIterator[str]:
-        role = True
+        # The route can change after the headers went out (a mid-stream failover), so the `keel` field is
+        # sent once the answer is over: on the usage chunk when the caller asked for one (as OpenAI sends
+        # `include_usage`), else on the chunk that finishes the answer, held back until then. A chunk
+        # without choices that nobody asked for would break the `chunk.choices[0]` of many clients.
+        role, last = True, None
         try:
             async with aclosing(self._answer(ctx)) as answer:
                 async for chunk in answer:
-                    if role or chunk.text or chunk.tool_calls or chunk.finish_reason:
-                        yield api.sse_chunk(ctx.kind, meta, chunk, role=role)
-                        role = False
+                    if not (role or chunk.text or chunk.tool_calls or chunk.finish_reason):
+                        continue
+                    if last is not None:  # a finish_reason that was not the last chunk after all
+                        yield api.sse(last)
+                    body = api.chunk_body(ctx.kind, meta, chunk, role=role)
+                    role = False
+                    last = body if chunk.finish_reason else None
+                    if last is None:
+                        yield api.sse(body)
             if ctx.error is not None:
+                if last is not None:
+                    yield api.sse(last)
+                    last = None
                 yield api.error_event(ctx.error)
         finally:
             await self.finish(ctx)
-        # The route can change after the headers went out (a mid-stream failover): the final event holds it.
-        final = {**meta, "object": "chat.completion.chunk" if ctx.kind == "chat" else "text_completion",
-                 "choices": [], "usage": required(ctx.outcome).usage, "keel": self._keel(ctx)}
-        yield f"event: keel.route\ndata: {json.dumps(final)}\n\n"
+        keel = {"keel": self._keel(ctx)}
+        if required(ctx.request).include_usage:
+            if last is not None:
+                yield api.sse(last)
+            yield api.sse(api.usage_chunk(ctx.kind, meta, required(ctx.outcome).usage) | keel)
+        elif last is not None:
+            yield api.sse(last | keel)
         yield "data: [DONE]\n\n"
 
     def _keel(self, ctx: RequestContext) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from keel.routing import (
     plan,
     uses_complexity,
 )
-from serving.api import ChatRequest, CompletionRequest
+from serving.api import PART_FEATURES, ChatRequest, CompletionRequest
 from serving.failover import TargetState, retry_after
 from serving.request.context import RequestContext
 
@@ -90,9 +90,11 @@ class Router:
                                         "never sends it to another zone",
                                         retry_after=retry_after(self.states.values(), self.retry_after_s))
         if lacking := in_zone.get(Exclusion.CAPABILITY):
-            missing = rr.needs - set(self.states[lacking].target.config.supports)
-            param = "tools" if "tools" in missing else "response_format"
-            return UnsupportedParameterError(f"no model target for {ctx.model!r} supports {param}", param=param)
+            missing = sorted(rr.needs - set(self.states[lacking].target.config.supports))
+            param = next((p for p in ("tools", "response_format") if p in missing), "messages")
+            parts = {f: t for t, f in PART_FEATURES.items() if f is not None}
+            what = ", ".join(f"{parts[m]} content parts ({m})" if m in parts else m for m in missing)
+            return UnsupportedParameterError(f"no model target for {ctx.model!r} supports {what}", param=param)
         if Exclusion.CONTEXT in in_zone:
             return ContextLengthExceededError(
                 f"the prompt ({rr.prompt_tokens} tokens, estimated) plus max_tokens ({rr.max_tokens}) exceeds every "
@@ -109,7 +111,7 @@ def _needs(req: ChatRequest | CompletionRequest) -> frozenset[str]:
     """The request features a target must support to serve it."""
     if not isinstance(req, ChatRequest):
         return frozenset()
-    needs = set()
+    needs = {f for m in req.messages for f in m.features()}
     if req.tools:
         needs.add("tools")
     if req.response_format and req.response_format.get("type") not in (None, "text"):

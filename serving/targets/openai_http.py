@@ -70,9 +70,9 @@ class OpenAIHTTPTarget:
     async def stream(self, kind: Kind, body: dict[str, Any]) -> AsyncIterator[Chunk]:
         path = "/chat/completions" if kind == "chat" else "/completions"
         payload = {**body, "model": self.model, "stream": True, "stream_options": {"include_usage": True}}
-        finished = False
+        finished = done = False
         try:
-            async with self.session().post(self.base_url + path, json=payload) as resp:
+            async with await self._post(self.base_url + path, payload) as resp:
                 if resp.status >= 400:
                     raise _status_error(resp.status, await resp.read(), resp.headers.get("retry-after"))
                 async for raw in resp.content:
@@ -81,6 +81,7 @@ class OpenAIHTTPTarget:
                         continue
                     data = line[5:].strip()
                     if data == b"[DONE]":
+                        done = True
                         break
                     event = json.loads(data)
                     if "error" in event:
@@ -94,8 +95,23 @@ class OpenAIHTTPTarget:
             raise TargetError("timeout", f"{self.config.name}: connect timeout") from e
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
             raise TargetError("cut", f"{self.config.name}: stream broke: {type(e).__name__}") from e
-        if not finished:
-            raise TargetError("cut", f"{self.config.name}: stream ended without a finish_reason")
+        if finished:
+            return
+        if not done:
+            raise TargetError("cut", f"{self.config.name}: stream ended with neither a finish_reason nor [DONE]")
+        # Several servers and proxies end a complete answer with [DONE] and no finish_reason: only a stream
+        # that stops before [DONE] is cut.
+        yield Chunk(finish_reason="stop")
+
+    async def _post(self, url: str, payload: dict[str, Any]) -> aiohttp.ClientResponse:
+        """The response's head. A pooled keep-alive connection the upstream closed (it restarted) fails
+        before any answer: once more, on another connection, before it counts as the target's failure."""
+        try:
+            return await self.session().post(url, json=payload)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+            if isinstance(e, aiohttp.ClientConnectorError):  # no connection at all: nothing to retry
+                raise
+            return await self.session().post(url, json=payload)
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -123,4 +139,4 @@ def _float(v: str | None) -> float | None:
 
 
 KIND = TargetKind(name="openai", external=True, options=OpenAIOptions, target=OpenAIHTTPTarget,
-                  supports=frozenset({"tools", "response_format"}))
+                  supports=frozenset({"tools", "response_format", "images", "audio", "files"}))

@@ -82,4 +82,4 @@ class VLLMTarget:
 
 
 KIND = TargetKind(name="vllm", external=False, options=VLLMOptions, target=VLLMTarget, deployment=deployment,
-                  supports=frozenset({"tools", "response_format"}))
+                  supports=frozenset({"tools", "response_format", "images"}))

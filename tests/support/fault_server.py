@@ -11,7 +11,8 @@ byte it received (request line, headers, body). Control it over HTTP:
 
     POST /_control {"mode": "ok|error|rate_limit|stall|cut", "after_tokens": 5, "delay_s": 0.01,
                     "first_delay_s": 0.0, "overlap_chars": 0, "append": "", "chunk_chars": 0,
-                    "answer": "echo|grounded|ungrounded|toxic"}
+                    "answer": "echo|grounded|ungrounded|toxic", "finish": "chunk|usage|done",
+                    "drop_requests": 0}
     GET  /_requests    every request body received, oldest first
     GET  /_raw         every byte received on the model endpoints, as one octet stream
     POST /_reset       forget requests, back to mode ok, answer echo, no first delay
@@ -22,7 +23,11 @@ continuation first repeat that many characters of the partial answer (as real mo
 adds a fixed text to every answer (a model volunteering something it was not asked); chunk_chars > 0
 streams pieces of that many characters instead of words (so a word can arrive split). delay_s is
 the pause before each token (a whole answer waits for all of them at once); first_delay_s, one pause
-before the first byte of any answer (time to first token).
+before the first byte of any answer (time to first token). finish: where a stream's finish_reason goes:
+a chunk of its own (chunk), the chunk that carries the usage (usage), or nowhere, the stream ending with
+`data: [DONE]` alone (done), as several real servers and proxies do. drop_requests: that many next requests
+are read and their connection closed with no answer, as a pooled keep-alive connection to a server that
+restarted fails.
 
 answer (chat, not JSON mode or tool calls): targets for the evaluation's tests, each differing from
 `grounded` in one quality only, so that an evaluation tells them apart on that quality alone.
@@ -221,7 +226,8 @@ def tokens(text: str) -> list[str]:
 class FaultServer:
     def __init__(self, mode: str = "ok", delay_s: float = 0.0, answer: str = "echo") -> None:
         self.control: dict[str, Any] = {"mode": mode, "after_tokens": 5, "delay_s": delay_s, "first_delay_s": 0.0,
-                                        "overlap_chars": 0, "append": "", "chunk_chars": 0, "answer": answer}
+                                        "overlap_chars": 0, "append": "", "chunk_chars": 0, "answer": answer,
+                                        "finish": "chunk", "drop_requests": 0}
         self.requests: list[dict[str, Any]] = []
         self.raw = bytearray()
 
@@ -253,7 +259,7 @@ class FaultServer:
         self.requests.clear()
         self.raw.clear()
         self.control.update(mode="ok", after_tokens=5, overlap_chars=0, append="", chunk_chars=0, answer="echo",
-                            first_delay_s=0.0)
+                            first_delay_s=0.0, finish="chunk", drop_requests=0)
         return web.json_response(self.control)
 
     async def models(self, request: web.Request) -> web.Response:
@@ -273,6 +279,10 @@ class FaultServer:
         body = json.loads(raw)
         self.requests.append(body)
         c = self.control
+        if c["drop_requests"] > 0:  # as a keep-alive connection the server closed (it restarted) fails
+            c["drop_requests"] -= 1
+            request.transport.close()  # type: ignore[union-attr]
+            return web.Response()
         if c["first_delay_s"]:
             await asyncio.sleep(c["first_delay_s"])
         if c["mode"] == "error":
@@ -335,9 +345,13 @@ class FaultServer:
                     await asyncio.sleep(c["delay_s"])
                 piece = {"text": tok} if kind == "completion" else {"delta": {"content": tok}}
                 await send({"index": 0, **piece, "finish_reason": None})
+            if c["finish"] == "chunk":
+                await send({"index": 0, **({"text": ""} if kind == "completion" else {"delta": {}}),
+                            "finish_reason": "stop"})
+        if c["finish"] == "usage":  # the finishing choice and the usage in one chunk, whether asked or not
             await send({"index": 0, **({"text": ""} if kind == "completion" else {"delta": {}}),
-                        "finish_reason": "stop"})
-        if (body.get("stream_options") or {}).get("include_usage"):
+                        "finish_reason": "stop"}, {"usage": usage})
+        elif (body.get("stream_options") or {}).get("include_usage"):
             event = {"id": "fault-1", "object": "chat.completion.chunk", "created": int(time.time()),
                      "model": body.get("model"), "choices": [], "usage": usage}
             await resp.write(f"data: {json.dumps(event)}\n\n".encode())
