@@ -36,7 +36,7 @@ from serving.request.admit import Admission, Admit
 from serving.request.authenticate import Authenticate
 from serving.request.check import Check
 from serving.request.context import Endpoint, RequestContext, request_id
-from serving.request.embed import EMBEDDING_MODEL, Embed
+from serving.request.embed import EMBEDDING_MODEL, Embed, ParseEmbedding
 from serving.request.generate import Generate
 from serving.request.ground import Ground
 from serving.request.parse import Parse
@@ -103,17 +103,19 @@ class Gateway:
         self.authenticate = Authenticate(KeyRing(settings), {t.name: t for t in policy.tenants})
         self.generate = Generate(self.states, Limits(g.request_timeout_s, g.first_token_timeout_s, g.stall_timeout_s),
                                  self.admission, g.retry_after_s)
+        admit = Admit(self.admission, limiter)
         self.stages = (
-            self.authenticate, Parse(), Scope(policy), Admit(self.admission, limiter),
+            self.authenticate, Parse(), Scope(policy), admit,
             Ground(retriever.search, policy, g.rag_top_k, g.rag_zone),
             Router(self.states, g.strategy, Weights(g.weights.latency, g.weights.cost, g.weights.complexity),
                    g.complexity_threshold, g.retry_after_s, self.board),
             Protect(_guard(settings), policy, {n: s.target.config.kind for n, s in self.states.items()}),
             self.generate, Check(),
         )
-        self.embedding_stages = (self.authenticate, Embed(retriever.embed))
+        self.embedding_stages = (self.authenticate, ParseEmbedding(), Scope(policy), admit, Embed(retriever.embed))
         zones = {n: s.target.config.zone for n, s in self.states.items()}
-        self.record = Record(self.trails, self.metrics, limiter, zones, next(iter(policy.zones)), self.clock)
+        self.record = Record(self.trails, self.metrics, limiter, zones, next(iter(policy.zones)), self.clock,
+                             digest_key=settings.audit.hmac_key.get_secret_value().encode())
         self.reply = Reply(self.generate, self.record)
         for zone in policy.zones:  # the configuration this replica decides under, in every zone
             self.trails.submit(zone, "config", **config_fields(settings))

@@ -263,7 +263,7 @@ def test_show_explains_one_decision_in_words():
         "guard": {"pseudonymized": True, "pii_entities": {"PERSON": 2, "EMAIL_ADDRESS": 1},
                   "output_redacted": {"US_SSN": 1}, "toxicity": 0.91, "toxicity_action": "flagged",
                   "output_error": False},
-        "prompt_sha256": "ab" * 32, "prev": "0" * 64, "hash": "cd" * 32,
+        "prompt_hmac": "ab" * 32, "prev": "0" * 64, "hash": "cd" * 32,
     }
     assert audit.explain(record).splitlines() == [
         "interaction req-1 at 2026-12-04T07:00:00.000000+00:00 (writer gateway-a, record 4)",

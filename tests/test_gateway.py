@@ -136,7 +136,7 @@ def test_every_interaction_lands_in_the_audit_trail_readable_by_its_own_tenant_o
     (rec,) = mine.json()["data"]
     assert (rec["tenant"], rec["status"], rec["target"], rec["endpoint"]) == ("demo", 200, "primary", "chat")
     assert rec["usage"]["completion_tokens"] > 0 and rec["route"]["strategy"] == "pinned"
-    assert len(rec["prompt_sha256"]) == 64 and len(rec["response_sha256"]) == 64 and rec["hash"] and rec["prev"]
+    assert len(rec["prompt_hmac"]) == 64 and len(rec["response_hmac"]) == 64 and rec["hash"] and rec["prev"]
     assert "4111" not in mine.text  # hashes of the exchange, never its text
     other = httpx.get(f"{gw['base']}/v1/audit/{rid}", headers={"Authorization": f"Bearer {gw['other_key']}"})
     assert other.status_code == 404 and other.json()["error"]["code"] == "not_found"  # not 403: ids do not leak

@@ -4,6 +4,8 @@ fake keys, trails and guard (pure Python, no network)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import time
 from collections.abc import AsyncIterator
@@ -11,6 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from keel import errors
+from keel.audit import canonical
 from keel.breaker import CircuitBreaker
 from keel.guard import Actions, Protected
 from keel.pipeline.index import Hit
@@ -144,6 +147,7 @@ POLICY = Policy(
                     default_class=DataClass.internal, requests_per_minute=1, purpose="evaluation")],
 )
 TENANTS = {t.name: t for t in POLICY.tenants}
+KEY = b"the-trails-key"  # the audit trail's HMAC key
 CHAT = {"model": "keel/auto", "messages": [{"role": "user", "content": "Hi, I am Maria."}]}
 
 
@@ -491,7 +495,7 @@ def test_check_without_the_guard_passes_the_answer_as_it_came():
 
 
 def recorder(trails: Trails, limiter: Limiter, clock: Clock) -> Record:
-    return Record(trails, Metrics({}), limiter, {"us-1": "us", "eu-1": "eu"}, "us", clock)
+    return Record(trails, Metrics({}), limiter, {"us-1": "us", "eu-1": "eu"}, "us", clock, digest_key=KEY)
 
 
 def test_record_writes_one_audit_record_in_the_answering_targets_zone_and_settles_tokens():
@@ -511,7 +515,9 @@ def test_record_writes_one_audit_record_in_the_answering_targets_zone_and_settle
         "request_id": "req-1", "tenant": "acme", "endpoint": "chat", "model": "keel/auto", "status": 200,
         "latency_ms": 250.0, "target": "eu-1", "data_class": "pii", "zone": "eu"}
     assert rec["route"]["excluded"] == {} and rec["usage"]["total_tokens"] == 7 and rec["failovers"] == []
-    assert len(rec["prompt_sha256"]) == 64 and len(rec["response_sha256"]) == 64
+    assert len(rec["prompt_hmac"]) == 64 and len(rec["response_hmac"]) == 64
+    assert rec["prompt_hmac"] == hmac.new(KEY, canonical(ctx.body), "sha256").hexdigest()  # keyed: not guessable
+    assert rec["prompt_hmac"] != hashlib.sha256(canonical(ctx.body)).hexdigest()
     assert rec["guard"] == Actions().record() and "Maria" not in json.dumps(rec)
     assert rec["model_ms"] == round(ctx.outcome.model_s * 1000, 1) and "purpose" not in rec  # a user's request
     assert limiter.settled == [("acme", 600, 7)]
@@ -558,7 +564,7 @@ def gateway(*targets: FakeTarget, guard: FakeGuard | None = None, clock=None):
               Ground(lambda *a: [], POLICY, 4, None), Router(sts, "latency", Weights(), 0.5, 1),
               Protect(guard, Pseudonymizes(True), {n: "openai" for n in sts}), gen, Check()]
     reply = Reply(gen, Record(trails, Metrics(sts), limiter, {n: s.target.config.zone for n, s in sts.items()}, "us",
-                              clock))
+                              clock, digest_key=KEY))
 
     async def handle(ctx: RequestContext):
         try:
@@ -651,3 +657,40 @@ def test_an_answers_time_is_split_into_the_models_and_keels():
         assert 0 <= keel["keel_ms"] < keel["model_ms"]  # fakes all round: the gateway's own time is small
         assert keel["model_ms"] + keel["keel_ms"] <= total_ms + 0.2  # both taken before the reply was over
         assert trails.records[-1][2]["model_ms"] == keel["model_ms"]  # the audit record's is the same
+
+
+# -- embeddings -----------------------------------------------------------------------------------
+
+
+def test_embeddings_take_scope_admission_and_the_record_like_chat():
+    import numpy as np
+
+    from keel.ratelimit import RateLimiter
+    from serving.request.embed import Embed, ParseEmbedding
+
+    trails, clock = Trails(), Clock()
+    admit = Admit(Admission(limit=8, retry_after_s=1), RateLimiter(clock=clock))
+    stages = [Authenticate(Keys(), TENANTS), ParseEmbedding(), Scope(POLICY), admit,
+              Embed(lambda texts: np.ones((len(texts), 4), dtype=np.float32))]
+    record = recorder(trails, Limiter(), clock)
+    body = {"model": "all-MiniLM-L6-v2", "input": ["Maria's refund", "order 5512"]}
+
+    def embed(tenant_key: str = "good-key", **headers: str) -> RequestContext:
+        ctx = RequestContext(HTTP(body, key=tenant_key, **headers), "embeddings", "req-1", 100.0)
+        try:
+            run(through(stages, ctx))
+            ctx.status = 200
+        except errors.KeelError as e:
+            ctx.fail(e)
+        record(ctx)
+        return ctx
+
+    ok = embed(x_keel_data_class="pii", x_keel_zone="eu")
+    assert ok.status == 200 and len(ok.result["data"]) == 2
+    assert trails.records[-1][0] == "eu" and trails.records[-1][2]["data_class"] == "pii"  # audited where it may be
+    assert embed(x_keel_zone="mars").status == 403  # a zone the tenant may not use: refused, not answered in us
+    assert embed(x_keel_data_class="secret").status == 400
+    assert embed(x_keel_data_class="pii", x_keel_zone="us").status == 403  # pii may not go to us
+    first = embed("basic-key")
+    assert first.status == 200 and first.headers["x-ratelimit-limit-requests"] == "1"
+    assert embed("basic-key").status == 429  # the tenant's rate limit counts embeddings too

@@ -4,7 +4,7 @@ answered, never the text) in the zone where its data went."""
 
 from __future__ import annotations
 
-import hashlib
+import hmac
 import logging
 import os
 import time
@@ -24,9 +24,10 @@ class Record:
     name = "record"
 
     def __init__(self, trails: Trails, metrics: Metrics, limiter: RateLimiter, target_zones: Mapping[str, str],
-                 home_zone: str, clock: Callable[[], float] = time.monotonic) -> None:
+                 home_zone: str, clock: Callable[[], float] = time.monotonic, *, digest_key: bytes) -> None:
         self.trails, self.metrics, self.limiter, self.clock = trails, metrics, limiter, clock
         self.target_zones, self.home_zone = target_zones, home_zone  # home: where a record with no zone goes
+        self.digest_key = digest_key  # the trail's key: a record's digests of the exchange are keyed with it
 
     def __call__(self, ctx: RequestContext) -> None:
         start = time.perf_counter()
@@ -51,14 +52,17 @@ class Record:
         target = ctx.outcome.target if ctx.outcome is not None else None
         zone = self.target_zones[target] if target else ctx.zones[0] if ctx.zones else self.home_zone
         try:
-            self.trails.submit(zone, "interaction", **interaction(ctx, seconds, zone))
+            self.trails.submit(zone, "interaction", **interaction(ctx, seconds, zone, self.digest_key))
         except Exception:  # a backlog: the answer is already decided; the failure must be visible
             self.metrics.audit_failed()
             logger.exception("audit record for request %s could not be written", ctx.rid)
 
 
-def interaction(ctx: RequestContext, seconds: float, zone: str) -> dict[str, Any]:
-    """One interaction's audit record: the decision and its numbers, hashes of the exchange, never its text."""
+def interaction(ctx: RequestContext, seconds: float, zone: str, key: bytes) -> dict[str, Any]:
+    """One interaction's audit record: the decision and its numbers, keyed digests of the exchange (HMAC-SHA256
+    with the trail's key: of the body as the target got it, pseudonymized, where the request got that far, and
+    of the answer's SHA-256), never its text. A plain hash would not do: a short value in a refused or an
+    embeddings body (a name and a phone number) is found again by hashing guesses."""
     out: dict[str, Any] = {"request_id": ctx.rid, "tenant": ctx.tenant.name if ctx.tenant else None,
                            "endpoint": ctx.endpoint, "model": ctx.model, "status": ctx.status,
                            "latency_ms": round(seconds * 1000, 1)}
@@ -66,11 +70,12 @@ def interaction(ctx: RequestContext, seconds: float, zone: str) -> dict[str, Any
         out["route"] = {"strategy": route.strategy, "reason": route.reason, "ranked": list(route.ranked),
                         "excluded": route.excluded_text()}
     if ctx.body is not None:
-        out["prompt_sha256"] = hashlib.sha256(canonical(ctx.body)).hexdigest()
+        out["prompt_hmac"] = hmac.new(key, canonical(ctx.body), "sha256").hexdigest()
     if (o := ctx.outcome) is not None:
         out |= {"target": o.target, "failovers": o.failovers, "usage": o.usage,
                 "ttft_ms": round(o.ttft_s * 1000, 1) if o.ttft_s is not None else None,
-                "model_ms": round(o.model_s * 1000, 1), "response_sha256": o.answer.hexdigest() if o.target else None}
+                "model_ms": round(o.model_s * 1000, 1),
+                "response_hmac": hmac.new(key, o.answer.digest(), "sha256").hexdigest() if o.target else None}
     if ctx.tenant is not None and ctx.tenant.purpose == "evaluation":  # apart from users' traffic; absent otherwise
         out["purpose"] = "evaluation"
     return out | {"data_class": ctx.data_class.value if ctx.data_class else None, "zone": zone,
