@@ -342,6 +342,7 @@ def up(
     from keel.errors import StackError
     from keel.stack import LocalStack
 
+    os.umask(0o077)  # what `keel up` and its services write is the owner's only (keel.processes.spawn)
     stack = LocalStack(_settings(config), config)
     typer.echo(f"keel up: state in {stack.state}")
     t0 = time.monotonic()

@@ -59,6 +59,7 @@ def write_ahead_log(db: Path) -> None:
     the writer, and the server's workers' commits do not each rewrite a rollback journal."""
     import sqlite3
 
+    db.parent.mkdir(parents=True, exist_ok=True)
     with closing(sqlite3.connect(db)) as conn:
         conn.execute("PRAGMA journal_mode=WAL")
 
@@ -217,6 +218,10 @@ class LocalStack:
     # -- up --
 
     def up(self, say: Callable[[str], None] = print, load: bool = True, timeout_s: float = 600) -> UpResult:
+        # The state folder is the owner's only: keys, secrets, logs, snapshots, and Ray's session folder,
+        # which Ray makes world-writable (0777) whatever the umask, are out of other users' reach under it.
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.state.chmod(0o700)
         ray_token(self.token)
         result = UpResult(self.urls, self.quickstart_key(), "", "")
         self.evaluation_key()
