@@ -513,3 +513,49 @@ def test_the_openapi_document_describes_the_request_bodies_the_gateway_parses(gw
     assert chat["security"] == [{"ApiKeyAuth": []}]
     schema = doc["components"]["schemas"]["ChatRequest"]
     assert {"model", "messages"} <= set(schema["required"]) and "stream_options" in schema["properties"]
+
+
+def _events(gw, body: dict, path: str = "/v1/chat/completions") -> list[str]:
+    """A stream's raw SSE lines, blank lines left out."""
+    with httpx.stream("POST", gw["base"] + path, json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {gw['key']}"}) as r:
+        assert r.status_code == 200, r.read()
+        return [line for line in r.iter_lines() if line]
+
+
+def test_every_response_validates_against_openais_published_schema(gw, faults):
+    from tests.support.openai_schema import errors, validate
+
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    for body in ({"model": "primary", "messages": MSG}, {"model": "primary", "messages": MSG, "tools": tools}):
+        r = _post(gw, body)
+        assert r.status_code == 200
+        validate(r.json(), "CreateChatCompletionResponse")
+        for usage in (False, True):
+            asked = {"stream_options": {"include_usage": True}} if usage else {}
+            lines = _events(gw, {**body, "stream": True, **asked})
+            assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)  # no named events
+            chunks = [json.loads(line[6:]) for line in lines[:-1]]
+            for chunk in chunks:
+                validate(chunk, "CreateChatCompletionStreamResponse")
+            assert bool(chunks[-1]["choices"]) is not usage and "keel" in chunks[-1]
+    completion = {"model": "primary", "prompt": "hi"}
+    validate(_post(gw, completion, "/v1/completions").json(), "CreateCompletionResponse")
+    streamed = _events(gw, {**completion, "stream": True}, "/v1/completions")
+    *parts, last = [json.loads(line[6:]) for line in streamed[:-1]]
+    validate(last, "CreateCompletionResponse")  # OpenAI streams completions in the response's shape; the document
+    for part in parts:  # has no null finish_reason, which OpenAI sends on every chunk but the last: the only leeway
+        assert {e.split(":")[0] for e in errors(part, "CreateCompletionResponse")} <= {"choices/0/finish_reason"}
+        assert part["choices"][0]["finish_reason"] is None
+    embedded = httpx.post(gw["base"] + "/v1/embeddings", json={"model": "all-MiniLM-L6-v2", "input": ["a", "b"]},
+                          headers={"Authorization": f"Bearer {gw['key']}"}, timeout=120)  # the model may load first
+    validate(embedded.json(), "CreateEmbeddingResponse")
+    validate(httpx.get(gw["base"] + "/v1/models", headers={"Authorization": f"Bearer {gw['key']}"}).json(),
+             "ListModelsResponse")
+    refusals = [_post(gw, {"model": "primary", "messages": MSG}, key=False),
+                _post(gw, {"model": "nope", "messages": MSG}), _post(gw, None, raw=b"{not json"),
+                _post(gw, {"model": "primary", "messages": MSG}, "/v1/nothing"),
+                httpx.get(gw["base"] + "/v1/chat/completions")]
+    assert [r.status_code for r in refusals] == [401, 404, 400, 404, 405]
+    for r in refusals:
+        validate(r.json(), "ErrorResponse")
