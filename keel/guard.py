@@ -230,11 +230,19 @@ def _cut(text: str, spans: Sequence[tuple[int, int]]) -> list[tuple[int, str]]:
 
 def _text_slots(body: dict[str, Any]) -> list[tuple[int | None, Any, Any]]:
     """(message index, read, write) for every text a caller sent: the prompt (no message), each
-    message's content (string or text parts) and the arguments of tool calls in the history. Writes
-    replace the body's containers with copies, so the caller's request object is never changed in place."""
+    message's content (string or text parts), the arguments of tool calls in the history, the `user`
+    field (an end user's id, often an email) and the tools' descriptions. Writes replace the body's
+    containers with copies, so the caller's request object is never changed in place."""
     slots: list[tuple[int | None, Any, Any]] = []
-    if isinstance(body.get("prompt"), str):
-        slots.append((None, lambda: body["prompt"], lambda v: body.__setitem__("prompt", v)))
+    for name in ("prompt", "user"):
+        if isinstance(body.get(name), str):
+            slots.append((None, lambda n=name: body[n], lambda v, n=name: body.__setitem__(n, v)))
+    if body.get("tools"):
+        body["tools"] = tools = [{**t, "function": dict(t.get("function") or {})} for t in body["tools"]]
+        for t in tools:
+            if isinstance(t["function"].get("description"), str):
+                fn = t["function"]
+                slots.append((None, lambda fn=fn: fn["description"], lambda v, fn=fn: fn.__setitem__("description", v)))
     if "messages" in body:
         body["messages"] = messages = [dict(m) for m in body["messages"]]
         for i, m in enumerate(messages):

@@ -90,6 +90,19 @@ def test_one_vault_across_messages_text_parts_and_tool_arguments(guard):
     assert token in part and token in args and token in last and "example.com" not in part + args + last
 
 
+def test_the_user_field_and_tool_descriptions_are_pseudonymized_like_the_messages(guard):
+    tools = [{"type": "function", "function": {"name": "notify", "description": "Notify Maria Gonzalez by email",
+                                               "parameters": {"type": "object"}}}]
+    body = {"messages": [{"role": "user", "content": "Tell maria.gonzalez@example.com hello."}],
+            "user": "maria.gonzalez@example.com", "tools": tools}
+    p = guard.protect(body)
+    token = next(t for t, v in p.vault.values.items() if v == "maria.gonzalez@example.com")
+    assert p.body["user"] == token  # the same placeholder as in the prompt: one vault per request
+    assert "Maria Gonzalez" not in p.body["tools"][0]["function"]["description"]
+    assert p.body["tools"][0]["function"]["name"] == "notify" and tools[0]["function"]["description"].startswith(
+        "Notify Maria")  # the caller's request object is never changed in place
+
+
 def chunked(text: str, size: int) -> list[str]:
     return [text[i:i + size] for i in range(0, len(text), size)]
 
