@@ -559,3 +559,56 @@ def test_every_response_validates_against_openais_published_schema(gw, faults):
     assert [r.status_code for r in refusals] == [401, 404, 400, 404, 405]
     for r in refusals:
         validate(r.json(), "ErrorResponse")
+
+
+def test_the_authorization_matrix_covers_every_route_and_no_body_shows_another_tenants_data(gw, faults):
+    """Every route of the app x every caller (no key, a wrong key, a revoked key, each tenant) x, for the
+    audit endpoint, each tenant's request id: the expected status. A new route fails this test until it has
+    its row in the matrix."""
+    from keel.keys import KeyStore
+    from serving.gateway import app
+
+    store = KeyStore(gw["settings"])
+    revoked, rec = store.create("demo", "revoked for the matrix")
+    store.revoke(rec.id)
+    time.sleep(1.5)  # the key ring's refresh
+    keys = {"none": None, "wrong": "keel-wrong", "revoked": revoked, "demo": gw["key"], "other": gw["other_key"]}
+
+    def call(method: str, path: str, who: str, body: dict | None = None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {keys[who]}"} if keys[who] else {}
+        return httpx.request(method, gw["base"] + path, headers=headers, json=body, timeout=120)
+
+    ask = {"model": "primary", "messages": MSG}
+    rid = {who: call("POST", "/v1/chat/completions", who, ask).headers["x-request-id"] for who in ("demo", "other")}
+    denied = {"none": 401, "wrong": 401, "revoked": 401}
+    tenants_only, anyone = {**denied, "demo": 200, "other": 200}, dict.fromkeys(keys, 200)
+    matrix: dict[tuple[str, str], tuple[dict | None, dict[str, int]]] = {
+        ("POST", "/v1/chat/completions"): (ask, tenants_only),
+        ("POST", "/v1/completions"): ({"model": "primary", "prompt": "hi"}, tenants_only),
+        ("POST", "/v1/embeddings"): ({"model": "all-MiniLM-L6-v2", "input": "hi"}, tenants_only),
+        ("GET", "/v1/models"): (None, tenants_only),
+        ("GET", "/v1/audit/{request_id}"): (None, {}),  # below: per request id
+        ("GET", "/healthz"): (None, anyone),
+        ("GET", "/metrics"): (None, anyone),
+        ("GET", "/openapi.json"): (None, anyone),
+    }
+    routes = {(m, r.path) for r in app.routes for m in getattr(r, "methods", None) or () if m != "HEAD"}
+    assert routes == set(matrix), f"routes without a row: {routes - set(matrix)}; rows without a route: " \
+                                  f"{set(matrix) - routes}"
+    for (method, path), (body, expected) in matrix.items():
+        for who, status in expected.items():
+            r = call(method, path, who, body)
+            assert r.status_code == status, (method, path, who, r.text[:300])
+            for owner, owned in rid.items():  # another tenant's request id in no body
+                assert owner == who or owned not in r.text, (method, path, who)
+    for who in keys:
+        for owner, owned in rid.items():
+            r = call("GET", f"/v1/audit/{owned}", who)
+            want = denied.get(who) or (200 if who == owner else 404)  # 404, not 403: ids do not leak
+            assert r.status_code == want, (who, owner, r.text[:300])
+            assert who == owner or ("data" not in r.json() and f'"tenant":"{owner}"' not in r.text.replace(" ", ""))
+    # What anyone may read names no tenant, key or request id.
+    for path in ("/healthz", "/metrics"):
+        text = call("GET", path, "none").text
+        assert not [v for v in [*rid.values(), gw["key"], gw["other_key"], revoked] if v in text], path
+        assert "tenant" not in text and '"demo"' not in text and 'demo"' not in text, path
