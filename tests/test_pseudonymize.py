@@ -135,3 +135,19 @@ def test_engine_conversation_roundtrip(engine, docs):
     assert [restore(m, vault) for m in masked] == texts
     for (_, values), m in zip(docs, masked, strict=True):
         assert not any(v in m for v in values)
+
+
+def test_a_placeholder_cut_short_by_the_answers_end_never_reaches_the_caller_half_formed():
+    from keel.privacy.pseudonymize import StreamRestorer
+
+    vault = Vault({"<PERSON_1>": "Maria Lopez", "<PERSON_2>": "Ann Lee", "<EMAIL_ADDRESS_1>": "m@x.io"})
+
+    def answer(*pieces: str) -> str:
+        r = StreamRestorer(vault)
+        return "".join(r.feed(p) for p in pieces) + r.end()
+
+    assert answer("Hello, I'm <PER", "SON_1") == "Hello, I'm Maria Lopez"  # the one placeholder it can be
+    assert answer("Write to <EMAIL_") == "Write to m@x.io"
+    assert answer("Hello <PERSON_") == "Hello "  # <PERSON_1> or <PERSON_2>: neither is guessed
+    assert answer("if a <") == "if a <" and answer("x <P") == "x <P"  # maybe the model's own text
+    assert answer("Bye <PERSON_2>") == "Bye Ann Lee"

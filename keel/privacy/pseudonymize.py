@@ -125,6 +125,11 @@ class StreamRestorer:
         return restore(text, self.vault)
 
     def end(self) -> str:
-        """The held tail (a placeholder cut short stays as the model wrote it)."""
+        """The held tail, once the answer is over. A placeholder cut short (max_tokens ended the answer
+        inside "<PERSON_1>") never reaches the caller half-formed: the value of the one placeholder it
+        can be, else nothing. A "<" or "<X" alone may be the model's own text and stays as written."""
         held, self.held = self.held, ""
-        return restore(held, self.vault)
+        if len(held) < 3:
+            return held
+        could_be = [token for token in self.vault.values if token.startswith(held)]
+        return self.vault.values[could_be[0]] if len(could_be) == 1 else ""
