@@ -114,9 +114,10 @@ def test_keel_up_runs_the_whole_stack_and_keel_down_leaves_nothing(keel_stack):
         # State is the owner's only: the folder (Ray's own session folder inside it is 0777 by Ray's choice),
         # and what the services wrote: Airflow's generated admin password, the logs that print it, raw snapshots.
         assert local.state.stat().st_mode & 0o777 == 0o700
-        written = [local.airflow_home / "simple_auth_manager_passwords.json.generated", *local.logs.glob("*.log"),
-                   *(p for p in local.state.rglob("*") if "raw" in p.parts and p.is_file())]
-        assert len(written) > 5 and [p for p in written if p.stat().st_mode & 0o077] == []
+        raw = [p for zone in local.s.policy.zones.values() for p in Path(local.s.resolve(zone.storage)).rglob("*")
+               if "raw" in p.parts and p.is_file()]  # the ingest stage's snapshots, in each zone's storage
+        written = [local.airflow_home / "simple_auth_manager_passwords.json.generated", *local.logs.glob("*.log"), *raw]
+        assert raw and [p for p in written if p.stat().st_mode & 0o077] == []
 
         # A chat through the gateway with the printed key, on the openai SDK.
         from openai import OpenAI
