@@ -110,6 +110,8 @@ def search(
     query: str = typer.Argument(..., help="what to look for"),
     k: int = typer.Option(5, "-k", min=1, max=100, help="how many chunks"),
     zone: list[str] = ZoneOpt,
+    tenant: str | None = typer.Option(None, "--tenant", "-t",
+                                      help="only the sources this tenant may read, as its RAG does (default: all)"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per hit"),
     config: Path | None = ConfigOpt,
 ) -> None:
@@ -122,9 +124,14 @@ def search(
     if unknown:
         typer.echo(f"unknown zone(s): {', '.join(unknown)}; configured: {', '.join(settings.policy.zones)}", err=True)
         raise typer.Exit(2)
-    hits = Retriever(settings).search(query, zones, k)
+    if tenant is not None and tenant not in {t.name for t in settings.policy.tenants}:
+        typer.echo(f"unknown tenant {tenant!r}; configured: {', '.join(t.name for t in settings.policy.tenants)}",
+                   err=True)
+        raise typer.Exit(2)
+    hits = Retriever(settings).search(query, zones, k, tenant=tenant)
     if not hits:
-        typer.echo("no index yet: run the keel_ingest DAG (or `make up`) first", err=True)
+        readable = f"no chunk tenant {tenant!r} may read, or " if tenant is not None else ""
+        typer.echo(readable + "no index yet: run the keel_ingest DAG (or `make up`) first", err=True)
         raise typer.Exit(1)
     for rank, h in enumerate(hits, 1):
         if as_json:

@@ -110,11 +110,18 @@ class LandingSource(BaseModel):
     uri: str = Field(min_length=1)
     zone: str
     data_class: DataClass
+    # Tenants whose requests may retrieve this source's chunks (RAG); None: every tenant. Checked at
+    # query time, not indexed: a change takes effect at once, with no re-index (left out of config_version).
+    tenants: list[str] | None = Field(None, min_length=1)
 
 
 class PipelineSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sources: list[LandingSource] = Field(default_factory=list)
+
+    def readable_by(self, tenant: str) -> list[str]:
+        """Names of the sources whose chunks `tenant` may retrieve."""
+        return [s.name for s in self.sources if s.tenants is None or tenant in s.tenants]
     # A document above this size is quarantined by the scrub job instead of processed.
     max_doc_bytes: int = Field(1024 * 1024, ge=1)
     # Validation fails (and blocks downstream assets) when more than this share is quarantined.
@@ -332,6 +339,17 @@ class KeelSettings(BaseSettings):
                 )
         if len({s.name for s in self.pipeline.sources}) != len(self.pipeline.sources):
             raise ValueError("pipeline.sources: duplicate names")
+        tenants = {t.name for t in self.policy.tenants}
+        for i, src in enumerate(self.pipeline.sources):
+            if unknown := sorted(set(src.tenants or ()) - tenants):  # a typo must not open or close a source silently
+                raise ValueError(f"pipeline.sources.{i}.tenants: unknown tenant(s) {unknown}")
+        # A file under two sources is indexed under one of them only (the first listed), with its class and
+        # readers: a private folder inside a shared one would be read by the shared one's tenants.
+        roots = [(s.name, self.resolve(s.uri).rstrip("/") + "/") for s in self.pipeline.sources]
+        for a, ra in roots:
+            for b, rb in roots:
+                if a < b and (ra.startswith(rb) or rb.startswith(ra)):
+                    raise ValueError(f"pipeline.sources: {a!r} and {b!r} overlap ({ra} and {rb})")
         return self
 
     def resolve(self, location: str | Path) -> str:
@@ -356,18 +374,22 @@ class KeelSettings(BaseSettings):
     def config_version(self) -> str:
         """A hash of everything that shapes batch outputs: a change re-runs the pipeline's stages."""
         from keel import __version__
+        from keel.pipeline.index import CHUNKS_SCHEMA
 
         secret = hashlib.sha256(self.privacy.hash_key.get_secret_value().encode()).hexdigest()
         doc = {
             "keel": __version__,
             "privacy": self.privacy.model_dump(mode="json", exclude={"hash_key"}) | {"hash_key_sha256": secret},
             "pipeline": self.pipeline.model_dump(
-                mode="json", exclude={"alert_webhook", "mlflow_tracking_uri", "ray_address", "job_python", "retries",
-                                      "retry_delay_s", "scrub_actors", "embed_actors",
-                                      "embedding_device"}
+                mode="json", exclude=dict.fromkeys(("alert_webhook", "mlflow_tracking_uri", "ray_address", "job_python",
+                                                    "retries", "retry_delay_s", "scrub_actors", "embed_actors",
+                                                    "embedding_device"), True)
+                | {"sources": {"__all__": {"tenants"}}}  # who may read a source is decided at query time
             ),
             # Where outputs are stored does not change them: zones are left out, redaction modes are in.
             "policy": self.policy.model_dump(mode="json", include={"data_classes"}),
+            # The index's columns: an index without one a query filters on is rebuilt, not read half-blind.
+            "index_columns": CHUNKS_SCHEMA.names,
         }
         if self.pipeline.embedding_runtime == "onnx-int8":  # how the graph is quantized shapes the vectors too
             from keel.pipeline.embedding import INT8_RECIPE
@@ -387,6 +409,7 @@ class KeelSettings(BaseSettings):
         """What the gateway decides under, secrets and key hashes left out."""
         doc = self.model_dump(mode="json", include={"gateway", "guard", "policy"}, exclude={"policy": {"tenants"}})
         doc["tenants"] = [t.model_dump(mode="json", exclude={"api_key_hashes"}) for t in self.policy.tenants]
+        doc["source_readers"] = {s.name: s.tenants for s in self.pipeline.sources}  # what each tenant's RAG reads
         return doc
 
     @classmethod

@@ -53,6 +53,8 @@ def gw(ray_driver, tmp_path_factory):
     ]
     doc["policy"]["targets"][2]["max_context"] = 2048
     doc["policy"]["tenants"].append({"name": "other", "allowed_classes": ["public"], "default_class": "public"})
+    doc["pipeline"]["sources"] += [{"name": f"{t}-private", "uri": str(root / "landing" / t), "zone": "us",
+                                    "data_class": "public", "tenants": [t]} for t in ("demo", "other")]
     cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
     settings = load_settings(cfg)
     key, _ = KeyStore(settings).create("demo", "tests")
@@ -390,6 +392,7 @@ def test_rag_grounds_the_prompt_in_the_index_and_cites_its_chunks(gw, faults):
     chunks = pa.table({"chunk_id": [f"c{i}" for i in range(4)], "doc_id": [f"d{i}" for i in range(4)],
                        "seq": pa.array([0] * 4, pa.int32()),
                        "source": ["policy.md", "router.md", "offices.md", "visit.md"],
+                       "source_name": ["product", "product", "product", "clinical"],
                        "title": ["Refund policy", "Router", "Offices", "Visit"],
                        "data_class": ["public", "public", "public", "phi"], "text": texts,
                        "vector": pa.array(vectors.tolist(), index.CHUNKS_SCHEMA.field("vector").type)})
@@ -410,6 +413,42 @@ def test_rag_grounds_the_prompt_in_the_index_and_cites_its_chunks(gw, faults):
     phi = client(gw).chat.completions.create(model="primary", messages=[{"role": "user", "content": ask}],
                                              extra_body={"rag": True}, extra_headers={"x-keel-data-class": "phi"})
     assert "d3" in {c["doc_id"] for c in phi.model_extra["keel"]["citations"]}
+
+
+def test_rag_retrieves_the_shared_sources_and_the_tenants_own_never_anothers(gw, faults):
+    """Sources demo-private and other-private are each read by their own tenant only; product by both."""
+    import pyarrow as pa
+    from openai import OpenAI
+
+    from keel.pipeline import index
+    from keel.pipeline.embedding import Embedder
+    from keel.pipeline.snapshots import SnapshotStore
+    from keel.storage import ZoneStorage
+
+    settings = gw["settings"]
+    texts = {"product": "Refunds: annual plans can be refunded in full within 30 days of purchase.",
+             "demo-private": "Refund exception for annual plans bought before March: refunded within 90 days.",
+             "other-private": "Refund exception for annual plans: refunded only as store credit, never in cash."}
+    vectors = Embedder("onnx", index.model_cache(settings)).encode(list(texts.values()))
+    chunks = pa.table({"chunk_id": [f"t{i}" for i in range(3)], "doc_id": list(texts),
+                       "seq": pa.array([0] * 3, pa.int32()),
+                       "source": [f"{n}.md" for n in texts], "source_name": list(texts), "title": list(texts),
+                       "data_class": ["public"] * 3, "text": list(texts.values()),
+                       "vector": pa.array(vectors.tolist(), index.CHUNKS_SCHEMA.field("vector").type)})
+    storage = ZoneStorage.for_zone(settings, "us")
+    store = SnapshotStore(storage, "index")
+    staging = store.begin("rag-tenants-test")
+    index.write_table(storage.uri(staging.path, "lance"), chunks, storage)
+    store.commit(staging, {"counts": {"chunks": 3}})
+
+    for tenant, key, own, theirs in (("demo", gw["key"], "demo-private", "other-private"),
+                                     ("other", gw["other_key"], "other-private", "demo-private")):
+        # Asked in the other tenant's words: its chunk would be the nearest, and never reaches this one's model.
+        r = OpenAI(base_url=gw["base"] + "/v1", api_key=key, max_retries=0).chat.completions.create(
+            model="primary", messages=[{"role": "user", "content": texts[theirs]}], extra_body={"rag": True})
+        assert {c["doc_id"] for c in r.model_extra["keel"]["citations"]} == {"product", own}, tenant
+        system = faults[0].requests()[-1]["messages"][0]["content"]
+        assert texts[own] in system and texts["product"] in system and texts[theirs] not in system, tenant
 
 
 @pytest.mark.gpu

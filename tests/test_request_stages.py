@@ -289,13 +289,14 @@ def test_the_evaluation_tenants_requests_do_not_use_a_user_tenants_budget():
 def test_ground_retrieves_in_the_request_zones_with_the_classes_it_may_carry():
     asked = []
 
-    def search(query, zones, k, classes=None):
-        asked.append((query, list(zones), k, classes))
+    def search(query, zones, k, classes=None, tenant=None):
+        asked.append((query, list(zones), k, classes, tenant))
         return [Hit("c1", "d1", "policy.md", "Refunds", "Refunds within 30 days.", 0.12345, "us", "public")]
 
     ctx = parsed({**CHAT, "rag": True})
     run(Ground(search, POLICY, 3, rag_zone="us")(ctx))
-    assert asked == [("Hi, I am Maria.", ["us"], 3, ["public", "internal"])]
+    # Of the sources its tenant may read only: retrieval is scoped by the caller's tenant, never unscoped.
+    assert asked == [("Hi, I am Maria.", ["us"], 3, ["public", "internal"], "acme")]
     system = ctx.body["messages"][0]
     assert system == {"role": "system", "content": RAG_PROMPT + "[1] Refunds within 30 days."}
     (start, end), = ctx.passages[0]  # where the passage lies: the guard reads it on its own

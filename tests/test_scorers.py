@@ -49,6 +49,7 @@ def env(tmp_path_factory, shared_state):
         "chunk_id": ["refund-0", "refund-1", "note-0"], "doc_id": ["d0", "d0", "d1"],
         "seq": pa.array([0, 1, 0], pa.int32()),
         "source": [LANDING + "us/product/refund-policy.md"] * 2 + [LANDING + "us/clinical/note-0005.txt"],
+        "source_name": ["product", "product", "clinical"],
         "title": ["Refund policy", "Refund policy", None], "data_class": ["public", "public", "phi"], "text": texts,
         "vector": pa.array(models.embed(texts).tolist(), index.CHUNKS_SCHEMA.field("vector").type)})
     storage = ZoneStorage.for_zone(settings, "us")

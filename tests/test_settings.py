@@ -45,6 +45,12 @@ def test_keel_config_env_selects_the_file(tmp_path, monkeypatch):
         (("chunk_overlap: 200", "chunk_overlap: 200\n  chunk_overlpa: 3"),
          ["privacy.chunk_overlpa", "Extra inputs are not permitted"]),
         (("host: 127.0.0.1", "host: [127.0.0.1"), ["invalid YAML", "line"]),
+        # A source's readers are tenants of the policy: a typo fails here, never opens or closes it quietly.
+        (("zone: us, data_class: public}", "zone: us, data_class: public, tenants: [dmeo]}"),
+         ["pipeline.sources.2.tenants", "unknown tenant(s) ['dmeo']"]),
+        (("zone: us, data_class: public}", "zone: us, data_class: public, tenants: []}"),
+         ["pipeline.sources.2.tenants", "at least 1 item"]),
+        (("uri: data/sample/us/product,", "uri: data/sample/us,"), ["pipeline.sources", "overlap"]),
     ],
 )
 def test_bad_config_names_file_field_and_reason(tmp_path, edit, expected):
@@ -167,3 +173,26 @@ def test_a_secret_written_into_keel_yaml_is_refused_naming_where_it_belongs(tmp_
     assert load_settings(EXAMPLE_CONFIG).privacy.hash_key.get_secret_value() == "from-the-environment"
     r = run_keel("config", "check", "--config", str(cfg))
     assert r.returncode == 2 and b"secrets never live in keel.yaml" in r.stderr
+
+
+def test_who_may_read_a_source_is_not_part_of_the_pipelines_config_version(tmp_path, monkeypatch):
+    """Readers are checked at query time: naming them re-runs no stage, and is on the gateway's record."""
+    monkeypatch.setenv("KEEL_PRIVACY__HASH_KEY", "test-key")
+    cfg = tmp_path / "keel.yaml"
+    text = EXAMPLE_CONFIG.read_text()
+    cfg.write_text(text.replace("zone: us, data_class: public}", "zone: us, data_class: public, tenants: [demo]}"))
+    shared, private = load_settings(EXAMPLE_CONFIG), load_settings(cfg)
+    assert private.pipeline.sources[2].tenants == ["demo"]
+    assert private.pipeline.readable_by("keel-eval") == ["tickets", "clinical", "hr"]
+    assert private.pipeline.readable_by("demo") == shared.pipeline.readable_by("keel-eval")
+    assert private.config_version() == shared.config_version()
+    assert private.serving_config_hash() != shared.serving_config_hash()
+    cfg.write_text(text.replace("data_class: public}", "data_class: internal}"))  # what is indexed: re-run
+    assert load_settings(cfg).config_version() != shared.config_version()
+    # So do the index's columns: an index from before chunks named their source is rebuilt on the next run.
+    from keel.pipeline import index
+
+    now = shared.config_version()
+    monkeypatch.setattr(index, "CHUNKS_SCHEMA", index.CHUNKS_SCHEMA.remove(
+        index.CHUNKS_SCHEMA.get_field_index("source_name")))
+    assert shared.config_version() != now

@@ -9,11 +9,12 @@ gateway and `keel search` open the zone's current one.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +23,11 @@ from keel.pipeline.embedding import DIM
 from keel.pipeline.snapshots import SnapshotStore
 from keel.storage import ZoneStorage
 
+if TYPE_CHECKING:
+    from lancedb.table import Table
+
+log = logging.getLogger(__name__)
+
 TABLE = "chunks"
 CHUNKS_SCHEMA = pa.schema(
     [
@@ -29,6 +35,7 @@ CHUNKS_SCHEMA = pa.schema(
         ("doc_id", pa.string()),
         ("seq", pa.int32()),
         ("source", pa.string()),
+        ("source_name", pa.string()),  # the configured source: who may read it is decided at query time
         ("title", pa.string()),
         ("data_class", pa.string()),
         ("text", pa.string()),
@@ -68,25 +75,52 @@ class Hit:
         return self.__dict__.copy()
 
 
-def search(storage: ZoneStorage, query_vector: np.ndarray, k: int = 5,
-           classes: Sequence[str] | None = None) -> list[Hit]:
-    """Top-k chunks of the zone's current index (empty when the zone has none yet), of `classes` only
-    when given: filtered before the nearest-neighbour search, so k of them come back when k exist."""
+def _in(column: str, values: Sequence[str]) -> str:
+    """`column IN ('a', 'b')`, each value an SQL string literal (quotes doubled)."""
+    return f"{column} IN (" + ", ".join("'" + v.replace("'", "''") + "'" for v in values) + ")"
+
+
+def _filter(classes: Sequence[str] | None, sources: Sequence[str] | None) -> str | None:
+    """The prefilter for chunks of `classes` from `sources` (None: any); "" when nothing may match."""
+    if (classes is not None and not classes) or (sources is not None and not sources):
+        return ""
+    parts = [_in(c, v) for c, v in (("data_class", classes), ("source_name", sources)) if v is not None]
+    return " AND ".join(parts) or None
+
+
+def _open(storage: ZoneStorage, sources: Sequence[str] | None) -> Table | None:
+    """The zone's current index table; None when there is none yet, or when `sources` filters it and it
+    was written before chunks named their source (fail closed: the next pipeline run rebuilds it)."""
     import lancedb
-    from lancedb.query import LanceVectorQueryBuilder
 
     store = SnapshotStore(storage, "index")
     current = store.current()
     if current is None:
-        return []
+        return None
     db = lancedb.connect(store.uri(current["key"]) + "/lance", storage_options=storage_options(storage) or None)
+    table = db.open_table(TABLE)
+    if sources is not None and "source_name" not in table.schema.names:
+        log.warning("zone %s: index %s predates source_name; nothing is read for a tenant until it is rebuilt",
+                    storage.zone, current["key"])
+        return None
+    return table
+
+
+def search(storage: ZoneStorage, query_vector: np.ndarray, k: int = 5,
+           classes: Sequence[str] | None = None, sources: Sequence[str] | None = None) -> list[Hit]:
+    """Top-k chunks of the zone's current index (empty when the zone has none yet), of `classes` and from
+    the sources named in `sources` only when given: filtered before the nearest-neighbour search, so k of
+    them come back when k exist."""
+    from lancedb.query import LanceVectorQueryBuilder
+
+    where = _filter(classes, sources)
+    if where == "" or (table := _open(storage, sources)) is None:
+        return []
     # A vector for a query gives a vector query builder; the table's search() is typed as their base.
-    search: LanceVectorQueryBuilder = db.open_table(TABLE).search(query_vector.astype(np.float32))  # type: ignore[assignment]
+    search: LanceVectorQueryBuilder = table.search(query_vector.astype(np.float32))  # type: ignore[assignment]
     query = search.distance_type("cosine").limit(k)
-    if classes is not None:
-        if not classes:
-            return []
-        query = query.where("data_class IN (" + ", ".join(f"'{c}'" for c in classes) + ")", prefilter=True)
+    if where is not None:
+        query = query.where(where, prefilter=True)
     return [
         Hit(r["chunk_id"], r["doc_id"], r["source"], r["title"], r["text"], float(r["_distance"]), storage.zone,
             r["data_class"])
@@ -97,19 +131,17 @@ def search(storage: ZoneStorage, query_vector: np.ndarray, k: int = 5,
 _CHUNK_ID = re.compile(r"^[A-Za-z0-9_:.-]{1,128}$")
 
 
-def lookup(storage: ZoneStorage, chunk_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
-    """chunk_id -> (data_class, text) for the ids found in the zone's current index. Ids come from
-    answers (untrusted): one that is not a well-formed id is simply not found."""
-    import lancedb
-
+def lookup(storage: ZoneStorage, chunk_ids: Sequence[str],
+           sources: Sequence[str] | None = None) -> dict[str, tuple[str, str]]:
+    """chunk_id -> (data_class, text) for the ids found in the zone's current index, from the sources named
+    in `sources` only when given. Ids come from answers (untrusted): one that is not a well-formed id is
+    simply not found, nor is one of a source not named."""
     ids = sorted({i for i in chunk_ids if _CHUNK_ID.match(i)})
-    store = SnapshotStore(storage, "index")
-    current = store.current()
-    if not ids or current is None:
+    of_sources = _filter(None, sources)
+    if not ids or of_sources == "" or (table := _open(storage, sources)) is None:
         return {}
-    db = lancedb.connect(store.uri(current["key"]) + "/lance", storage_options=storage_options(storage) or None)
-    where = "chunk_id IN (" + ", ".join(f"'{i}'" for i in ids) + ")"
-    rows = db.open_table(TABLE).search().where(where).select(["chunk_id", "data_class", "text"]).limit(len(ids))
+    where = " AND ".join(w for w in (_in("chunk_id", ids), of_sources) if w)
+    rows = table.search().where(where).select(["chunk_id", "data_class", "text"]).limit(len(ids))
     return {r["chunk_id"]: (r["data_class"], r["text"]) for r in rows.to_list()}
 
 
@@ -137,7 +169,8 @@ class ChunkEmbedder:
         for d in batch.to_pylist():
             for c in chunk_text(d["doc_id"], d["text"], self.p.chunk_tokens, self.p.chunk_overlap_tokens):
                 rows.append({"chunk_id": c.chunk_id, "doc_id": d["doc_id"], "seq": c.seq, "source": d["source"],
-                             "title": d["title"], "data_class": d["data_class"], "text": c.text, "vector": None})
+                             "source_name": d["source_name"], "title": d["title"], "data_class": d["data_class"],
+                             "text": c.text, "vector": None})
         todo = [i for i, r in enumerate(rows) if r["chunk_id"] not in self.known]
         vectors = self.embedder.encode([rows[i]["text"] for i in todo], self.batch_size)
         for i, v in zip(todo, vectors, strict=True):

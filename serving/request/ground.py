@@ -1,8 +1,8 @@
 """RAG: a chat request for keel/rag (or with `rag: true`) grounded in the vector indexes of the zones
 its data may go to (`rag_zone` alone when it is one of them), with chunks of the classes it may carry
-only: retrieval never moves data across zones. The chunks go in a system message, cited as [n]; where
-each chunk's text lies in it is kept (`ctx.passages`), so the guard reads each passage on its own
-and a passage retrieved again is not analysed again (keel.guard)."""
+and of the sources its tenant may read only: retrieval never moves data across zones or tenants. The
+chunks go in a system message, cited as [n]; where each chunk's text lies in it is kept (`ctx.passages`),
+so the guard reads each passage on its own and a passage retrieved again is not analysed again (keel.guard)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ RAG_PROMPT = ("Answer the user's question from the context below. Cite the passa
 
 
 class Search(Protocol):
-    def __call__(self, query: str, zones: Sequence[str], k: int, classes: Sequence[str] | None = None) -> list[Hit]:
+    def __call__(self, query: str, zones: Sequence[str], k: int, classes: Sequence[str] | None = None,
+                 tenant: str | None = None) -> list[Hit]:
         ...  # keel.retrieval.Retriever.search
 
 
@@ -37,9 +38,11 @@ class Ground:
         req = required(ctx.request)
         if not (isinstance(req, ChatRequest) and (req.model == "keel/rag" or req.rag)):
             return
-        classes = self.policy.readable_classes(required(ctx.tenant), required(ctx.data_class), ctx.zones)
+        tenant = required(ctx.tenant)
+        classes = self.policy.readable_classes(tenant, required(ctx.data_class), ctx.zones)
         zones = [self.rag_zone] if self.rag_zone in ctx.zones else ctx.zones
-        hits = await asyncio.to_thread(self.search, ctx.ask, zones, self.top_k, [c.value for c in classes])
+        hits = await asyncio.to_thread(self.search, ctx.ask, zones, self.top_k, [c.value for c in classes],
+                                       tenant.name)
         content, passages = RAG_PROMPT, []
         for i, h in enumerate(hits, 1):
             content += ("\n\n" if i > 1 else "") + f"[{i}] "
