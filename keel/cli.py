@@ -30,9 +30,12 @@ audit_app = typer.Typer(help="The tamper-evident audit trail in each zone's stor
 eval_app = typer.Typer(help="Continuous evaluation: golden sets through the gateway, scored in MLflow.",
                         no_args_is_help=True)
 keys_app = typer.Typer(help="Gateway API keys (stored hashed; a key is shown once, at creation).", no_args_is_help=True)
+secrets_app = typer.Typer(help="Keel's own secret keys: the audit trail's signing key and the privacy hash key.",
+                          no_args_is_help=True)
 app.add_typer(pii_app, name="pii")
 app.add_typer(config_app, name="config")
 app.add_typer(keys_app, name="keys")
+app.add_typer(secrets_app, name="secrets")
 app.add_typer(audit_app, name="audit")
 app.add_typer(eval_app, name="eval")
 
@@ -70,8 +73,8 @@ def config_check(config: Path | None = ConfigOpt) -> None:
                + "; ".join(f"{dc.value} -> {', '.join(r.allowed_zones)}" for dc, r in p.data_classes.items()))
     typer.echo(f"  targets: {', '.join(t.name for t in p.targets) or '(none)'}")
     typer.echo(f"  tenants: {', '.join(f'{t.name} ({keys.count(t.name)} keys)' for t in p.tenants) or '(none)'}")
-    for setting, var in s.development_keys():
-        typer.echo(f"  warning: {setting} is the development default; set {var} in production", err=True)
+    for line, missing in _secret_lines(s):
+        typer.echo(f"  {'warning: ' if missing else ''}{line}", err=missing)
     if not s.guard.enabled:
         typer.echo("  warning: guard.enabled is false: prompts reach model targets with their PII", err=True)
 
@@ -182,27 +185,99 @@ def keys_revoke(key_id: str = typer.Argument(..., help="the key's id from `keel 
     typer.echo(f"revoked {rec.id} ({rec.tenant})")
 
 
+@secrets_app.command("list")
+def secrets_list(config: Path | None = ConfigOpt) -> None:
+    """Each key's id and where it comes from (never the key): the active one and the retired ones."""
+    for line, missing in _secret_lines(_settings(config), retired=True):
+        typer.echo(line, err=missing)
+
+
+@secrets_app.command("rotate")
+def secrets_rotate(purpose: str = typer.Argument(..., help="audit or hash"),
+                   yes: bool = typer.Option(False, "--yes", help="rotate the hash key (re-runs the pipeline)"),
+                   config: Path | None = ConfigOpt) -> None:
+    """Make a new active key; the old one is kept, retired (the audit key's still verifies what it signed).
+    Restart the stack (`keel down && keel up`) so every process signs with the new key."""
+    from keel import secret_keys
+
+    s = _settings(config)
+    if purpose not in secret_keys.PURPOSES:
+        typer.echo(f"unknown key {purpose!r}: audit or hash", err=True)
+        raise typer.Exit(2)
+    if (where := s.key_source(purpose)) and where.startswith("KEEL_"):
+        typer.echo(f"the {purpose} key comes from {where} here: rotate it in your secret store (and list the old one "
+                   f"in KEEL_AUDIT__RETIRED_HMAC_KEYS for the audit key)", err=True)
+        raise typer.Exit(2)
+    if purpose == "hash" and not yes:
+        typer.echo("a new hash key changes every [TYPE:xxxxxxxx] token and the pipeline's config version, so the next "
+                   "run re-processes every document: pass --yes to go on", err=True)
+        raise typer.Exit(2)
+    keys, retired = secret_keys.rotate(s.state, purpose)
+    typer.echo(f"{purpose} key {keys.active_id} is active" + (f"; {retired} retired" if retired else "")
+               + ". Restart the stack (keel down && keel up) so every process uses it.")
+
+
+def _secret_lines(s: KeelSettings, retired: bool = False) -> list[tuple[str, bool]]:
+    """(line, whether it warns) for each secret key: its id and where it comes from, never the key."""
+    from keel import secret_keys
+
+    lines = []
+    for purpose in secret_keys.PURPOSES:
+        if (where := s.key_source(purpose)) is None:
+            lines.append((f"{purpose} key: none yet (`keel up` generates one, or set "
+                          f"{'KEEL_AUDIT__HMAC_KEY' if purpose == 'audit' else 'KEEL_PRIVACY__HASH_KEY'})", True))
+            continue
+        installed = secret_keys.load(s.state, purpose)
+        keys = (s.audit_keys() if purpose == "audit"
+                else secret_keys.KeySet.of(s.hash_key(), installed.keys.values() if installed else []))
+        lines.append((f"{purpose} key {keys.active_id} (active, from {where})", False))
+        if retired:
+            lines += [(f"{purpose} key {k} (retired{': verifies what it signed' if purpose == 'audit' else ''})",
+                       False) for k in keys.keys if k != keys.active_id]
+    return lines
+
+
 @audit_app.command("verify")
 def audit_verify(config: Path | None = ConfigOpt) -> None:
     """Check every writer's hash chain and signed digests in every zone; name the first broken record."""
     from keel import audit
+    from keel.errors import ConfigError
 
     s = _settings(config)
-    bad, checked = False, 0
+    keys = _or_exit(s.audit_keys, ConfigError, 2)
+    bad, checked, sealed = False, 0, 0
+    live: dict[str, int] = {}
+    dead: dict[str, int] = {}
     roots = audit.roots(s)
     for zone, root in roots.items():
-        report = audit.verify(root, s.audit.hmac_key.get_secret_value().encode())
+        report = audit.verify(root, keys)
         for w, n in report.records.items():
-            typer.echo(f"{zone}/{w}: {n} records, {report.sealed[w]} sealed by a valid digest")
+            state = "open" if w in report.live else "closed"
+            typer.echo(f"{zone}/{w}: {n} records, {report.sealed[w]} sealed by a valid digest ({state})")
+        for w, n in report.dev_signed.items():
+            typer.echo(f"{zone}/{w}: warning: {n} digest(s) signed with the development key (the constant Keel "
+                       f"signed with before per-install keys): they verify, but anyone who read Keel's source could "
+                       f"have signed them", err=True)
         for p in report.problems:
             typer.echo(f"{zone}/{p}", err=True)
         bad, checked = bad or not report.ok, checked + sum(report.records.values())
+        sealed += sum(report.sealed.values())
+        live = {**live, **{f"{zone}/{w}": n for w, n in report.unsigned(live=True).items()}}
+        dead = {**dead, **{f"{zone}/{w}": n for w, n in report.unsigned(live=False).items()}}
     if bad:
         raise typer.Exit(1)
     if not checked:  # "intact" after checking nothing would vouch for a trail that is not there
         typer.echo(f"no audit trail to verify in {', '.join(str(r) for r in roots.values())} (home {s.home})", err=True)
         raise typer.Exit(1)
-    typer.echo(f"audit trail intact: {checked} records")
+    # Unsigned records are chained but not signed: a deletion at their tail cannot be told from records
+    # never written, so they are counted apart from the sealed ones, never called intact.
+    typer.echo(f"audit trail intact: {sealed} sealed records")
+    if live:
+        typer.echo(f"  {sum(live.values())} records of open writers not sealed yet (sealed within "
+                   f"{s.audit.seal_after_s:g} s): {', '.join(f'{w} {n}' for w, n in live.items())}")
+    if dead:
+        typer.echo(f"  {sum(dead.values())} records of closed writers never sealed (a writer that died; the next "
+                   f"writer to open the zone seals them): {', '.join(f'{w} {n}' for w, n in dead.items())}")
 
 
 @audit_app.command("show")

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from keel import secret_keys
 from keel.errors import ConfigError
 from keel.policy import DataClass, Policy
 from keel.routing import Strategy
@@ -33,10 +34,6 @@ from keel.routing import Strategy
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = PROJECT_ROOT / "config" / "keel.example.yaml"
 HOME_MARKERS = ("keel.yaml", ".keel")
-# Development defaults of the two keys: they keep a laptop run working; `keel config check` warns
-# while either is in use (KeelSettings.development_keys).
-DEV_HASH_KEY = "keel-dev-only-hash-key"
-DEV_AUDIT_KEY = "keel-dev-only-audit-key"
 
 
 @dataclass(frozen=True)
@@ -97,9 +94,10 @@ class PrivacySettings(BaseModel):
     batch_size: int = Field(64, ge=1)
     # Entity types to report; None means Keel's default set (keel.privacy.engine.DEFAULT_ENTITIES).
     entities: list[str] | None = None
-    # Key for keyed-hash redaction tokens ([PERSON:7f3a]). Set it from env/secret file in production;
-    # the default only keeps a laptop run working and is reported by `keel config check`.
-    hash_key: SecretStr = SecretStr(DEV_HASH_KEY)
+    # Key for keyed-hash redaction tokens ([PERSON:7f3a]): from the environment or a secret file, else
+    # the install's own key that `keel up` generates (keel.secret_keys). It feeds the pipeline's config
+    # version, so a new key re-runs the pipeline.
+    hash_key: SecretStr | None = None
 
 
 class LandingSource(BaseModel):
@@ -221,11 +219,17 @@ class AuditSettings(BaseModel):
     """The tamper-evident audit trail (keel.audit), kept in each zone's storage under audit/."""
 
     model_config = ConfigDict(extra="forbid")
-    # Signs the digests that seal each writer's chain. Set it from env/secret file in production
-    # (KEEL_AUDIT__HMAC_KEY); whoever holds it can forge digests, so it never lives beside the trail.
-    hmac_key: SecretStr = SecretStr(DEV_AUDIT_KEY)
+    # Signs the digests that seal each writer's chain and keys the exchange's digests in each record:
+    # from the environment or a secret file (KEEL_AUDIT__HMAC_KEY), else the install's own key that
+    # `keel up` generates (keel.secret_keys). Whoever holds it can forge digests, so it never lives
+    # beside the trail. Retired keys still verify what they signed (a JSON list in the environment).
+    hmac_key: SecretStr | None = None
+    retired_hmac_keys: list[SecretStr] = Field(default_factory=list)
     seal_every: int = Field(1000, ge=1, description="records per sealed segment")
-    seal_after_s: float = Field(60.0, gt=0, description="an open segment is sealed after this long")
+    # Records not yet sealed are chained but unsigned: deleting them from the tail cannot be told from
+    # records never written. This bounds that exposure per live writer; each seal costs one fsync and
+    # one update of the zone's writer index.
+    seal_after_s: float = Field(5.0, gt=0, description="an open segment is sealed after this long")
 
 
 class Threshold(BaseModel):
@@ -326,6 +330,7 @@ class KeelSettings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     policy: Policy
+    _installed_hash_key: bool = PrivateAttr(False)
 
     @model_validator(mode="after")
     def _sources_follow_residency(self) -> KeelSettings:
@@ -360,12 +365,46 @@ class KeelSettings(BaseSettings):
         p = Path(text.removeprefix("file://")).expanduser()
         return str(p if p.is_absolute() else (self.home / p).resolve())
 
-    def development_keys(self) -> list[tuple[str, str]]:
-        """(setting, environment variable) of each key still at its development default."""
-        in_use = [("privacy.hash_key", self.privacy.hash_key, DEV_HASH_KEY),
-                  ("audit.hmac_key", self.audit.hmac_key, DEV_AUDIT_KEY)]
-        return [(name, "KEEL_" + name.upper().replace(".", "__")) for name, key, dev in in_use
-                if key.get_secret_value() == dev]
+    @property
+    def state(self) -> Path:
+        return Path(self.resolve(self.state_dir))
+
+    @model_validator(mode="after")
+    def _install_hash_key(self) -> KeelSettings:
+        # The privacy settings travel alone (to the PII engine), so the install's key is put in them here.
+        if self.privacy.hash_key is None and (keys := secret_keys.load(self.state, "hash")):
+            self.privacy.hash_key = SecretStr(keys.active.decode())
+            self._installed_hash_key = True
+        return self
+
+    def key_source(self, purpose: secret_keys.Purpose) -> str | None:
+        """Where the active key for `purpose` comes from: its environment variable (or secret file), the
+        install's key file, or None when there is none yet."""
+        configured = self.audit.hmac_key if purpose == "audit" else self.privacy.hash_key
+        if configured is not None and not (purpose == "hash" and self._installed_hash_key):
+            return "KEEL_AUDIT__HMAC_KEY" if purpose == "audit" else "KEEL_PRIVACY__HASH_KEY"
+        path = secret_keys.path(self.state, purpose)
+        return str(path) if path.exists() else None
+
+    def audit_keys(self) -> secret_keys.KeySet:
+        """The key that signs the trail now (the environment's, else the install's) and every retired
+        one verification accepts. Fails closed when there is none: nothing signs with a constant."""
+        installed = secret_keys.load(self.state, "audit")
+        known = [k.get_secret_value().encode() for k in self.audit.retired_hmac_keys]
+        known += installed.keys.values() if installed else []
+        if self.audit.hmac_key is not None:
+            return secret_keys.KeySet.of(self.audit.hmac_key.get_secret_value().encode(), known)
+        if installed is None:
+            raise ConfigError(f"no audit key: `keel up` generates one in {secret_keys.path(self.state, 'audit')}, "
+                              "or set KEEL_AUDIT__HMAC_KEY")
+        return secret_keys.KeySet.of(installed.active, known)
+
+    def hash_key(self) -> bytes:
+        """The privacy hash key; fails closed when there is none."""
+        if self.privacy.hash_key is None:
+            raise ConfigError(f"no privacy hash key: `keel up` generates one in {secret_keys.path(self.state, 'hash')},"
+                              " or set KEEL_PRIVACY__HASH_KEY")
+        return self.privacy.hash_key.get_secret_value().encode()
 
     @property
     def ray_address(self) -> str:
@@ -376,7 +415,7 @@ class KeelSettings(BaseSettings):
         from keel import __version__
         from keel.pipeline.index import CHUNKS_SCHEMA
 
-        secret = hashlib.sha256(self.privacy.hash_key.get_secret_value().encode()).hexdigest()
+        secret = hashlib.sha256(self.hash_key()).hexdigest()
         doc = {
             "keel": __version__,
             "privacy": self.privacy.model_dump(mode="json", exclude={"hash_key"}) | {"hash_key_sha256": secret},

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from keel import secret_keys
 from keel.errors import StackError
 from keel.orchestration.airflow_api import AirflowAPI, airflow_credentials, airflow_env
 from keel.processes import (
@@ -189,6 +190,16 @@ class LocalStack:
         self._pidfile(name).unlink(missing_ok=True)
         return True
 
+    def _secret_keys(self, say: Callable[[str], None]) -> None:
+        """The install's own audit and hash keys, generated on the first start unless the environment
+        sets them: no install signs with a constant from the source."""
+        for purpose in secret_keys.PURPOSES:
+            if not (self.s.key_source(purpose) or "").startswith("KEEL_"):
+                keys, made = secret_keys.ensure(self.state, purpose)
+                if made:
+                    say(f"  generated the {purpose} key {keys.active_id} in {secret_keys.path(self.state, purpose)} "
+                        f"(`keel secrets list` shows it, `keel secrets rotate` replaces it)")
+
     def _start(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
         port = {"ray": self.s.ports.ray, "mlflow": self.s.ports.mlflow, "airflow": self.s.ports.airflow}[name]
         if port_in_use(self.s.host, port):
@@ -223,6 +234,7 @@ class LocalStack:
         self.state.mkdir(parents=True, exist_ok=True)
         self.state.chmod(0o700)
         ray_token(self.token)
+        self._secret_keys(say)
         result = UpResult(self.urls, self.quickstart_key(), "", "")
         self.evaluation_key()
         commands = self._commands()

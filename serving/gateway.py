@@ -115,7 +115,7 @@ class Gateway:
         self.embedding_stages = (self.authenticate, ParseEmbedding(), Scope(policy), admit, Embed(retriever.embed))
         zones = {n: s.target.config.zone for n, s in self.states.items()}
         self.record = Record(self.trails, self.metrics, limiter, zones, next(iter(policy.zones)), self.clock,
-                             digest_key=settings.audit.hmac_key.get_secret_value().encode())
+                             digest_key=settings.audit_keys().active)
         self.reply = Reply(self.generate, self.record)
         for zone in policy.zones:  # the configuration this replica decides under, in every zone
             self.trails.submit(zone, "config", **config_fields(settings))

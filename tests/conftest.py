@@ -14,6 +14,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def install_keys():
+    """The default home's own audit and hash keys, as its first `keel up` makes them (nothing signs with
+    a constant: without them the gateway, the audit trail and hashed redaction refuse to start)."""
+    from keel import secret_keys
+    from keel.settings import get_settings, load_settings
+
+    for purpose in secret_keys.PURPOSES:
+        secret_keys.ensure(load_settings().state, purpose)
+    get_settings.cache_clear()  # settings read before the keys existed must not linger
+
+
 @pytest.fixture(scope="session")
 def engine():
     """The process-wide privacy engine (spaCy + Presidio + Keel recognizers), loaded once."""

@@ -4,19 +4,21 @@ at once keep valid chains."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from keel import audit
 
-KEY = b"keel-dev-only-audit-key"  # the settings default, so the CLI test verifies with it
+KEY = b"a-test-audit-key"
 
 
-def trail(root: Path, n: int = 25, seal_every: int = 10) -> Path:
-    w = audit.AuditWriter(root, "gw-1", KEY, seal_every=seal_every)
+def trail(root: Path, n: int = 25, seal_every: int = 10, key: bytes = KEY) -> Path:
+    w = audit.AuditWriter(root, "gw-1", key, seal_every=seal_every)
     for i in range(n):
         w.append("interaction", request_id=f"req-{i}", tenant="demo", tokens=i)
     w.close()  # seals the tail: segments of 10, 10 and 5
@@ -44,7 +46,7 @@ def test_an_untouched_trail_verifies_and_resumes_after_reopen(tmp_path):
     w.close()
     assert audit.verify(tmp_path, KEY).sealed == {"gw-1": 26}
     assert [r["request_id"] for r in audit.find(tmp_path, "req-3")] == ["req-3"]
-    assert sorted(p.name for p in d.iterdir())[:2] == ["digest-00000000.json", "digest-00000001.json"]
+    assert sorted(p.name for p in d.glob("digest-*"))[:2] == ["digest-00000000.json", "digest-00000001.json"]
 
 
 def test_one_record_edited(tmp_path):
@@ -97,7 +99,7 @@ def test_a_digest_altered_or_deleted(tmp_path):
     doc = json.loads(dig.read_text())
     doc["last_seq"] = 18
     dig.write_text(json.dumps(doc))
-    assert first_problem(tmp_path) == ("gw-1: digest-00000001.json: signature invalid (digest forged or altered, "
+    assert first_problem(tmp_path) == ("gw-1: digest-00000001.json: signature invalid (forged or altered, "
                                        "or the wrong key)")
     dig.unlink()
     assert "digest missing" in first_problem(tmp_path)
@@ -105,7 +107,7 @@ def test_a_digest_altered_or_deleted(tmp_path):
 
 def test_a_wrong_key_fails_every_digest(tmp_path):
     trail(tmp_path)
-    assert "signature invalid" in str(audit.verify(tmp_path, b"not-the-key").problems[0])
+    assert "not among the known keys" in str(audit.verify(tmp_path, b"not-the-key").problems[0])
 
 
 def test_several_writers_at_once_keep_valid_chains(tmp_path):
@@ -132,6 +134,7 @@ def test_a_line_torn_by_a_crash_is_dropped_on_reopen(tmp_path):
     w.append("batch", job="scrub_us")
     w._file.write('{"seq": 1, "torn')  # the process died mid-write
     w._file.flush()
+    os.close(w._held)  # and with it, its lock on the chain
     w = audit.AuditWriter(tmp_path, "job", KEY)
     assert w.append("batch", job="index_us")["seq"] == 1
     w.close()
@@ -147,10 +150,10 @@ def test_keel_audit_verify_and_show_on_the_zones_storage(tmp_path):
     cfg = write_config(tmp_path)
     s = load_settings(cfg)
     root = ZoneStorage.for_zone(s, "eu").audit_root()
-    trail(root)
+    trail(root, key=s.audit_keys().active)
     ok = run_keel("audit", "verify", "--config", str(cfg))
-    assert ok.returncode == 0 and b"eu/gw-1: 25 records, 25 sealed" in ok.stdout
-    assert b"audit trail intact: 25 records" in ok.stdout
+    assert ok.returncode == 0 and b"eu/gw-1: 25 records, 25 sealed by a valid digest (closed)" in ok.stdout
+    assert b"audit trail intact: 25 sealed records" in ok.stdout and not ok.stderr
     shown = run_keel("audit", "show", "req-7", "--json", "--config", str(cfg))
     assert shown.returncode == 0 and json.loads(shown.stdout)["tokens"] == 7
     told = run_keel("audit", "show", "req-7", "--config", str(cfg))
@@ -168,7 +171,8 @@ def zone_trails(tmp_path: Path, seal_after_s: float = 60.0, **kw) -> tuple[audit
     from tests.support.services import write_config
 
     s = load_settings(write_config(tmp_path))
-    s = s.model_copy(update={"audit": s.audit.model_copy(update={"seal_after_s": seal_after_s})})
+    s = s.model_copy(update={"audit": s.audit.model_copy(update={"seal_after_s": seal_after_s,
+                                                                 "hmac_key": SecretStr(KEY.decode())})})
     t = audit.Trails(s, "gw-1", **kw)
     return t, t.roots()["us"]
 
@@ -281,3 +285,118 @@ def test_show_explains_one_decision_in_words():
     refused = {"seq": 0, "ts": "t", "writer": "w", "kind": "interaction", "request_id": "req-2", "tenant": "demo",
                "endpoint": "chat", "model": "keel/auto", "status": 403, "latency_ms": 1.0}
     assert "no route: the request ended before routing" in audit.explain(refused)
+
+
+# -- deletions, the writer index, orphans and keys ---------------------------------------------------
+
+
+def test_each_deletion_of_sealed_data_is_caught_even_a_whole_writer(tmp_path):
+    """On copies of one zone's trail: 50 sealed tail records, a sealed segment with its digest, a whole
+    writer's folder, and the index itself. Only writers the signed index names can be checked for."""
+    import shutil
+
+    src = tmp_path / "src"
+    for name in ("gw-1", "gw-2"):
+        w = audit.AuditWriter(src, name, KEY, seal_every=60)
+        for i in range(120):
+            w.append("interaction", request_id=f"{name}-{i}")
+        w.close()
+    assert audit.verify(src, KEY).ok
+
+    def copy(name: str) -> Path:
+        shutil.copytree(src, tmp_path / name)
+        return tmp_path / name
+
+    tail = copy("tail") / "gw-1" / "records-00000001.jsonl"  # the last 50 sealed records
+    tail.write_text("\n".join(lines(tail)[:10]) + "\n")
+    assert "truncated after sealing" in first_problem(tail.parent.parent)
+
+    seg = copy("segment") / "gw-1"  # the newest sealed segment and its digest: the chain left looks whole
+    for name in ("records-00000001.jsonl", "digest-00000001.json", "records-00000002.jsonl"):  # and the open one
+        (seg / name).unlink()
+    assert first_problem(seg.parent) == ("gw-1: digest-00000001.json: the index has this writer sealed through "
+                                         "record 119 by this digest, which is missing or another: sealed records "
+                                         "were deleted or replaced")
+
+    folder = copy("folder")
+    shutil.rmtree(folder / "gw-2")
+    assert first_problem(folder) == ("gw-2: (folder): the writer's folder is missing (deleted?): the index has it "
+                                     "sealed through record 119")
+
+    index = copy("index")
+    (index / "writers.json").unlink()
+    assert first_problem(index) == "(zone): writers.json: the signed index of writers is missing (deleted?)"
+
+    forged = copy("forged")
+    doc = json.loads((forged / "writers.json").read_text())
+    del doc["writers"]["gw-2"]  # hiding a writer from the index needs the key
+    (forged / "writers.json").write_text(json.dumps(doc))
+    assert "writers.json: signature invalid" in first_problem(forged)
+
+
+def test_a_writer_is_in_the_index_before_its_first_seal_and_two_cannot_share_a_chain(tmp_path):
+    w = audit.AuditWriter(tmp_path, "gw-1", KEY)
+    w.append("interaction", request_id="r0")
+    with pytest.raises(audit.WriterBusyError):
+        audit.AuditWriter(tmp_path, "gw-1", KEY)  # a second writer would fork the chain
+    w.close()
+    import shutil
+
+    shutil.rmtree(tmp_path / "gw-1")  # even its only segment, deleted before anything was sealed
+    assert "gw-1: (folder): the writer's folder is missing" in first_problem(tmp_path)
+
+
+def test_unsigned_records_are_told_apart_for_live_and_dead_writers_and_a_dead_ones_are_sealed(tmp_path):
+    """A live writer's open segment is sealed within seal_after_s; a writer killed before it sealed leaves
+    an orphan, which the next writer to open the zone seals."""
+    import subprocess
+    import sys
+
+    live = audit.AuditWriter(tmp_path, "gw-live", KEY)
+    live.append("interaction", request_id="a")
+    code = (f"from keel import audit; w = audit.AuditWriter({str(tmp_path)!r}, 'gw-dead', {KEY!r}); "
+            f"[w.append('interaction', request_id=str(i)) for i in range(3)]; import os; os._exit(9)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9  # killed: no close, no seal
+    report = audit.verify(tmp_path, KEY)
+    assert report.ok and report.live == {"gw-live"}
+    assert report.unsigned(live=True) == {"gw-live": 1} and report.unsigned(live=False) == {"gw-dead": 3}
+    assert audit.seal_orphans(tmp_path, KEY) == ["gw-dead"]  # the live writer's lock keeps it out
+    report = audit.verify(tmp_path, KEY)
+    assert report.ok and report.unsigned(live=False) == {} and report.sealed["gw-dead"] == 3
+    live.close()
+    assert audit.verify(tmp_path, KEY).unsigned(live=True) == {}
+
+
+def test_digests_name_their_key_and_a_rotated_trail_verifies_with_the_retired_key_known(tmp_path):
+    from keel.secret_keys import DEV_AUDIT_KEY, KeySet, key_id
+
+    old, new = b"old-key", b"new-key"
+    w = audit.AuditWriter(tmp_path, "gw-1", old, seal_every=5)
+    for i in range(5):
+        w.append("interaction", request_id=f"r{i}")
+    w.close()
+    w = audit.AuditWriter(tmp_path, "gw-1", new, seal_every=5)  # after `keel secrets rotate audit`
+    for i in range(5, 10):
+        w.append("interaction", request_id=f"r{i}")
+    w.close()
+    ids = [json.loads((tmp_path / "gw-1" / f"digest-0000000{n}.json").read_text())["key_id"] for n in (0, 1)]
+    assert ids == [key_id(old), key_id(new)]
+    assert audit.verify(tmp_path, KeySet.of(new, [old])).ok
+    problem = str(audit.verify(tmp_path, KeySet.of(new)).problems[0])
+    assert problem == (f"gw-1: digest-00000000.json: signed with key {key_id(old)}, which is not among the known "
+                       f"keys (retired and forgotten, or forged)")
+    dev = tmp_path / "dev"
+    trail(dev, key=DEV_AUDIT_KEY)  # a trail from before per-install keys: it verifies, and is reported
+    report = audit.verify(dev, KeySet.of(new))
+    assert report.ok and report.dev_signed == {"gw-1": 3}
+
+
+def test_trails_seal_the_orphans_of_a_zone_they_open(tmp_path):
+    t, root = zone_trails(tmp_path)
+    orphan = audit.AuditWriter(root, "gw-0", KEY)
+    orphan.append("interaction", request_id="lost?")
+    os.close(orphan._held)  # its process died: the lock is free, the segment open
+    t.append("us", "interaction", request_id="next")
+    t.close()
+    report = audit.verify(root, KEY)
+    assert report.ok and report.sealed == {"gw-0": 1, "gw-1": 1}

@@ -49,7 +49,7 @@ def transformations(cfg: Path, zone: str) -> list[dict]:
     """The zone's `transformation` audit records, after checking its whole trail verifies."""
     settings = load_settings(cfg)
     root = ZoneStorage.for_zone(settings, zone).audit_root()
-    report = audit.verify(root, settings.audit.hmac_key.get_secret_value().encode())
+    report = audit.verify(root, settings.audit_keys())
     assert report.ok, [str(p) for p in report.problems]
     assert report.sealed == report.records  # each job closed its writer: nothing left open
     return sorted((r for r in audit.records(root) if r["kind"] == "transformation"), key=lambda r: r["ts"])

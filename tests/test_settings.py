@@ -125,17 +125,65 @@ def test_the_home_is_keel_home_else_the_nearest_marked_folder_above(tmp_path, mo
     assert find_home(deep).path == tmp_path and load_settings(home / "keel.yaml").home == tmp_path
 
 
-def test_development_keys_are_defined_once_and_reported_while_in_use(monkeypatch):
-    from keel.settings import DEV_AUDIT_KEY, DEV_HASH_KEY, AuditSettings, PrivacySettings
+def test_each_install_has_its_own_keys_and_none_means_fail_closed(tmp_path, monkeypatch):
+    """Nothing signs or hashes with a constant from the source: the keys are the install's own (what
+    `keel up` generates), or the environment's; with neither, whatever needs one refuses to start."""
+    import yaml
 
-    assert PrivacySettings().hash_key.get_secret_value() == DEV_HASH_KEY
-    assert AuditSettings().hmac_key.get_secret_value() == DEV_AUDIT_KEY
-    assert load_settings(EXAMPLE_CONFIG).development_keys() == [("privacy.hash_key", "KEEL_PRIVACY__HASH_KEY"),
-                                                               ("audit.hmac_key", "KEEL_AUDIT__HMAC_KEY")]
-    monkeypatch.setenv("KEEL_AUDIT__HMAC_KEY", "a-real-one")
-    assert load_settings(EXAMPLE_CONFIG).development_keys() == [("privacy.hash_key", "KEEL_PRIVACY__HASH_KEY")]
-    r = run_keel("config", "check", "--config", str(EXAMPLE_CONFIG))
-    assert b"warning: privacy.hash_key is the development default; set KEEL_PRIVACY__HASH_KEY" in r.stderr
+    from keel import secret_keys
+    from keel.errors import ConfigError
+    from tests.support.services import write_config
+
+    a, b = load_settings(write_config(tmp_path / "a")), load_settings(write_config(tmp_path / "b"))
+    assert a.audit_keys().active_id != b.audit_keys().active_id and a.hash_key() != b.hash_key()
+    assert a.privacy.hash_key is not None  # the PII engine, which gets the privacy settings alone, has it
+    assert oct(secret_keys.path(a.state, "audit").stat().st_mode & 0o777) == "0o600"
+    assert oct(secret_keys.path(a.state, "audit").parent.stat().st_mode & 0o777) == "0o700"
+    bare = tmp_path / "bare.yaml"  # a home whose `keel up` never ran
+    bare.write_text(yaml.safe_dump(yaml.safe_load(EXAMPLE_CONFIG.read_text()) | {"state_dir": str(tmp_path / "n")}))
+    s = load_settings(bare)
+    with pytest.raises(ConfigError, match="no audit key: `keel up` generates one"):
+        s.audit_keys()
+    with pytest.raises(ConfigError, match="no privacy hash key"):
+        s.config_version()
+    r = run_keel("config", "check", "--config", str(bare))
+    assert r.returncode == 0 and b"warning: audit key: none yet (`keel up` generates one, or set " in r.stderr
+    monkeypatch.setenv("KEEL_AUDIT__HMAC_KEY", "from-a-secret-store")
+    keys = load_settings(write_config(tmp_path / "a")).audit_keys()
+    assert keys.active == b"from-a-secret-store" and a.audit_keys().active_id in keys.keys  # the file's still verifies
+
+
+def test_keel_secrets_lists_and_rotates_keys_by_id_never_showing_them(tmp_path):
+    from keel import secret_keys
+    from tests.support.services import write_config
+
+    cfg = write_config(tmp_path)
+    s = load_settings(cfg)
+    first, hash_id = s.audit_keys(), secret_keys.key_id(s.hash_key())
+    listed = run_keel("secrets", "list", "--config", str(cfg)).stdout.decode()
+    assert f"audit key {first.active_id} (active, from {secret_keys.path(s.state, 'audit')})" in listed
+    assert f"hash key {hash_id} (active" in listed and first.active.decode() not in listed
+    r = run_keel("secrets", "rotate", "audit", "--config", str(cfg))
+    assert r.returncode == 0 and f"; {first.active_id} retired" in r.stdout.decode()
+    after = load_settings(cfg).audit_keys()
+    assert after.active_id != first.active_id and after.keys[first.active_id] == first.active
+    assert f"audit key {first.active_id} (retired: verifies what it signed)" in run_keel(
+        "secrets", "list", "--config", str(cfg)).stdout.decode()
+    refused = run_keel("secrets", "rotate", "hash", "--config", str(cfg))  # it would re-run the pipeline
+    assert refused.returncode == 2 and b"re-processes every document: pass --yes" in refused.stderr
+    version = s.config_version()
+    assert run_keel("secrets", "rotate", "hash", "--yes", "--config", str(cfg)).returncode == 0
+    assert load_settings(cfg).config_version() != version
+
+
+def test_two_processes_generating_keys_at_once_end_with_one(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from keel import secret_keys
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = {ks.active_id for ks, _ in pool.map(lambda _: secret_keys.ensure(tmp_path, "audit"), range(16))}
+    assert len(ids) == 1 and not list((tmp_path / "keys").glob("*.tmp"))
 
 
 def test_cli_config_check_counts_keys_as_the_gateway_sees_them(tmp_path):

@@ -38,7 +38,7 @@ class Scrubber:
             from keel.privacy.engine import PrivacyEngine
 
             self.engine = PrivacyEngine(settings.privacy)
-        self.key = settings.privacy.hash_key.get_secret_value().encode()
+        self.key = settings.hash_key()
         self.modes = {dc.value: rule.redaction for dc, rule in settings.policy.data_classes.items()}
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -189,7 +189,7 @@ class PrivacyEngine:
 
     def redact_batch(self, texts: Sequence[str], mode: RedactionMode = "typed",
                      progress: Callable[[int], None] | None = None) -> list[str]:
-        key = self.settings.hash_key.get_secret_value().encode()
+        key = self.settings.hash_key.get_secret_value().encode() if self.settings.hash_key else b""
         found = self.detect_batch(texts, progress=progress)
         return [redact_spans(t, s, mode, key) for t, s in zip(texts, found, strict=True)]
 

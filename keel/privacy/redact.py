@@ -43,7 +43,8 @@ def redact_spans(text: str, spans: list[Span], mode: RedactionMode = "typed", ke
     if mode not in ("typed", "hashed"):
         raise ConfigError(f"unknown redaction mode {mode!r}: use 'typed' or 'hashed'")
     if mode == "hashed" and not key:
-        raise ConfigError("hashed redaction needs a secret key (privacy.hash_key)")
+        raise ConfigError("hashed redaction needs a secret key (privacy.hash_key): `keel up` generates one, "
+                          "or set KEEL_PRIVACY__HASH_KEY")
     out: list[str] = []
     pos = 0
     for span in sorted(spans):

@@ -13,6 +13,7 @@ from typing import Any
 
 from keel.audit import Trails, canonical
 from keel.ratelimit import RateLimiter
+from keel.secret_keys import key_id
 from keel.settings import KeelSettings
 from serving.metrics import Metrics
 from serving.request.context import RequestContext
@@ -69,8 +70,8 @@ def interaction(ctx: RequestContext, seconds: float, zone: str, key: bytes) -> d
     if (route := ctx.route) is not None:
         out["route"] = {"strategy": route.strategy, "reason": route.reason, "ranked": list(route.ranked),
                         "excluded": route.excluded_text()}
-    if ctx.body is not None:
-        out["prompt_hmac"] = hmac.new(key, canonical(ctx.body), "sha256").hexdigest()
+    if ctx.body is not None:  # the key's id rides with the digests: after a rotation they still say whose they are
+        out |= {"hmac_key_id": key_id(key), "prompt_hmac": hmac.new(key, canonical(ctx.body), "sha256").hexdigest()}
     if (o := ctx.outcome) is not None:
         out |= {"target": o.target, "failovers": o.failovers, "usage": o.usage,
                 "ttft_ms": round(o.ttft_s * 1000, 1) if o.ttft_s is not None else None,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from keel import processes
+from keel import processes, secret_keys
 from keel.orchestration import airflow_api
 from keel.processes import free_port
 from keel.stack import RAY_ENV, ray_head_command, ray_token
@@ -63,7 +63,8 @@ def start_ray_head(root: Path, num_cpus: int = 2) -> RayHead:
 
 def write_config(root: Path, dashboard_port: int | None = None, state_dir: Path | None = None,
                  **pipeline: object) -> Path:
-    """The example config with zone storage and state under `root` (landing sources stay data/sample)."""
+    """The example config with zone storage and state under `root` (landing sources stay data/sample),
+    and the state's own secret keys, as the first `keel up` makes them."""
     doc = yaml.safe_load((ROOT / "config" / "keel.example.yaml").read_text())
     doc["state_dir"] = str(state_dir or root / "state")
     for zone in doc["policy"]["zones"].values():
@@ -72,6 +73,8 @@ def write_config(root: Path, dashboard_port: int | None = None, state_dir: Path 
     if dashboard_port:
         doc["ports"]["ray_dashboard"] = dashboard_port
     root.mkdir(parents=True, exist_ok=True)
+    for purpose in secret_keys.PURPOSES:
+        secret_keys.ensure(Path(doc["state_dir"]), purpose)
     path = root / "keel.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
