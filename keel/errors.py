@@ -127,6 +127,13 @@ class ZoneNotAllowedError(PermissionDeniedError):
     code = "zone_not_allowed"
 
 
+class UnguardedContentError(PermissionDeniedError):
+    """Content the PII guard cannot pseudonymize (an image, audio, a file) in a request whose data class
+    must be pseudonymized for the targets that may answer it."""
+
+    code = "content_not_pseudonymizable"
+
+
 class ResidencyError(PermissionDeniedError):
     """Data that would be stored or sent outside the zones its class allows."""
 

@@ -90,6 +90,9 @@ class DataClassRule(_Strict):
     # answer). External targets always do; "external_targets" lets in-cluster ones see the text as
     # sent, for classes declared free of personal data. pii and phi must stay "all_targets".
     pseudonymize: Literal["all_targets", "external_targets"] = "all_targets"
+    # Content parts the guard cannot read (images, audio, files) where this class is pseudonymized:
+    # refused (403), or sent as they are, which only a class declared free of personal data may do.
+    unreadable_parts: Literal["refuse", "send"] = "refuse"
 
 
 class ModelTarget(_Strict):
@@ -170,6 +173,10 @@ class Policy(_Strict):
             if dc >= DataClass.pii and rule.pseudonymize != "all_targets":
                 raise ValueError(f"data_classes.{dc.value}.pseudonymize: personal data is pseudonymized for every "
                                  "target; only public and internal may use 'external_targets'")
+            if dc >= DataClass.pii and rule.unreadable_parts != "refuse":
+                raise ValueError(f"data_classes.{dc.value}.unreadable_parts: images, audio and files of personal "
+                                 "data cannot be pseudonymized, so they are refused; only public and internal may "
+                                 "'send' them")
         names = [t.name for t in self.targets]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

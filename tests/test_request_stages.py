@@ -363,6 +363,7 @@ def test_route_says_no_healthy_target_with_the_breakers_retry_after():
 
 
 class Pseudonymizes:
+    data_classes = POLICY.data_classes
     def __init__(self, answer: bool) -> None:
         self.answer = answer
 
@@ -392,6 +393,30 @@ def test_protect_pseudonymizes_what_targets_see_and_fails_closed():
     assert off.answer_guard is None and "Maria" in json.dumps(off.body)
 
 
+def test_protect_refuses_content_it_cannot_pseudonymize_unless_the_class_may_send_it():
+    """An image may show a face or an ID card: where the class is pseudonymized it is refused (never sent
+    unread), unless the class is declared free of personal data and lets such parts through."""
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    body = {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi, I am Maria."}, image]}]}
+    seeing = FakeTarget("us-1")
+    seeing.config = seeing.config.model_copy(update={"supports": ["images"]})
+    def ready_ctx() -> RequestContext:  # acme's default class: internal
+        ctx = parsed(body)
+        run(router(seeing)(ctx))
+        return ctx
+    for kind in ("openai", "llama_cpp"):  # internal is pseudonymized for every target by default
+        e = refused(Protect(FakeGuard(), POLICY, {"us-1": kind}), ready_ctx())
+        assert wire(e) == (403, "content_not_pseudonymizable", "messages")
+        assert e.message.startswith("image_url content parts cannot be pseudonymized, and data class 'internal'")
+    rules = {**POLICY.data_classes,
+             DataClass.internal: POLICY.data_classes[DataClass.internal].model_copy(update={"unreadable_parts": "send"})}
+    ctx = ready_ctx()
+    run(Protect(FakeGuard(), POLICY.model_copy(update={"data_classes": rules}), {"us-1": "openai"})(ctx))
+    assert ctx.actions.pseudonymized and ctx.body["messages"][0]["content"] == [
+        {"type": "text", "text": "Hi, I am <PERSON_1>."}, image]
+    with pytest.raises(ValueError, match="pii.unreadable_parts: images, audio and files of personal data"):
+        Policy.model_validate(POLICY.model_dump() | {"data_classes": {
+            **POLICY.model_dump()["data_classes"], "pii": {"allowed_zones": ["eu"], "unreadable_parts": "send"}}})
 # -- generate -------------------------------------------------------------------------------------
 
 
