@@ -315,7 +315,7 @@ MSG = [{"role": "user", "content": "hi"}]
         ({"model": "primary", "messages": MSG, "n": 3}, None, 400, "invalid_parameter"),
         ({"model": LLAMA, "messages": [{"role": "user", "content": "word " * 9000}]}, None, 400,
          "context_length_exceeded"),
-        ({"model": LLAMA, "messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, None, 400,
+        ({"model": LLAMA, "messages": MSG, "response_format": {"type": "json_object"}}, None, 400,
          "unsupported_parameter"),
     ],
 )

@@ -9,6 +9,7 @@ from pydantic import SecretStr
 from keel import target_kinds
 from keel.errors import ConfigError
 from keel.policy import DataClass, ModelTarget, Policy
+from keel.routing import Candidate, RouteRequest, plan
 from keel.settings import EXAMPLE_CONFIG, GatewaySettings, load_settings
 from keel.target_kinds import declared_names, is_external, resolve, validate_targets
 from serving.targets import deployment_for, make_target
@@ -108,11 +109,11 @@ def test_an_undeclared_kind_is_external_and_a_config_error():
 
 def test_bad_target_config_is_one_line_naming_the_target_and_the_field():
     p = policy(target("gpt-4o", "openai"), target("typo", "openai", base_url="http://x/v1", bsae_url="http://y"),
-               target("small", "llama_cpp", supports=["tools"], n_threads=0))
+               target("small", "llama_cpp", supports=["tools", "response_format"], n_threads=0))
     assert validate_targets(p) == [
         "targets.gpt-4o.options.base_url: Field required",
         "targets.typo.options.bsae_url: Extra inputs are not permitted",
-        "targets.small.supports: kind 'llama_cpp' cannot honour 'tools'",
+        "targets.small.supports: kind 'llama_cpp' cannot honour 'response_format'",
         "targets.small.options.n_threads: Input should be greater than or equal to 1",
     ]
     with pytest.raises(ConfigError) as e:
@@ -163,3 +164,11 @@ def test_a_kind_that_does_not_load_is_external_and_reported(plugin):
                                   "ModuleNotFoundError")
     assert problems[1] == ("targets.b.kind: entry point 'mislabelled' (echo_kinds:LEAKY) is not a TargetKind named "
                            "'mislabelled'")
+
+
+def test_the_default_stack_routes_a_tools_request_to_keel_auto_instead_of_refusing_it():
+    """The example config's only target, llama.cpp, declares tools (issue 15): keel/auto has somewhere to go."""
+    policy = load_settings(EXAMPLE_CONFIG).policy
+    assert validate_targets(policy) == []
+    route = plan([Candidate(t) for t in policy.targets], RouteRequest(100, 100, needs=frozenset({"tools"})), "latency")
+    assert route.ranked == ("smollm2-135m-cpu",) and not route.excluded
