@@ -84,15 +84,17 @@ class Guard:
             self._toxicity = predict_prob
 
     def protect(self, body: dict[str, Any], pieces: Mapping[int, Sequence[tuple[int, int]]] | None = None,
-                ) -> Protected:
-        """The body with every text it holds pseudonymized (one vault for the whole request). `pieces`
-        names, by message index, spans of a message's text analysed each on its own: the retrieved
-        passages of a RAG request (serving.request.ground), so a passage that comes back is not analysed again."""
+                keep: frozenset[str] = frozenset()) -> Protected:
+        """The body with every text it holds pseudonymized (one vault for the whole request), but for
+        entity types in `keep` (the class's: Policy.kept_entities). `pieces` names, by message index,
+        spans of a message's text analysed each on its own: the retrieved passages of a RAG request
+        (serving.request.ground), so a passage that comes back is not analysed again."""
+        body = dict(body)  # the caller's object stays as sent, to its top level
         slots = _text_slots(body)
         texts = [get() for _, get, _ in slots]
         cuts = [_cut(text, (pieces or {}).get(message, ()) if message is not None else ())
                 for (message, _, _), text in zip(slots, texts, strict=True)]
-        found = self._detect(cuts)
+        found = [[s for s in spans if s.type not in keep] for spans in self._detect(cuts)]
         vault = Vault()
         entities: Counter[str] = Counter()
         for (_, _, put), text, spans in zip(slots, texts, found, strict=True):

@@ -81,6 +81,12 @@ class Zone(_Strict):
         return v
 
 
+# What public and internal requests keep as sent by default: places (countries, cities). A place alone
+# identifies no one, and pseudonymized it costs answers about the world; next to a person's name it
+# could, which is why pii and phi keep nothing.
+KEPT_ENTITIES = ("LOCATION",)
+
+
 class DataClassRule(_Strict):
     allowed_zones: list[str] = Field(min_length=1)
     # How the batch pipeline redacts this class: irreversible typed tokens ([PERSON]) or keyed-hash
@@ -93,6 +99,10 @@ class DataClassRule(_Strict):
     # Content parts the guard cannot read (images, audio, files) where this class is pseudonymized:
     # refused (403), or sent as they are, which only a class declared free of personal data may do.
     unreadable_parts: Literal["refuse", "send"] = "refuse"
+    # Entity types left as sent where this class is pseudonymized: general knowledge a model needs to
+    # answer at all ("the capital of <LOCATION_1>" has no answer). None: the class's default,
+    # KEPT_ENTITIES (measured in benchmarks/guard_quality.py). pii and phi keep none.
+    keep_entities: list[str] | None = None
 
 
 class ModelTarget(_Strict):
@@ -173,6 +183,9 @@ class Policy(_Strict):
             if dc >= DataClass.pii and rule.pseudonymize != "all_targets":
                 raise ValueError(f"data_classes.{dc.value}.pseudonymize: personal data is pseudonymized for every "
                                  "target; only public and internal may use 'external_targets'")
+            if dc >= DataClass.pii and rule.keep_entities:
+                raise ValueError(f"data_classes.{dc.value}.keep_entities: personal data is pseudonymized whole; "
+                                 "only public and internal may keep entity types as sent")
             if dc >= DataClass.pii and rule.unreadable_parts != "refuse":
                 raise ValueError(f"data_classes.{dc.value}.unreadable_parts: images, audio and files of personal "
                                  "data cannot be pseudonymized, so they are refused; only public and internal may "
@@ -228,6 +241,11 @@ class Policy(_Strict):
         zones = list(zones)
         return [c for c in DataClass if c <= data_class and c in tenant.allowed_classes
                 and all(self.zone_allows(z, c) for z in zones)]
+
+    def kept_entities(self, data_class: DataClass) -> frozenset[str]:
+        """Entity types a pseudonymized request of this class keeps as sent."""
+        kept = self.data_classes[data_class].keep_entities
+        return frozenset(kept if kept is not None else KEPT_ENTITIES if data_class < DataClass.pii else ())
 
     def pseudonymizes(self, data_class: DataClass, target_kinds: Iterable[str]) -> bool:
         """Whether a request of this class is pseudonymized before these targets (any of which may

@@ -103,6 +103,25 @@ def test_the_user_field_and_tool_descriptions_are_pseudonymized_like_the_message
         "Notify Maria")  # the caller's request object is never changed in place
 
 
+def test_a_class_keeps_the_entity_types_its_policy_keeps_and_personal_data_keeps_none(guard):
+    """"What is the capital of <LOCATION_1>?" has no answer: public and internal requests keep places by
+    default (benchmarks/guard_quality.py measured what it costs and saves); pii and phi keep nothing."""
+    from keel.policy import DataClass
+    from keel.settings import load_settings
+
+    body = {"messages": [{"role": "user", "content": "What is the capital of France? Maria Garcia asked."}]}
+    policy = load_settings().policy
+    internal = guard.protect(body, keep=policy.kept_entities(DataClass.internal))
+    text = internal.body["messages"][0]["content"]
+    assert "France" in text and "Maria" not in text and internal.entities == {"PERSON": 1}
+    pii = guard.protect(body, keep=policy.kept_entities(DataClass.pii))
+    assert "France" not in pii.body["messages"][0]["content"] and pii.entities == {"PERSON": 1, "LOCATION": 1}
+    assert policy.kept_entities(DataClass.public) == {"LOCATION"} and not policy.kept_entities(DataClass.phi)
+    with pytest.raises(ValueError, match="phi.keep_entities: personal data is pseudonymized whole"):
+        type(policy).model_validate(policy.model_dump() | {"data_classes": {
+            **policy.model_dump()["data_classes"], "phi": {"allowed_zones": ["us"], "keep_entities": ["LOCATION"]}}})
+
+
 def chunked(text: str, size: int) -> list[str]:
     return [text[i:i + size] for i in range(0, len(text), size)]
 

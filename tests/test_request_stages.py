@@ -117,7 +117,7 @@ class FakeGuard:
     def __init__(self, fails: bool = False) -> None:
         self.fails = fails
 
-    def protect(self, body: dict, pieces: dict | None = None) -> Protected:
+    def protect(self, body: dict, pieces: dict | None = None, keep: frozenset = frozenset()) -> Protected:
         if self.fails:
             raise RuntimeError("the PII engine fell over")
         vault = Vault({"<PERSON_1>": "Maria"})
@@ -364,6 +364,8 @@ def test_route_says_no_healthy_target_with_the_breakers_retry_after():
 
 class Pseudonymizes:
     data_classes = POLICY.data_classes
+    kept_entities = POLICY.kept_entities
+
     def __init__(self, answer: bool) -> None:
         self.answer = answer
 
@@ -400,10 +402,12 @@ def test_protect_refuses_content_it_cannot_pseudonymize_unless_the_class_may_sen
     body = {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi, I am Maria."}, image]}]}
     seeing = FakeTarget("us-1")
     seeing.config = seeing.config.model_copy(update={"supports": ["images"]})
+
     def ready_ctx() -> RequestContext:  # acme's default class: internal
         ctx = parsed(body)
         run(router(seeing)(ctx))
         return ctx
+
     for kind in ("openai", "llama_cpp"):  # internal is pseudonymized for every target by default
         e = refused(Protect(FakeGuard(), POLICY, {"us-1": kind}), ready_ctx())
         assert wire(e) == (403, "content_not_pseudonymizable", "messages")
@@ -417,6 +421,8 @@ def test_protect_refuses_content_it_cannot_pseudonymize_unless_the_class_may_sen
     with pytest.raises(ValueError, match="pii.unreadable_parts: images, audio and files of personal data"):
         Policy.model_validate(POLICY.model_dump() | {"data_classes": {
             **POLICY.model_dump()["data_classes"], "pii": {"allowed_zones": ["eu"], "unreadable_parts": "send"}}})
+
+
 # -- generate -------------------------------------------------------------------------------------
 
 

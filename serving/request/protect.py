@@ -39,7 +39,8 @@ class Protect:
                     f"is pseudonymized for the targets that may answer this request, so they are refused "
                     f"(data_classes.{data_class.value}.unreadable_parts)", param="messages")
             try:
-                protected = await asyncio.to_thread(self.guard.protect, body, ctx.passages)
+                protected = await asyncio.to_thread(self.guard.protect, body, ctx.passages,
+                                                    self.policy.kept_entities(data_class))
             except Exception:  # fail closed: nothing unprotected goes out
                 logger.exception("the PII guard failed on request %s", ctx.rid)
                 raise GuardFailedError("the PII guard could not process this request; it was not sent to any "
