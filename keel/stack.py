@@ -199,6 +199,9 @@ class LocalStack:
                 if made:
                     say(f"  generated the {purpose} key {keys.active_id} in {secret_keys.path(self.state, purpose)} "
                         f"(`keel secrets list` shows it, `keel secrets rotate` replaces it)")
+                if made and purpose == "hash":  # it is in the pipeline's config version: never a silent re-run
+                    say("  the pipeline's outputs depend on the hash key: documents processed under another key "
+                        "are processed again on the next run")
 
     def _start(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
         port = {"ray": self.s.ports.ray, "mlflow": self.s.ports.mlflow, "airflow": self.s.ports.airflow}[name]
