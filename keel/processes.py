@@ -99,8 +99,8 @@ def stop_session(sid: int, grace_s: float = 20) -> None:
 
 def spawn(cmd: list[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
     """Start a process as the leader of a new session, its output appended to `log` (the owner's only).
-    What it and its children create is the owner's only too (umask 077): Airflow's generated admin
-    password, raw snapshots, logs."""
+    What it and its children create is the owner's only too (umask 077): Airflow's config with its keys,
+    databases, raw snapshots, logs."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with os.fdopen(os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as out:
         return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,  # noqa: S603 - Keel's own commands

@@ -44,7 +44,13 @@ from keel.settings import KeelSettings, config_path
 BIN = Path(sys.executable).parent
 # Serve's throughput mode: user code and router on the replica's event loop, buffered access logs,
 # direct ingress (the ingress replica serves HTTP itself). Measured in benchmarks/gateway.py.
-RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray turns a loopback --node-ip-address (and a client's loopback
+# address) into the machine's address, and its gRPC servers (GCS, raylet, object manager, dashboard agent,
+# each worker and Serve replica) and metrics servers then listen on all interfaces. Ray's switch for
+# single-machine clusters keeps 127.0.0.1, so they bind loopback (`ss -ltnp`, Ray 2.60); it also refuses
+# other nodes joining, which a one-machine stack never has. Its clients need it too, to reach 127.0.0.1.
+RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 SERVICES = ("ray", "mlflow", "airflow")  # processes; the gateway is an application inside ray
 # An evaluation logs each assessment in a request of its own (about 1,100 per 60 answers), and one
 # server process was what scoring waited on: 2 workers on SQLite in WAL mode took scoring the same 60
@@ -219,12 +225,15 @@ class LocalStack:
         mlflow.mkdir(parents=True, exist_ok=True)
         cpus = os.cpu_count() or 2
         return {
-            "ray": (ray_head_command(s.host, s.ports.ray, s.ports.ray_dashboard, cpus, self.ray_temp), env),
+            # The autoscaler's and the dashboard's metrics servers have fixed ports (44217, 44227) by default:
+            # a second Ray on the machine would take them first.
+            "ray": (ray_head_command(s.host, s.ports.ray, s.ports.ray_dashboard, cpus, self.ray_temp),
+                    {**env, "AUTOSCALER_METRIC_PORT": str(free_port()), "DASHBOARD_METRIC_PORT": str(free_port())}),
             "mlflow": ([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{mlflow}/mlflow.db",
                         "--default-artifact-root", str(mlflow / "artifacts"), "--host", s.host,
                         "--port", str(s.ports.mlflow), "--workers", str(MLFLOW_WORKERS)],
                        {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),
-            "airflow": ([str(BIN / "airflow"), "standalone"],
+            "airflow": ([sys.executable, "-m", "keel.orchestration.airflow_api"],
                         {**env, **airflow_env(self.airflow_home, self.config, s.home, s.ports.airflow, s.host),
                          "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False"}),
         }
@@ -312,6 +321,8 @@ class LocalStack:
         if address and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
                         or not self.token.exists()):
             del env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN_PATH"]
+        if address and not address.startswith(("127.", "localhost")):  # a cluster's node, at its own address
+            del env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
         cmd = [sys.executable, "-m", "serving.app", "--config", str(self.config),
                "--address", address or self.head_address()]
         return cmd, env

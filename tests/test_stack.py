@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 import urllib.parse
 from pathlib import Path
@@ -15,7 +18,7 @@ import pytest
 import yaml
 
 from keel import processes, stack
-from keel.orchestration import chain
+from keel.orchestration import airflow_api, chain
 from keel.orchestration.stages import zones_with_sources
 from keel.settings import load_settings
 from tests.conftest import run_keel
@@ -91,6 +94,60 @@ def test_a_service_that_dies_while_starting_is_named_with_its_log(tmp_path, monk
         assert local.down(say=lambda _: None) == []
 
 
+def test_keel_writes_airflows_admin_password_owner_only_and_airflow_prints_none(tmp_path):
+    # Airflow's own SimpleAuthManager, as its API server starts it: it finds the admin Keel wrote and generates
+    # (and prints) nothing. Without Keel's file it prints "Password for user 'admin': ..." to stdout.
+    home = tmp_path / "airflow"
+    airflow_api.admin_password(home)
+    f = home / airflow_api.PASSWORDS
+    user, password = airflow_api.airflow_credentials(home)
+    assert user == "admin" and len(password) >= 32 and f.stat().st_mode & 0o777 == 0o600
+    airflow_api.admin_password(home)
+    assert airflow_api.airflow_credentials(home) == (user, password)  # made once
+    code = ("from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager as M\n"
+            "m = M(); m.init(); print(sorted(m.get_passwords()))")
+    env = {**os.environ, **airflow_api.airflow_env(home, tmp_path / "keel.yaml", tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=300, check=False)
+    out = r.stdout.decode() + r.stderr.decode()
+    assert r.returncode == 0 and "['admin']" in out, out[-3000:]
+    assert password not in out and "Password for user" not in out
+
+
+def _address(hexaddr: str) -> str:
+    """An address as /proc/net/tcp{,6} writes it (each 32-bit word in host order), IPv4-mapped ones as IPv4."""
+    raw = bytes.fromhex(hexaddr)
+    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    address = socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+    return address.removeprefix("::ffff:")
+
+
+def _listeners(pids: set[int]) -> list[tuple[int, str, str, int]]:
+    """(pid, process name, address, port) of each TCP socket these processes listen on."""
+    listening = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A":  # LISTEN
+                address, port = f[1].rsplit(":", 1)
+                listening[f[9]] = (_address(address), int(port, 16))
+    out = []
+    for pid in pids:
+        try:
+            name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            fds = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:
+            continue  # ended meanwhile
+        out += [(pid, name, *listening[fd[8:-1]]) for fd in fds if fd.startswith("socket:[") and fd[8:-1] in listening]
+    return out
+
+
+def _open_to_others(path: Path) -> bool:
+    try:
+        return bool(path.stat().st_mode & 0o077)
+    except FileNotFoundError:  # a service's temporary file, gone since it was listed
+        return False
+
+
 def _stack_config(root: Path) -> Path:
     cfg = write_config(root)
     doc = yaml.safe_load(cfg.read_text())
@@ -112,12 +169,14 @@ def test_keel_up_runs_the_whole_stack_and_keel_down_leaves_nothing(keel_stack):
         assert "golden   sets in MLflow" in out and f"rag {len(rag.items)} items ({rag.version})" in out
         assert (local.state / "evaluation_api_key").stat().st_mode & 0o777 == 0o600
         # State is the owner's only: the folder (Ray's own session folder inside it is 0777 by Ray's choice),
-        # and what the services wrote: Airflow's generated admin password, the logs that print it, raw snapshots.
+        # and every file in it (Airflow's admin password, its config with its keys, logs, databases, models),
+        # and the raw snapshots in each zone's storage.
         assert local.state.stat().st_mode & 0o777 == 0o700
         raw = [p for zone in local.s.policy.zones.values() for p in Path(local.s.resolve(zone.storage)).rglob("*")
                if "raw" in p.parts and p.is_file()]  # the ingest stage's snapshots, in each zone's storage
-        written = [local.airflow_home / "simple_auth_manager_passwords.json.generated", *local.logs.glob("*.log"), *raw]
-        assert raw and [p for p in written if p.stat().st_mode & 0o077] == []
+        written = [p for p in local.state.rglob("*") if p.is_file() and local.ray_temp not in p.parents]
+        assert local.airflow_home / airflow_api.PASSWORDS in written and local.logs / "airflow.log" in written
+        assert raw and [p for p in [*written, *raw] if _open_to_others(p)] == []
 
         # A chat through the gateway with the printed key, on the openai SDK.
         from openai import OpenAI
@@ -127,6 +186,19 @@ def test_keel_up_runs_the_whole_stack_and_keel_down_leaves_nothing(keel_stack):
                                                 messages=[{"role": "user", "content": "Say hello."}])
         assert answer.choices[0].message.content and answer.usage.completion_tokens > 0
 
+        # Every listener of the stack is on its configured host (127.0.0.1), but one per Serve replica: its
+        # inter-deployment gRPC server, which Ray 2.60 binds to [::] (serve/_private/replica.py), behind Ray's
+        # token interceptor. Airflow's log servers are not started.
+        pids = {p for name in stack.SERVICES for p in processes.session_members(local.pid(name) or -1)}
+        pids |= set(processes.processes_naming(local.state, local.ray_temp))
+        found = _listeners(pids)
+        ports = {port for *_, port in found}
+        assert {local.s.ports.gateway, local.s.ports.ray, local.s.ports.ray_dashboard, local.s.ports.mlflow,
+                local.s.ports.airflow} <= ports and not {8793, 8794} & ports, found
+        exposed = [(pid, name, address) for pid, name, address, _ in found if address != local.s.host]
+        assert all(name.startswith("ray::ServeReplica") and address == "::" for _, name, address in exposed), found
+        assert len({pid for pid, *_ in exposed}) == len(exposed), found  # one per replica
+
         # The DAG chain, triggered again through Airflow's REST API on the unchanged landing: ingest finds
         # its snapshots committed, so its tasks end skipped, publish no asset event, and nothing downstream
         # runs again; the run is still logged to MLflow.
@@ -135,6 +207,13 @@ def test_keel_up_runs_the_whole_stack_and_keel_down_leaves_nothing(keel_stack):
         downstream = chain.dag_ids(zones_with_sources(local.s))[1:]
         before = {d: len(api.runs(d)) for d in downstream}
         assert all(before.values()), before  # the first `keel up` ran every DAG of the chain
+        # A task's log, through the API, from the local log folder (there is no log server to ask).
+        loaded = api.runs("keel_ingest")[-1]["dag_run_id"]
+        task = api.call("GET", f"/api/v2/dags/keel_ingest/dagRuns/{loaded}/taskInstances")["task_instances"][0]
+        log = api.call("GET", f"/api/v2/dags/keel_ingest/dagRuns/{loaded}/taskInstances/{task['task_id']}/logs/1")
+        text = json.dumps(log["content"])
+        assert str(local.airflow_home / "logs") in text and "Pre Execute" in text, text[:3000]
+        assert "Could not read served logs" not in text, text[:3000]
         run = api.trigger("keel_ingest")
         api.wait_run("keel_ingest", run["dag_run_id"], deadline)
         tasks = api.call("GET", f"/api/v2/dags/keel_ingest/dagRuns/{run['dag_run_id']}/taskInstances")
@@ -180,6 +259,44 @@ def test_keel_up_runs_the_whole_stack_and_keel_down_leaves_nothing(keel_stack):
     assert processes.processes_naming(local.state, local.ray_temp) == []
     status = run_keel("status", "--config", str(cfg))
     assert status.returncode == 3 and status.stdout.decode().count("stopped") == 4
+
+
+@pytest.mark.slow
+def test_no_secret_or_planted_pii_value_is_in_any_log(keel_stack):
+    """After the stack's suites (the evaluation suite's module sorts before this one; the test above ran
+    `keel down`): no key, password, token or planted PII value in Keel's logs, Airflow's task and DAG
+    processor logs, or the Ray sessions' logs."""
+    local = keel_stack.local
+    s = load_settings(keel_stack.config)
+    secrets = {
+        "quickstart API key": keel_stack.key,
+        "evaluation API key": (local.state / "evaluation_api_key").read_text().strip(),
+        "Airflow admin password": airflow_api.airflow_credentials(local.airflow_home)[1],
+        "Ray token": local.token.read_text().strip(),
+    }
+    for name, key in (("audit.hmac_key", s.audit.hmac_key), ("privacy.hash_key", s.privacy.hash_key)):
+        if key is not None:
+            secrets[name] = key.get_secret_value()
+    cfg = (local.airflow_home / "airflow.cfg").read_text().splitlines()
+    for option in ("fernet_key", "secret_key", "jwt_secret"):  # Airflow's own, made in its airflow.cfg
+        secrets[f"Airflow {option}"] = next(line.split("=", 1)[1].strip() for line in cfg
+                                            if line.startswith(f"{option} ="))
+    assert all(v and len(v) >= 16 for v in secrets.values()), secrets.keys()
+    root = Path(__file__).resolve().parent.parent
+    pii = {p["value"] for p in json.loads((root / "data/sample/planted_pii.json").read_text())}
+    for line in (root / "data/golden/privacy.jsonl").read_text().splitlines():  # what evaluations send
+        pii |= set(json.loads(line).get("pii", []))
+    needles = {v.encode(): f"{name}" for name, v in secrets.items()} | {v.encode(): f"PII {v!r}" for v in pii}
+
+    logs = [p for p in local.logs.rglob("*") if p.is_file()]
+    logs += [p for p in (local.airflow_home / "logs").rglob("*") if p.is_file()]
+    logs += [p for p in local.ray_temp.glob("session_2*/logs/**/*") if p.is_file()]
+    assert len(logs) > 20 and any("gcs_server" in p.name for p in logs), logs
+    hits = []
+    for path in logs:
+        data = path.read_bytes()
+        hits += [f"{what} in {path}" for needle, what in needles.items() if needle in data]
+    assert hits == [], "\n".join(hits)
 
 
 def test_make_down_without_a_stack_is_harmless(tmp_path):
