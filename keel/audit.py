@@ -121,10 +121,10 @@ class WriterBusyError(RuntimeError):
     """Another open writer holds this chain: two writers on one chain would break it."""
 
 
-def _try_lock(path: Path) -> int | None:
+def _try_lock(path: Path, flags: int = os.O_RDWR | os.O_CREAT) -> int | None:
     """An fd holding an exclusive flock on `path`, or None if another open file holds it. The kernel
     drops the lock when its process dies, however it dies, which is what tells a dead writer."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(path, flags, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -137,7 +137,7 @@ def is_live(wdir: Path) -> bool:
     """Whether an open writer holds `wdir`'s chain now (on this machine: the trail folder is local)."""
     if not (wdir / ".lock").exists():
         return False
-    fd = _try_lock(wdir / ".lock")
+    fd = _try_lock(wdir / ".lock", os.O_RDONLY)  # a verifier may only read the trail
     if fd is None:
         return True
     os.close(fd)
