@@ -277,6 +277,9 @@ def test_no_secret_or_planted_pii_value_is_in_any_log(keel_stack):
     for name, key in (("audit.hmac_key", s.audit.hmac_key), ("privacy.hash_key", s.privacy.hash_key)):
         if key is not None:
             secrets[name] = key.get_secret_value()
+    # The install's keys as the settings resolve them (the environment's, else <state>/keys/), retired ones too.
+    secrets |= {f"audit key {kid}": k.decode() for kid, k in s.audit_keys().keys.items()}
+    secrets["privacy hash key"] = s.hash_key().decode()
     cfg = (local.airflow_home / "airflow.cfg").read_text().splitlines()
     for option in ("fernet_key", "secret_key", "jwt_secret"):  # Airflow's own, made in its airflow.cfg
         secrets[f"Airflow {option}"] = next(line.split("=", 1)[1].strip() for line in cfg
