@@ -5,7 +5,8 @@ answers each item under four guards:
   off         the request as sent (quality's ceiling; no privacy)
   all         every entity type pseudonymized (the guard's default before this benchmark)
   kept        the chosen default: public and internal requests keep places (LOCATION) as sent
-  kept+note   kept, and a system line telling the model what placeholders are
+  kept+note   kept, and the system message telling the model what placeholders are (guard.placeholder_note):
+              the default
 on three sets:
   rag         golden rag questions (class internal) with the pages they were written from as context
               (the retrieval a gateway does is left out: this measures the guard, not the index);
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import logging
 import platform
@@ -45,8 +47,6 @@ RESULTS = ROOT / "benchmarks" / "results" / "guard_quality.json"
 GOLDEN = ROOT / "data" / "golden"
 SAMPLE = ROOT / "data" / "sample"
 GUARDS = ("off", "all", "kept", "kept+note")
-NOTE = ("Some values in this conversation were replaced by placeholders such as <PERSON_1>. Each stands for one "
-        "real value: use it where the value belongs, and write it exactly as it appears.")
 CONTEXT_CHARS = 1500  # per source page, about what two retrieved chunks hold
 WORLD = [  # (question, a word the answer must hold)
     ("What is the capital of France?", "Paris"), ("What is the capital of Japan?", "Tokyo"),
@@ -92,12 +92,6 @@ def privacy_items() -> list[dict[str, Any]]:
     return items
 
 
-def with_note(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    if messages and messages[0]["role"] == "system":
-        return [{**messages[0], "content": NOTE + "\n\n" + messages[0]["content"]}, *messages[1:]]
-    return [{"role": "system", "content": NOTE}, *messages]
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rag", type=int, default=30, help="rag items (the first N of the golden set)")
@@ -117,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     policy = settings.policy
     with without_torch():
         guard = Guard(settings.guard, settings.privacy)
+    quiet = copy.copy(guard)  # the same engine and memo, without the placeholder note
+    quiet.settings = settings.guard.model_copy(update={"placeholder_note": ""})
     replica = LlamaCppReplica(model_path({}), 4096, a.n_threads, 1.1)
     answers: dict[str, tuple[str, float]] = {}  # rendered request -> (answer, seconds): greedy, so shared
 
@@ -136,9 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             sent, restore = body, None
         else:
             keep = frozenset() if how == "all" else policy.kept_entities(dc)
-            protected = guard.protect(body, keep=keep)
-            sent = {"messages": with_note(protected.body["messages"]) if how == "kept+note" else protected.body[
-                "messages"]}
+            protected = (guard if how == "kept+note" else quiet).protect(body, keep=keep)
+            sent = protected.body
             restore = AnswerGuard(guard, protected, Actions())
         raw = await generate(sent["messages"])
         answer = await restore.feed(raw, final=True) if restore else raw
@@ -181,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     write_report({
         "benchmark": "guard_quality", "model": "SmolLM2-135M-Instruct Q4 (llama.cpp, greedy)",
         "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
-        "max_tokens": a.max_tokens, "rag_items": a.rag, "note": NOTE, "guards": list(GUARDS),
+        "max_tokens": a.max_tokens, "rag_items": a.rag, "note": settings.guard.placeholder_note, "guards": list(GUARDS),
         "kept_entities": {dc.value: sorted(policy.kept_entities(dc)) for dc in DataClass},
         "means": table, "answers_generated": len(answers), "generation_s_median": round(statistics.median(gen_s), 2),
         "items": res["items"],

@@ -101,6 +101,8 @@ class Guard:
             if spans:
                 put(pseudonymize_spans(text, spans, vault, avoid=tuple(texts))[0])
                 entities.update(s.type for s in spans)
+        if vault.values and self.settings.placeholder_note and isinstance(body.get("messages"), list):
+            body["messages"] = _noted(body["messages"], self.settings.placeholder_note)
         return Protected(body, vault, dict(entities), "\n".join(texts))
 
     def _detect(self, cuts: list[list[tuple[int, str]]]) -> list[list[Span]]:
@@ -217,6 +219,14 @@ class AnswerGuard:
                 c = {**c, "function": {**fn, "arguments": restorer.feed(fn["arguments"])}}
             out.append(c)
         return out
+
+
+def _noted(messages: list[dict[str, Any]], note: str) -> list[dict[str, Any]]:
+    """The messages with `note` opening the system message (one is added if there is none)."""
+    first = messages[0] if messages else {}
+    if first.get("role") in ("system", "developer") and isinstance(first.get("content"), str):
+        return [{**first, "content": f"{note}\n\n{first['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": note}, *messages]
 
 
 def _cut(text: str, spans: Sequence[tuple[int, int]]) -> list[tuple[int, str]]:

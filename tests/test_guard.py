@@ -9,7 +9,7 @@ import re
 import pytest
 
 from keel.guard import Actions, AnswerGuard, Guard
-from keel.settings import GuardSettings, PrivacySettings
+from keel.settings import PLACEHOLDER_NOTE, GuardSettings, PrivacySettings
 
 PROMPT = ("I am Maria Gonzalez, SSN 536-22-8841, card 4111 1111 1111 1111, email maria.gonzalez@example.com, "
           "medical record MRN 4451234. Write to me.")
@@ -35,7 +35,7 @@ def protect(guard, text=PROMPT):
 def test_every_value_becomes_a_placeholder_and_the_request_object_is_not_changed(guard):
     req = {"messages": [{"role": "user", "content": PROMPT}]}
     p = guard.protect(dict(req))
-    sent = p.body["messages"][0]["content"]
+    sent = p.body["messages"][-1]["content"]
     assert req["messages"][0]["content"] == PROMPT  # the caller's own object is untouched
     for v in VALUES:
         assert v not in sent
@@ -83,9 +83,11 @@ def test_one_vault_across_messages_text_parts_and_tool_arguments(guard):
         {"role": "user", "content": "Did maria.gonzalez@example.com answer?"},
     ]}
     p = guard.protect(body)
-    part = p.body["messages"][0]["content"][0]["text"]
-    args = p.body["messages"][1]["tool_calls"][0]["function"]["arguments"]
-    last = p.body["messages"][2]["content"]
+    note, *messages = p.body["messages"]  # the model is told what placeholders are
+    assert note == {"role": "system", "content": PLACEHOLDER_NOTE}
+    part = messages[0]["content"][0]["text"]
+    args = messages[1]["tool_calls"][0]["function"]["arguments"]
+    last = messages[2]["content"]
     token = next(t for t, v in p.vault.values.items() if v == "maria.gonzalez@example.com")
     assert token in part and token in args and token in last and "example.com" not in part + args + last
 
@@ -112,14 +114,25 @@ def test_a_class_keeps_the_entity_types_its_policy_keeps_and_personal_data_keeps
     body = {"messages": [{"role": "user", "content": "What is the capital of France? Maria Garcia asked."}]}
     policy = load_settings().policy
     internal = guard.protect(body, keep=policy.kept_entities(DataClass.internal))
-    text = internal.body["messages"][0]["content"]
+    text = internal.body["messages"][-1]["content"]
     assert "France" in text and "Maria" not in text and internal.entities == {"PERSON": 1}
     pii = guard.protect(body, keep=policy.kept_entities(DataClass.pii))
-    assert "France" not in pii.body["messages"][0]["content"] and pii.entities == {"PERSON": 1, "LOCATION": 1}
+    assert "France" not in pii.body["messages"][-1]["content"] and pii.entities == {"PERSON": 1, "LOCATION": 1}
     assert policy.kept_entities(DataClass.public) == {"LOCATION"} and not policy.kept_entities(DataClass.phi)
     with pytest.raises(ValueError, match="phi.keep_entities: personal data is pseudonymized whole"):
         type(policy).model_validate(policy.model_dump() | {"data_classes": {
             **policy.model_dump()["data_classes"], "phi": {"allowed_zones": ["us"], "keep_entities": ["LOCATION"]}}})
+
+
+def test_the_model_is_told_what_placeholders_are_in_the_system_message_only_when_there_are_some(guard):
+    rag = {"messages": [{"role": "system", "content": "Answer from the context."},
+                        {"role": "user", "content": "Is Maria Garcia's refund done?"}]}
+    system = guard.protect(rag).body["messages"]
+    assert len(system) == 2 and system[0]["content"] == PLACEHOLDER_NOTE + "\n\nAnswer from the context."
+    plain = {"messages": [{"role": "user", "content": "What is the refund policy?"}]}
+    assert guard.protect(plain).body == plain  # nothing pseudonymized: nothing to tell
+    quiet = Guard(GuardSettings(placeholder_note="", toxicity="off"), guard.engine.settings)
+    assert quiet.protect(rag).body["messages"][0]["content"] == "Answer from the context."
 
 
 def chunked(text: str, size: int) -> list[str]:

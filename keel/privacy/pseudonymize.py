@@ -10,6 +10,10 @@ round trip exact whatever the input holds:
   like one (a model inventing `<PERSON_9>` gets it back verbatim, as do `[PERSON]` tokens
   from `redact`).
 
+Small models often rewrite a placeholder as `[PERSON_1]` or a bare `PERSON_1` (measured:
+benchmarks/guard_quality.py), so `restore` takes those forms too; minting avoids the bare form
+in the input, so a user's own literal `PERSON_1` is never taken for ours either.
+
 Because `<` only opens and `>` only closes a placeholder, no placeholder occurrence in the
 output can straddle an inserted placeholder and the original text around it.
 """
@@ -22,6 +26,9 @@ from dataclasses import dataclass, field
 from keel.privacy.spans import Span
 
 PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]*?)_(\d+)>")
+# What restore takes for a placeholder: <PERSON_1>, [PERSON_1] or a bare PERSON_1, the brackets each optional.
+_WRITTEN = re.compile(r"[<\[]?\b([A-Z][A-Z0-9_]*?)_(\d+)\b[>\]]?")
+_TAIL = re.compile(r"[<\[]?[A-Z0-9_]*$")  # what may still grow into one at the end of a piece
 
 
 @dataclass
@@ -73,7 +80,8 @@ def pseudonymize_spans(
             while True:
                 n += 1
                 token = f"<{kind}_{n}>"
-                if token not in vault.values and token not in text and not any(token in t for t in avoid):
+                bare = token[1:-1]  # restore also takes PERSON_1: never one the input holds
+                if token not in vault.values and bare not in text and not any(bare in t for t in avoid):
                     break
             next_index[kind] = n
             vault.values[token] = value
@@ -91,9 +99,9 @@ def restore(text: str, vault: Vault) -> str:
         return text
 
     def sub(m: re.Match[str]) -> str:
-        return vault.values.get(m.group(0), m.group(0))
+        return vault.values.get(f"<{m.group(1)}_{m.group(2)}>", m.group(0))
 
-    return PLACEHOLDER.sub(sub, text)
+    return _WRITTEN.sub(sub, text)
 
 
 def _type_name(entity_type: str) -> str:
@@ -104,8 +112,8 @@ def _type_name(entity_type: str) -> str:
 class StreamRestorer:
     """`restore` over a stream of text pieces, where a placeholder may arrive split across pieces.
 
-    Holds back only a tail that could still become one of the vault's placeholders (from its last
-    `<`); everything before it is restored and released at once.
+    Holds back only a tail that could still become one of the vault's placeholders, in any form
+    restore takes; everything before it is restored and released at once.
     """
 
     def __init__(self, vault: Vault) -> None:
@@ -116,20 +124,26 @@ class StreamRestorer:
         if not self.vault.values:
             return text
         text = self.held + text
-        start = text.rfind("<")
-        tail = text[start:] if start != -1 else ""
-        if tail and any(token.startswith(tail) for token in self.vault.values):
-            text, self.held = text[:start], tail
+        tail = _TAIL.search(text).group(0)  # type: ignore[union-attr]  # matches at least ""
+        if tail and self._could_be(tail):
+            text, self.held = text[: len(text) - len(tail)], tail
         else:
             self.held = ""
         return restore(text, self.vault)
+
+    def _could_be(self, tail: str) -> list[str]:
+        """The vault's placeholders `tail` may still become (a complete bare one too: "]" may follow)."""
+        core = tail.lstrip("<[")
+        return [t for t in self.vault.values if t[1:-1].startswith(core) and (core or tail != core)]
 
     def end(self) -> str:
         """The held tail, once the answer is over. A placeholder cut short (max_tokens ended the answer
         inside "<PERSON_1>") never reaches the caller half-formed: the value of the one placeholder it
         can be, else nothing. A "<" or "<X" alone may be the model's own text and stays as written."""
         held, self.held = self.held, ""
-        if len(held) < 3:
+        if (whole := restore(held, self.vault)) != held:  # a whole one, bracketed or bare
+            return whole
+        if len(held) < 3 or held[0] not in "<[" and "_" not in held:  # a word of the model's own, maybe
             return held
-        could_be = [token for token in self.vault.values if token.startswith(held)]
+        could_be = self._could_be(held)
         return self.vault.values[could_be[0]] if len(could_be) == 1 else ""
