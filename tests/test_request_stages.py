@@ -412,8 +412,8 @@ def test_protect_refuses_content_it_cannot_pseudonymize_unless_the_class_may_sen
         e = refused(Protect(FakeGuard(), POLICY, {"us-1": kind}), ready_ctx())
         assert wire(e) == (403, "content_not_pseudonymizable", "messages")
         assert e.message.startswith("image_url content parts cannot be pseudonymized, and data class 'internal'")
-    rules = {**POLICY.data_classes,
-             DataClass.internal: POLICY.data_classes[DataClass.internal].model_copy(update={"unreadable_parts": "send"})}
+    sends = POLICY.data_classes[DataClass.internal].model_copy(update={"unreadable_parts": "send"})
+    rules = {**POLICY.data_classes, DataClass.internal: sends}
     ctx = ready_ctx()
     run(Protect(FakeGuard(), POLICY.model_copy(update={"data_classes": rules}), {"us-1": "openai"})(ctx))
     assert ctx.actions.pseudonymized and ctx.body["messages"][0]["content"] == [
