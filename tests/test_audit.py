@@ -154,6 +154,13 @@ def test_keel_audit_verify_and_show_on_the_zones_storage(tmp_path):
     ok = run_keel("audit", "verify", "--config", str(cfg))
     assert ok.returncode == 0 and b"eu/gw-1: 25 records, 25 sealed by a valid digest (closed)" in ok.stdout
     assert b"audit trail intact: 25 sealed records" in ok.stdout and not ok.stderr
+    open_writer = audit.AuditWriter(root, "gw-2", s.audit_keys().active)  # 50 records not sealed yet: counted apart
+    for i in range(50):
+        open_writer.append("interaction", request_id=f"open-{i}")
+    told = run_keel("audit", "verify", "--config", str(cfg))
+    assert told.returncode == 0 and b"audit trail intact: 25 sealed records\n  50 records of open writers not sealed " \
+                                    b"yet (sealed within 5 s): eu/gw-2 50" in told.stdout
+    open_writer.close()
     shown = run_keel("audit", "show", "req-7", "--json", "--config", str(cfg))
     assert shown.returncode == 0 and json.loads(shown.stdout)["tokens"] == 7
     told = run_keel("audit", "show", "req-7", "--config", str(cfg))
