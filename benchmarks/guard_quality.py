@@ -5,8 +5,8 @@ answers each item under four guards:
   off         the request as sent (quality's ceiling; no privacy)
   all         every entity type pseudonymized (the guard's default before this benchmark)
   kept        the chosen default: public and internal requests keep places (LOCATION) as sent
-  kept+note   kept, and the system message telling the model what placeholders are (guard.placeholder_note):
-              the default
+  kept+note   kept, and the system message telling the model what placeholders are
+              (guard.placeholder_note: PLACEHOLDER_NOTE; off by default, see GuardSettings)
 on three sets:
   rag         golden rag questions (class internal) with the pages they were written from as context
               (the retrieval a gateway does is left out: this measures the guard, not the index);
@@ -104,15 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     from keel.guard import Actions, AnswerGuard, Guard
     from keel.policy import DataClass
     from keel.privacy import without_torch
-    from keel.settings import load_settings
+    from keel.settings import PLACEHOLDER_NOTE, load_settings
     from serving.targets.llama_cpp import LlamaCppReplica, model_path
 
     settings = load_settings()
     policy = settings.policy
     with without_torch():
         guard = Guard(settings.guard, settings.privacy)
-    quiet = copy.copy(guard)  # the same engine and memo, without the placeholder note
+    quiet = copy.copy(guard)  # the same engine and memo, with and without the placeholder note
     quiet.settings = settings.guard.model_copy(update={"placeholder_note": ""})
+    guard.settings = settings.guard.model_copy(update={"placeholder_note": PLACEHOLDER_NOTE})
     replica = LlamaCppReplica(model_path({}), 4096, a.n_threads, 1.1)
     answers: dict[str, tuple[str, float]] = {}  # rendered request -> (answer, seconds): greedy, so shared
 
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     write_report({
         "benchmark": "guard_quality", "model": "SmolLM2-135M-Instruct Q4 (llama.cpp, greedy)",
         "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
-        "max_tokens": a.max_tokens, "rag_items": a.rag, "note": settings.guard.placeholder_note, "guards": list(GUARDS),
+        "max_tokens": a.max_tokens, "rag_items": a.rag, "note": PLACEHOLDER_NOTE, "guards": list(GUARDS),
         "kept_entities": {dc.value: sorted(policy.kept_entities(dc)) for dc in DataClass},
         "means": table, "answers_generated": len(answers), "generation_s_median": round(statistics.median(gen_s), 2),
         "items": res["items"],

@@ -217,9 +217,12 @@ class GuardSettings(BaseModel):
     # with finish_reason "content_filter".
     toxicity: Literal["flag", "block", "off"] = "flag"
     toxicity_threshold: float = Field(0.8, gt=0, le=1)
-    # Told to the model, in the system message, when a request holds placeholders: it nearly doubled how
-    # often SmolLM2 wrote the caller's values back (benchmarks/guard_quality.py). Empty: not told.
-    placeholder_note: str = PLACEHOLDER_NOTE
+    # Told to the model, in the system message, when a request holds placeholders (PLACEHOLDER_NOTE, or
+    # your own words; empty: not told). Off by default: with SmolLM2 it brought the caller's values back
+    # in 49% of privacy answers instead of 31%, but tripled the answers with a placeholder of its own
+    # invention left in them (8% instead of 3%), which the evaluation gate counts as leaks
+    # (benchmarks/guard_quality.py). Try it for a model that follows instructions better.
+    placeholder_note: str = ""
 
 
 class AuditSettings(BaseModel):

@@ -83,8 +83,7 @@ def test_one_vault_across_messages_text_parts_and_tool_arguments(guard):
         {"role": "user", "content": "Did maria.gonzalez@example.com answer?"},
     ]}
     p = guard.protect(body)
-    note, *messages = p.body["messages"]  # the model is told what placeholders are
-    assert note == {"role": "system", "content": PLACEHOLDER_NOTE}
+    messages = p.body["messages"]
     part = messages[0]["content"][0]["text"]
     args = messages[1]["tool_calls"][0]["function"]["arguments"]
     last = messages[2]["content"]
@@ -124,15 +123,17 @@ def test_a_class_keeps_the_entity_types_its_policy_keeps_and_personal_data_keeps
             **policy.model_dump()["data_classes"], "phi": {"allowed_zones": ["us"], "keep_entities": ["LOCATION"]}}})
 
 
-def test_the_model_is_told_what_placeholders_are_in_the_system_message_only_when_there_are_some(guard):
+def test_the_model_can_be_told_what_placeholders_are_in_the_system_message_only_when_there_are_some(guard):
     rag = {"messages": [{"role": "system", "content": "Answer from the context."},
                         {"role": "user", "content": "Is Maria Garcia's refund done?"}]}
-    system = guard.protect(rag).body["messages"]
+    assert guard.protect(rag).body["messages"][0]["content"] == "Answer from the context."  # off by default
+    told = Guard(GuardSettings(placeholder_note=PLACEHOLDER_NOTE, toxicity="off"), guard.engine.settings)
+    system = told.protect(rag).body["messages"]
     assert len(system) == 2 and system[0]["content"] == PLACEHOLDER_NOTE + "\n\nAnswer from the context."
     plain = {"messages": [{"role": "user", "content": "What is the refund policy?"}]}
-    assert guard.protect(plain).body == plain  # nothing pseudonymized: nothing to tell
-    quiet = Guard(GuardSettings(placeholder_note="", toxicity="off"), guard.engine.settings)
-    assert quiet.protect(rag).body["messages"][0]["content"] == "Answer from the context."
+    assert told.protect(plain).body == plain  # nothing pseudonymized: nothing to tell
+    alone = told.protect({"messages": rag["messages"][1:]}).body["messages"]
+    assert alone[0] == {"role": "system", "content": PLACEHOLDER_NOTE} and len(alone) == 2
 
 
 def chunked(text: str, size: int) -> list[str]:
