@@ -551,7 +551,7 @@ def roots(settings: Any) -> dict[str, Path]:
     for zone in settings.policy.zones:
         storage = ZoneStorage.for_zone(settings, zone)
         out[zone] = (storage.audit_root() if storage.is_local
-                     else Path(settings.resolve(settings.state_dir)) / "audit-spool" / zone)
+                     else settings.state / "audit-spool" / zone)
     return out
 
 

@@ -31,7 +31,7 @@ class KeyRecord:
 
 
 def key_file(settings: KeelSettings) -> Path:
-    return Path(settings.resolve(settings.state_dir)) / "api_keys.json"
+    return settings.state / "api_keys.json"
 
 
 class KeyStore:

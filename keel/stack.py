@@ -129,9 +129,10 @@ class LocalStack:
     def __init__(self, settings: KeelSettings, config: Path | None = None) -> None:
         self.s = settings
         self.config = (config or config_path()).resolve()
-        self.state = Path(settings.resolve(settings.state_dir))
+        self.state = settings.state
         self.run_dir, self.logs = self.state / "run", self.state / "logs"
         self.token = self.state / "ray" / "auth_token"
+        self.mlflow_db = self.state / "mlflow" / "mlflow.db"  # the tracking store, set to WAL before MLflow starts
         self.ray_temp = ray_temp_dir(self.state / "ray")
         self.started: dict[str, subprocess.Popen[bytes]] = {}
         self.airflow_home = self.state / "airflow"
@@ -221,7 +222,7 @@ class LocalStack:
 
     def _commands(self) -> dict[str, tuple[list[str], dict[str, str]]]:
         s, env = self.s, self.env()
-        mlflow = self.state / "mlflow"
+        mlflow = self.mlflow_db.parent
         mlflow.mkdir(parents=True, exist_ok=True)
         cpus = os.cpu_count() or 2
         return {
@@ -229,7 +230,7 @@ class LocalStack:
             # a second Ray on the machine would take them first.
             "ray": (ray_head_command(s.host, s.ports.ray, s.ports.ray_dashboard, cpus, self.ray_temp),
                     {**env, "AUTOSCALER_METRIC_PORT": str(free_port()), "DASHBOARD_METRIC_PORT": str(free_port())}),
-            "mlflow": ([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{mlflow}/mlflow.db",
+            "mlflow": ([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.mlflow_db}",
                         "--default-artifact-root", str(mlflow / "artifacts"), "--host", s.host,
                         "--port", str(s.ports.mlflow), "--workers", str(MLFLOW_WORKERS)],
                        {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),
@@ -258,7 +259,7 @@ class LocalStack:
                 say(f"  {name:<8} already running (pid {pid})")
             else:
                 if name == "mlflow":  # before its server opens the file
-                    write_ahead_log(self.state / "mlflow" / "mlflow.db")
+                    write_ahead_log(self.mlflow_db)
                 self._start(name, *commands[name])
                 say(f"  {name:<8} starting  (log {self.logs / (name + '.log')})")
         deploy: subprocess.Popen[bytes] | None = None

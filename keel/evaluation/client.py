@@ -152,7 +152,7 @@ def evaluation_api_key(settings: KeelSettings) -> str:
 
     if settings.evaluation.api_key is not None:
         return settings.evaluation.api_key.get_secret_value()
-    path = settings.home / settings.state_dir / KEY_FILE
+    path = settings.state / KEY_FILE
     try:
         return path.read_text().strip()
     except OSError:

@@ -180,4 +180,4 @@ class ChunkEmbedder:
 
 def model_cache(settings: Any) -> Path:
     """Where derived model files (the exported ONNX graph) are cached: <state_dir>/models."""
-    return Path(settings.resolve(settings.state_dir)) / "models"
+    return Path(settings.state) / "models"
