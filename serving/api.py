@@ -40,6 +40,7 @@ M = TypeVar("M", bound=BaseModel)
 # Content part types and the target feature each needs (keel.target_kinds.Feature); text needs none.
 PART_FEATURES: dict[str, str | None] = {"text": None, "refusal": None, "image_url": "images", "input_audio": "audio",
                                         "file": "files"}
+PART_TYPES = {f: t for t, f in PART_FEATURES.items() if f is not None}  # feature -> the part type that needs it
 
 
 class Message(BaseModel):
@@ -83,6 +84,10 @@ class _Common(BaseModel):
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
+
+    def part_features(self) -> set[str]:
+        """What a target needs to read the content parts besides text (images, audio, files)."""
+        return {f for m in self.messages for f in m.features()}
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None

@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from typing import Any
 
 from keel.errors import GuardFailedError, UnguardedContentError
 from keel.guard import AnswerGuard, Guard
 from keel.policy import Policy
-from serving.api import PART_FEATURES
+from serving.api import PART_TYPES, ChatRequest
 from serving.request.context import RequestContext, required
 
 logger = logging.getLogger("keel.gateway")
@@ -33,7 +32,9 @@ class Protect:
         kinds = [self.kinds[name] for name in required(ctx.route).ranked]
         if self.policy.pseudonymizes(data_class := required(ctx.data_class), kinds):
             rule = self.policy.data_classes[data_class]
-            if rule.unreadable_parts == "refuse" and (unread := unreadable_parts(body)):
+            req = required(ctx.request)
+            unread = sorted(PART_TYPES[f] for f in req.part_features()) if isinstance(req, ChatRequest) else []
+            if rule.unreadable_parts == "refuse" and unread:
                 raise UnguardedContentError(
                     f"{', '.join(unread)} content parts cannot be pseudonymized, and data class {data_class.value!r} "
                     f"is pseudonymized for the targets that may answer this request, so they are refused "
@@ -50,10 +51,3 @@ class Protect:
             protected = self.guard.unprotected(body)
         ctx.body = protected.body
         ctx.answer_guard = AnswerGuard(self.guard, protected, ctx.actions)
-
-
-def unreadable_parts(body: Mapping[str, Any]) -> list[str]:
-    """The types of the content parts in `body`'s messages that the guard cannot read (not text)."""
-    found = {p.get("type") for m in body.get("messages") or () if isinstance(m.get("content"), list)
-             for p in m["content"] if PART_FEATURES.get(p.get("type")) is not None}
-    return sorted(str(t) for t in found)

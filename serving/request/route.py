@@ -29,7 +29,7 @@ from keel.routing import (
     plan,
     uses_complexity,
 )
-from serving.api import PART_FEATURES, ChatRequest, CompletionRequest
+from serving.api import PART_TYPES, ChatRequest, CompletionRequest
 from serving.failover import TargetState, retry_after
 from serving.request.context import RequestContext
 
@@ -92,8 +92,7 @@ class Router:
         if lacking := in_zone.get(Exclusion.CAPABILITY):
             missing = sorted(rr.needs - set(self.states[lacking].target.config.supports))
             param = next((p for p in ("tools", "response_format") if p in missing), "messages")
-            parts = {f: t for t, f in PART_FEATURES.items() if f is not None}
-            what = ", ".join(f"{parts[m]} content parts ({m})" if m in parts else m for m in missing)
+            what = ", ".join(f"{PART_TYPES[m]} content parts ({m})" if m in PART_TYPES else m for m in missing)
             return UnsupportedParameterError(f"no model target for {ctx.model!r} supports {what}", param=param)
         if Exclusion.CONTEXT in in_zone:
             return ContextLengthExceededError(
@@ -111,7 +110,7 @@ def _needs(req: ChatRequest | CompletionRequest) -> frozenset[str]:
     """The request features a target must support to serve it."""
     if not isinstance(req, ChatRequest):
         return frozenset()
-    needs = {f for m in req.messages for f in m.features()}
+    needs = req.part_features()
     if req.tools:
         needs.add("tools")
     if req.response_format and req.response_format.get("type") not in (None, "text"):
