@@ -19,7 +19,7 @@ import yaml
 
 from tests.support.fault_server import TAIL
 from tests.support.faults import Fault
-from tests.support.services import free_port, write_config
+from tests.support.services import free_port, publish_index, write_config
 
 LLAMA = "smollm2-135m-cpu"
 
@@ -380,8 +380,6 @@ def test_rag_grounds_the_prompt_in_the_index_and_cites_its_chunks(gw, faults):
 
     from keel.pipeline import index
     from keel.pipeline.embedding import Embedder
-    from keel.pipeline.snapshots import SnapshotStore
-    from keel.storage import ZoneStorage
 
     settings = gw["settings"]
     texts = ["Refunds: annual plans can be refunded in full within 30 days of purchase.",
@@ -396,11 +394,7 @@ def test_rag_grounds_the_prompt_in_the_index_and_cites_its_chunks(gw, faults):
                        "title": ["Refund policy", "Router", "Offices", "Visit"],
                        "data_class": ["public", "public", "public", "phi"], "text": texts,
                        "vector": pa.array(vectors.tolist(), index.CHUNKS_SCHEMA.field("vector").type)})
-    storage = ZoneStorage.for_zone(settings, "us")
-    store = SnapshotStore(storage, "index")
-    staging = store.begin("rag-test")
-    index.write_table(storage.uri(staging.path, "lance"), chunks, storage)
-    store.commit(staging, {"counts": {"chunks": 4}})
+    publish_index(settings, chunks, "rag-test")
 
     ask = "How long do I have to get a refund on an annual plan?"
     r = chat(gw, ask, extra_body={"rag": True})
@@ -422,8 +416,6 @@ def test_rag_retrieves_the_shared_sources_and_the_tenants_own_never_anothers(gw,
 
     from keel.pipeline import index
     from keel.pipeline.embedding import Embedder
-    from keel.pipeline.snapshots import SnapshotStore
-    from keel.storage import ZoneStorage
 
     settings = gw["settings"]
     texts = {"product": "Refunds: annual plans can be refunded in full within 30 days of purchase.",
@@ -435,11 +427,7 @@ def test_rag_retrieves_the_shared_sources_and_the_tenants_own_never_anothers(gw,
                        "source": [f"{n}.md" for n in texts], "source_name": list(texts), "title": list(texts),
                        "data_class": ["public"] * 3, "text": list(texts.values()),
                        "vector": pa.array(vectors.tolist(), index.CHUNKS_SCHEMA.field("vector").type)})
-    storage = ZoneStorage.for_zone(settings, "us")
-    store = SnapshotStore(storage, "index")
-    staging = store.begin("rag-tenants-test")
-    index.write_table(storage.uri(staging.path, "lance"), chunks, storage)
-    store.commit(staging, {"counts": {"chunks": 3}})
+    publish_index(settings, chunks, "rag-tenants-test")
 
     for tenant, key, own, theirs in (("demo", gw["key"], "demo-private", "other-private"),
                                      ("other", gw["other_key"], "other-private", "demo-private")):

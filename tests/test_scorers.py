@@ -34,11 +34,9 @@ def env(tmp_path_factory, shared_state):
 
     from keel.evaluation.scorers import Models
     from keel.pipeline import index
-    from keel.pipeline.snapshots import SnapshotStore
     from keel.retrieval import Retriever
     from keel.settings import load_settings
-    from keel.storage import ZoneStorage
-    from tests.support.services import write_config
+    from tests.support.services import publish_index, write_config
 
     logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
     settings = load_settings(write_config(tmp_path_factory.mktemp("scorers"), state_dir=shared_state))
@@ -52,11 +50,7 @@ def env(tmp_path_factory, shared_state):
         "source_name": ["product", "product", "clinical"],
         "title": ["Refund policy", "Refund policy", None], "data_class": ["public", "public", "phi"], "text": texts,
         "vector": pa.array(models.embed(texts).tolist(), index.CHUNKS_SCHEMA.field("vector").type)})
-    storage = ZoneStorage.for_zone(settings, "us")
-    store = SnapshotStore(storage, "index")
-    staging = store.begin("scorers-test")
-    index.write_table(storage.uri(staging.path, "lance"), chunks, storage)
-    store.commit(staging, {"counts": {"chunks": 3}})
+    publish_index(settings, chunks, "scorers-test")
     scorers = keel_scorers(models, Retriever(settings))
     return {"settings": settings, "models": models, "scorers": {s.name: s for s in scorers}, "list": scorers}
 

@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -134,3 +135,16 @@ def start_mlflow(root: Path) -> tuple[Service, str]:
 
 def airflow_env(home: Path, cfg: Path, port: int | None = None) -> dict[str, str]:
     return airflow_api.airflow_env(home, cfg, ROOT, port)
+
+
+def publish_index(settings: Any, chunks: Any, run: str, zone: str = "us") -> None:
+    """Commit a table of chunks as `zone`'s current index, as the index job would (a snapshot of its own)."""
+    from keel.pipeline import index
+    from keel.pipeline.snapshots import SnapshotStore
+    from keel.storage import ZoneStorage
+
+    storage = ZoneStorage.for_zone(settings, zone)
+    store = SnapshotStore(storage, "index")
+    staging = store.begin(run)
+    index.write_table(storage.uri(staging.path, "lance"), chunks, storage)
+    store.commit(staging, {"counts": {"chunks": chunks.num_rows}})
