@@ -65,7 +65,7 @@ BROKEN = re.compile(r"<?\b[A-Z][A-Z_]*_\d+\b>?")
 
 
 def rag_items(n: int) -> list[dict[str, Any]]:
-    from serving.request.ground import RAG_PROMPT
+    from keel.feedback.prompts import RAG_PROMPT
 
     items = []
     for line in (GOLDEN / "rag.jsonl").read_text().splitlines()[:n]:

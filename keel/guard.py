@@ -123,6 +123,12 @@ class Guard:
         return [resolve_overlaps([replace(s, start=s.start + offset, end=s.end + offset)
                                   for offset, piece in cut for s in known[keys[piece]]]) for cut in cuts]
 
+    def scrub(self, texts: Sequence[str]) -> list[str]:
+        """User text kept at rest (a feedback comment, an exchange that went to its model as sent): every
+        PII value replaced by its type ([PERSON]), the batch pipeline's irreversible tokens."""
+        found = self._detect([_cut(t, ()) for t in texts])
+        return [redact_spans(t, spans, "typed") for t, spans in zip(texts, found, strict=True)]
+
     def unprotected(self, body: dict[str, Any]) -> Protected:
         """A request the policy lets through as sent: nothing to restore, the answer is still checked."""
         return Protected(body, Vault(), {}, "\n".join(get() for _, get, _ in _text_slots(body)))

@@ -103,6 +103,12 @@ class DataClassRule(_Strict):
     # answer at all ("the capital of <LOCATION_1>" has no answer). None: the class's default,
     # KEPT_ENTITIES (measured in benchmarks/guard_quality.py). pii and phi keep none.
     keep_entities: list[str] | None = None
+    # Whether a tenant may keep this class's exchanges (pseudonymized) for a fine-tuning dataset
+    # (Tenant.retain_exchanges). None: every class but phi; phi only where set true here.
+    retainable: bool | None = None
+
+    def retains(self, data_class: DataClass) -> bool:
+        return self.retainable if self.retainable is not None else data_class < DataClass.phi
 
 
 class ModelTarget(_Strict):
@@ -139,6 +145,9 @@ class Tenant(_Strict):
     # evaluation: Keel's own evaluation client (keel.evaluation); its requests are marked as such in
     # the audit trail, and its rate limits are its own, apart from the users'.
     purpose: Literal["serving", "evaluation"] = "serving"
+    # Classes whose exchanges (the prompt and answer as the model saw them: placeholders, never the
+    # caller's values) are kept for the fine-tuning dataset, until feedback.retention_days. Opt-in.
+    retain_exchanges: list[DataClass] = Field(default_factory=list)
 
     @field_validator("api_key_hashes")
     @classmethod
@@ -201,6 +210,11 @@ class Policy(_Strict):
             for z in tenant.allowed_zones or ():
                 if z not in self.zones:
                     raise ValueError(f"tenants.{tenant.name}.allowed_zones: unknown zone {z!r}")
+        for tenant in self.tenants:
+            for dc in tenant.retain_exchanges:
+                if not self.data_classes[dc].retains(dc):
+                    raise ValueError(f"tenants.{tenant.name}.retain_exchanges: data class {dc.value!r} is never "
+                                     f"retained unless data_classes.{dc.value}.retainable is true")
         tenants = [t.name for t in self.tenants]
         if len(set(tenants)) != len(tenants):
             raise ValueError("tenants: duplicate names")
@@ -246,6 +260,10 @@ class Policy(_Strict):
         """Entity types a pseudonymized request of this class keeps as sent."""
         kept = self.data_classes[data_class].keep_entities
         return frozenset(kept if kept is not None else KEPT_ENTITIES if data_class < DataClass.pii else ())
+
+    def retains(self, tenant: Tenant, data_class: DataClass) -> bool:
+        """Whether a request's exchange is kept for the fine-tuning dataset: its tenant opted in for its class."""
+        return data_class in tenant.retain_exchanges and self.data_classes[data_class].retains(data_class)
 
     def pseudonymizes(self, data_class: DataClass, target_kinds: Iterable[str]) -> bool:
         """Whether a request of this class is pseudonymized before these targets (any of which may

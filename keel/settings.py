@@ -242,6 +242,25 @@ class AuditSettings(BaseModel):
     seal_after_s: float = Field(5.0, gt=0, description="an open segment is sealed after this long")
 
 
+class FeedbackSettings(BaseModel):
+    """User feedback and the loop it feeds (keel.feedback): kept in each request's zone, aggregated by
+    the keel_feedback DAG, and read back by the gateway as the prompt variants' posteriors."""
+
+    model_config = ConfigDict(extra="forbid")
+    # Each zone's database, as a SQLAlchemy URL (postgresql+psycopg://user:pass@host/db): a secret, so from
+    # the environment (KEEL_FEEDBACK__DATABASES='{"eu": "postgresql+psycopg://..."}') or a secrets dir, never
+    # keel.yaml. A zone without one keeps a SQLite file in its own storage (feedback/feedback.db); a zone
+    # stored on S3 needs one, or the gateway does not start.
+    databases: dict[str, SecretStr] = Field(default_factory=dict)
+    max_comment_chars: int = Field(4000, ge=1)  # a comment or correction longer than this is refused (400)
+    # A request takes feedback this long after it was answered; then its link (ids, route, no text) goes.
+    window_days: float = Field(30.0, gt=0)
+    # Exchanges a tenant opted to keep (policy.tenants[].retain_exchanges) are deleted after this long.
+    retention_days: float = Field(30.0, gt=0)
+    # Each gateway replica re-reads the prompt variants and their feedback this often, off the request path.
+    refresh_s: float = Field(10.0, gt=0)
+
+
 class Threshold(BaseModel):
     """One metric's gate (keel.evaluation.gate). Absolute bounds hold on every run; the others compare
     with the target's baseline run: `max_drop` for a score where higher is better, `max_rise` for a
@@ -339,6 +358,7 @@ class KeelSettings(BaseSettings):
     guard: GuardSettings = Field(default_factory=GuardSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     policy: Policy
     _installed_hash_key: bool = PrivateAttr(False)
 
@@ -352,6 +372,8 @@ class KeelSettings(BaseSettings):
                     f"pipeline.sources.{i}: data class {src.data_class.value!r} may not be stored in zone {src.zone!r}"
                     f" (allowed: {self.policy.zones_for(src.data_class)})"
                 )
+        if unknown := sorted(set(self.feedback.databases) - set(self.policy.zones)):
+            raise ValueError(f"feedback.databases: unknown zone(s) {unknown}")
         if len({s.name for s in self.pipeline.sources}) != len(self.pipeline.sources):
             raise ValueError("pipeline.sources: duplicate names")
         tenants = {t.name for t in self.policy.tenants}

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from keel.errors import (
     InvalidJSONError,
@@ -111,9 +111,32 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
 
 
+class FeedbackRequest(BaseModel):
+    """A caller's feedback on one of its answers (POST /v1/feedback): a rating or a score, and words.
+    `comment` and `correction` (the answer it would have preferred) are scrubbed before they are stored."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt field must not be a rating silently dropped
+    request_id: str = Field(min_length=1, max_length=128)
+    rating: Literal["up", "down"] | None = None
+    score: float | None = Field(None, ge=0, le=1)
+    comment: str | None = None
+    correction: str | None = None
+
+    @model_validator(mode="after")
+    def _one_verdict(self) -> FeedbackRequest:
+        if (self.rating is None) == (self.score is None):
+            raise ValueError("give either 'rating' (\"up\" or \"down\") or 'score' (0 to 1), not both or neither")
+        return self
+
+    @property
+    def value(self) -> float:
+        """The verdict as a score: up 1, down 0."""
+        return self.score if self.score is not None else 1.0 if self.rating == "up" else 0.0
+
+
 # The bodies the endpoints parse by hand (parse below), for the OpenAPI document.
 BODIES: dict[str, type[BaseModel]] = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest,
-                                      "/v1/embeddings": EmbeddingRequest}
+                                      "/v1/embeddings": EmbeddingRequest, "/v1/feedback": FeedbackRequest}
 
 
 def parse(raw: bytes, model: type[M]) -> M:
@@ -128,6 +151,8 @@ def parse(raw: bytes, model: type[M]) -> M:
     except ValidationError as e:
         err = e.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
+        if param is None:  # a rule over several fields (a model validator)
+            raise InvalidParameterError(err["msg"].removeprefix("Value error, ")) from None
         if err["type"] == "missing":
             raise MissingParameterError(f"missing required parameter {param!r}: {err['msg']}", param=param) from None
         raise InvalidParameterError(f"invalid parameter {param!r}: {err['msg']}", param=param) from None
@@ -141,7 +166,8 @@ def openapi(app: FastAPI) -> dict[str, Any]:
         from pydantic.json_schema import models_json_schema
 
         doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
-                          description="OpenAI-compatible: chat completions, completions, embeddings, models.")
+                          description="OpenAI-compatible: chat completions, completions, embeddings, models; "
+                                      "and Keel's own: feedback on an answer, its audit records.")
         refs, defs = models_json_schema([(m, "validation") for m in BODIES.values()],
                                         ref_template="#/components/schemas/{model}")
         components = doc.setdefault("components", {})
@@ -204,10 +230,11 @@ def route_header(target: str | None, route: Route) -> str:
 
 
 def keel_field(rid: str, route: Route, outcome: Outcome, citations: list[dict[str, Any]] | None, data_class: str,
-               zones: list[str], guard: dict[str, Any], elapsed_s: float) -> dict[str, Any]:
+               zones: list[str], guard: dict[str, Any], elapsed_s: float,
+               prompt: dict[str, Any] | None = None) -> dict[str, Any]:
     """The response's `keel` field: the final route, every failover, the request's time split into the
     targets' (model_ms) and the gateway's own so far (keel_ms: `elapsed_s` since it arrived, less the
-    model's), what retrieval and the guard did."""
+    model's), the system prompt variant it got, what retrieval and the guard did."""
     out: dict[str, Any] = {
         "request_id": rid,
         "route": {"target": outcome.target, "strategy": route.strategy, "reason": route.reason,
@@ -217,6 +244,8 @@ def keel_field(rid: str, route: Route, outcome: Outcome, citations: list[dict[st
         "model_ms": round(outcome.model_s * 1000, 1),
         "keel_ms": round(max(0.0, elapsed_s - outcome.model_s) * 1000, 1),
     }
+    if prompt is not None:
+        out["prompt"] = prompt
     if citations is not None:
         out["citations"] = citations
     return out | {"data_class": data_class, "zones": zones, "guard": guard}

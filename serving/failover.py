@@ -59,6 +59,7 @@ class Outcome:
     # small here: targets (the llama.cpp replica, providers) generate in another process meanwhile.
     model_s: float = 0.0
     answer: Any = field(default_factory=hashlib.sha256)  # of the text the caller got, for the audit trail
+    kept: list[str] | None = None  # the text itself, as the model wrote it, when the exchange is retained
 
 
 class NoTargetLeftError(Exception):
@@ -159,6 +160,8 @@ class _Walk:
     def passed(self, chunk: Chunk, text: str) -> Chunk:
         """A chunk on its way to the caller (`text`: what is left of its text once repeats are trimmed)."""
         self.outcome.answer.update(text.encode())
+        if self.outcome.kept is not None:
+            self.outcome.kept.append(text)
         if chunk.finish_reason:
             self.outcome.finish_reason = chunk.finish_reason
         if chunk.usage:

@@ -1,7 +1,7 @@
 """The gateway: a Ray Serve ingress speaking the OpenAI API in front of every model target.
 
 A request goes through the stages of `serving.request` in order (authenticate, parse, scope, admit,
-ground, route, protect, generate, check), each of which may end it with an error; the answer then
+prompt, ground, route, protect, generate, check), each of which may end it with an error; the answer then
 flows to the caller streamed or whole (reply), and the interaction is recorded (record). This class
 builds the stages with their collaborators, once per replica, and holds the endpoints. External
 targets are called straight from here (one hop); in-cluster ones (llama.cpp, vLLM) through a handle.
@@ -22,6 +22,9 @@ from keel.audit import Trails
 from keel.breaker import CircuitBreaker
 from keel.errors import KeelError, MethodNotAllowedError, NotFoundError, UnknownURLError
 from keel.evaluation.standing import StandingBoard, source_for
+from keel.feedback import prompts
+from keel.feedback.store import Stores
+from keel.feedback.variants import VariantBoard
 from keel.guard import Guard
 from keel.keys import KeyRing
 from keel.ratelimit import RateLimiter
@@ -30,6 +33,7 @@ from keel.routing import ALIASES, LatencyStats, Weights
 from keel.settings import KeelSettings
 from serving import api
 from serving.failover import Limits, TargetState
+from serving.feedback import FeedbackDesk
 from serving.metrics import Metrics
 from serving.request import pipeline
 from serving.request.admit import Admission, Admit
@@ -40,6 +44,7 @@ from serving.request.embed import EMBEDDING_MODEL, Embed, ParseEmbedding
 from serving.request.generate import Generate
 from serving.request.ground import Ground
 from serving.request.parse import Parse
+from serving.request.prompt import Prompt
 from serving.request.protect import Protect
 from serving.request.record import Record, config_fields, replica_name
 from serving.request.reply import Reply
@@ -100,22 +105,32 @@ class Gateway:
         self.trails = Trails(settings, f"gateway-{self.replica}", on_error=lambda e, rid: self.metrics.audit_failed())
         limiter, retriever = RateLimiter(share=1 / g.replicas), Retriever(settings)
         self.board = _standing_board(settings)
+        guard, fb = _guard(settings), settings.feedback
+        # Feedback links (and kept exchanges) are written by the store's own thread; the variants' posteriors
+        # are read from every zone's store by the board's, so every replica samples from the same evidence.
+        self.links = Stores(settings, scrub=guard.scrub if guard else None,
+                            on_error=lambda e: self.metrics.feedback_link_failed())
+        self.variants = VariantBoard(prompts.source_for(settings.pipeline.mlflow_tracking_uri), self.links.totals,
+                                     fb.refresh_s)
         self.authenticate = Authenticate(KeyRing(settings), {t.name: t for t in policy.tenants})
         self.generate = Generate(self.states, Limits(g.request_timeout_s, g.first_token_timeout_s, g.stall_timeout_s),
                                  self.admission, g.retry_after_s)
         admit = Admit(self.admission, limiter)
         self.stages = (
-            self.authenticate, Parse(), Scope(policy), admit,
+            self.authenticate, Parse(), Scope(policy), admit, Prompt(self.variants),
             Ground(retriever.search, policy, g.rag_top_k, g.rag_zone),
             Router(self.states, g.strategy, Weights(g.weights.latency, g.weights.cost, g.weights.complexity),
                    g.complexity_threshold, g.retry_after_s, self.board),
-            Protect(_guard(settings), policy, {n: s.target.config.kind for n, s in self.states.items()}),
+            Protect(guard, policy, {n: s.target.config.kind for n, s in self.states.items()}),
             self.generate, Check(),
         )
         self.embedding_stages = (self.authenticate, ParseEmbedding(), Scope(policy), admit, Embed(retriever.embed))
         zones = {n: s.target.config.zone for n, s in self.states.items()}
         self.record = Record(self.trails, self.metrics, limiter, zones, next(iter(policy.zones)), self.clock,
-                             digest_key=settings.audit_keys().active)
+                             digest_key=settings.audit_keys().active, links=self.links,
+                             retention_s=fb.retention_days * 86400)
+        self.feedback = FeedbackDesk(self.authenticate, self.links, self.trails, self.metrics,
+                                     guard.scrub if guard else None, fb.max_comment_chars, fb.window_days * 86400)
         self.reply = Reply(self.generate, self.record)
         for zone in policy.zones:  # the configuration this replica decides under, in every zone
             self.trails.submit(zone, "config", **config_fields(settings))
@@ -123,8 +138,9 @@ class Gateway:
     def __del__(self) -> None:
         if (trails := getattr(self, "trails", None)) is not None:  # not when __init__ failed before it
             trails.close()  # Serve calls it when the replica stops: the open segment gets sealed
-        if (board := getattr(self, "board", None)) is not None:
-            board.close()
+        for part in ("board", "variants", "links"):
+            if (it := getattr(self, part, None)) is not None:
+                it.close()
 
     # -- endpoints -----------------------------------------------------------------------------
 
@@ -157,6 +173,10 @@ class Gateway:
         return JSONResponse({"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "keel"}
                                                         for i in ids]})
 
+    @app.post("/v1/feedback")
+    async def post_feedback(self, request: Request) -> Response:
+        return await self.feedback(request)
+
     @app.get("/v1/audit/{request_id}")
     async def audit_records(self, request_id: str, request: Request) -> Response:
         """The caller's own audit records of one request. Another tenant's request is a 404, like a
@@ -177,7 +197,8 @@ class Gateway:
         ok = any(s.breaker.available for s in self.states.values())
         return JSONResponse({"status": "ok" if ok else "degraded", "replica": self.replica,
                              "in_flight": self.admission.in_flight,
-                             "targets": targets, "standing": self.board.public()}, status_code=200 if ok else 503)
+                             "targets": targets, "standing": self.board.public(), "prompts": self.variants.public()},
+                            status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def prometheus(self) -> Response:

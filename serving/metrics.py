@@ -32,6 +32,11 @@ class Metrics:
         self.breaker = Gauge("keel_gateway_breaker_state", "0 closed, 1 half-open, 2 open", ["target"], registry=r)
         self.audit_failures = Counter("keel_gateway_audit_failures", "Audit records that could not be written",
                                       registry=r)
+        self.feedback_links = Counter("keel_gateway_feedback_link_failures",
+                                      "Answers whose feedback link (or kept exchange) could not be written",
+                                      registry=r)
+        self.feedback = Counter("keel_gateway_feedback", "Feedback received, by rating (up, down, or score)",
+                                ["rating"], registry=r)
         self.in_flight = Gauge("keel_gateway_in_flight", "Requests in flight on this replica", registry=r)
 
         self._children: dict[tuple[Any, ...], Any] = {}  # labels() takes a lock and builds a key: once per series
@@ -57,6 +62,12 @@ class Metrics:
 
     def audit_failed(self) -> None:
         self.audit_failures.inc()
+
+    def feedback_link_failed(self) -> None:
+        self.feedback_links.inc()
+
+    def feedback_received(self, rating: str) -> None:
+        self._series(self.feedback, rating).inc()
 
     def render(self, in_flight: int) -> tuple[bytes, str]:
         self.in_flight.set(in_flight)

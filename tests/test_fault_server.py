@@ -16,8 +16,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from profanity_check import predict_prob
 
+from keel.feedback.prompts import RAG_PROMPT
 from keel.pipeline.chunking import chunk_text
-from serving.request.ground import RAG_PROMPT
 from tests.support.fault_server import FaultServer
 
 PRODUCT = Path(__file__).resolve().parents[1] / "data" / "sample" / "us" / "product"

@@ -15,6 +15,7 @@ import pytest
 from keel import errors
 from keel.audit import canonical
 from keel.breaker import CircuitBreaker
+from keel.feedback.prompts import RAG_PROMPT
 from keel.guard import Actions, Protected
 from keel.pipeline.index import Hit
 from keel.policy import DataClass, DataClassRule, ModelTarget, Policy, Tenant, Zone
@@ -28,7 +29,7 @@ from serving.request.authenticate import Authenticate
 from serving.request.check import Check
 from serving.request.context import RequestContext
 from serving.request.generate import Generate
-from serving.request.ground import RAG_PROMPT, Ground
+from serving.request.ground import Ground
 from serving.request.parse import Parse
 from serving.request.protect import Protect
 from serving.request.record import Record

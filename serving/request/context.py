@@ -12,6 +12,7 @@ from keel.guard import Actions
 from keel.routing import DEFAULT_MAX_TOKENS
 
 if TYPE_CHECKING:
+    from keel.feedback.prompts import Variant
     from keel.guard import AnswerGuard
     from keel.policy import DataClass, Tenant
     from keel.routing import Route
@@ -48,7 +49,9 @@ class RequestContext:
     max_tokens: int = DEFAULT_MAX_TOKENS
     data_class: DataClass | None = None  # scope
     zones: list[str] = field(default_factory=list)
+    retain: bool = False  # scope: the exchange is kept for the fine-tuning dataset (the tenant opted in)
     charged: int = 0  # admit: tokens charged to the tenant, settled by record
+    variant: Variant | None = None  # prompt: the system prompt variant chosen for it, if its model has any
     citations: list[dict[str, Any]] | None = None  # ground
     passages: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # ground: message -> its passages
     route: Route | None = None  # route

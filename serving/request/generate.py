@@ -22,7 +22,7 @@ class Generate:
         self.states, self.limits, self.admission, self.retry_after_s = states, limits, admission, retry_after_s
 
     async def __call__(self, ctx: RequestContext) -> None:
-        ctx.outcome = Outcome()
+        ctx.outcome = Outcome(kept=[] if ctx.retain else None)
         self.admission.in_flight += 1
         ctx.stream = failover.run(self.states, required(ctx.route).ranked, ctx.kind, required(ctx.body), self.limits,
                                   ctx.outcome)

@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from keel.feedback.prompts import RAG_PROMPT
 from keel.messages import text_of
 from keel.policy import Policy
 from serving.api import ChatRequest
@@ -18,8 +19,6 @@ from serving.request.context import RequestContext, required
 if TYPE_CHECKING:
     from keel.pipeline.index import Hit
 
-RAG_PROMPT = ("Answer the user's question from the context below. Cite the passages you use as [1], [2]. "
-              "If the context does not hold the answer, say so.\n\n")
 
 
 class Search(Protocol):
@@ -43,12 +42,13 @@ class Ground:
         zones = [self.rag_zone] if self.rag_zone in ctx.zones else ctx.zones
         hits = await asyncio.to_thread(self.search, ctx.ask, zones, self.top_k, [c.value for c in classes],
                                        tenant.name)
-        content, passages = RAG_PROMPT, []
+        instructions = ctx.variant.text if ctx.variant is not None else RAG_PROMPT  # the prompt stage's choice
+        content, passages = instructions, []
         for i, h in enumerate(hits, 1):
             content += ("\n\n" if i > 1 else "") + f"[{i}] "
             passages.append((len(content), len(content) + len(h.text)))
             content += h.text
-        system = {"role": "system", "content": content if hits else RAG_PROMPT + "(the index is empty)"}
+        system = {"role": "system", "content": content if hits else instructions + "(the index is empty)"}
         body = required(ctx.body)
         ctx.body = {**body, "messages": [system, *body["messages"]]}
         ctx.passages = {0: passages}

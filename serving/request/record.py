@@ -1,22 +1,25 @@
 """The interaction on the record, once it is over: metrics, the tenant's token charge settled with
-what was used, and one audit record (the decision and its numbers, hashes of what was sent and
-answered, never the text) in the zone where its data went."""
+what was used, one audit record (the decision and its numbers, hashes of what was sent and answered,
+never the text) in the zone where its data went, and there too the link that lets its answer take
+feedback (with the exchange itself when its tenant opted to keep it: keel.feedback.store)."""
 
 from __future__ import annotations
 
 import hmac
 import logging
 import os
+import queue
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from keel.audit import Trails, canonical
+from keel.feedback.store import Exchange, Link, Stores
 from keel.ratelimit import RateLimiter
 from keel.secret_keys import key_id
 from keel.settings import KeelSettings
 from serving.metrics import Metrics
-from serving.request.context import RequestContext
+from serving.request.context import RequestContext, required
 
 logger = logging.getLogger("keel.gateway")
 
@@ -25,10 +28,12 @@ class Record:
     name = "record"
 
     def __init__(self, trails: Trails, metrics: Metrics, limiter: RateLimiter, target_zones: Mapping[str, str],
-                 home_zone: str, clock: Callable[[], float] = time.monotonic, *, digest_key: bytes) -> None:
+                 home_zone: str, clock: Callable[[], float] = time.monotonic, *, digest_key: bytes,
+                 links: Stores | None = None, retention_s: float = 0.0) -> None:
         self.trails, self.metrics, self.limiter, self.clock = trails, metrics, limiter, clock
         self.target_zones, self.home_zone = target_zones, home_zone  # home: where a record with no zone goes
         self.digest_key = digest_key  # the trail's key: a record's digests of the exchange are keyed with it
+        self.links, self.retention_s = links, retention_s  # feedback links; how long a kept exchange stays
 
     def __call__(self, ctx: RequestContext) -> None:
         start = time.perf_counter()
@@ -39,7 +44,10 @@ class Record:
             self.metrics.finish(ctx.endpoint, ctx.status, ctx.outcome, seconds)
         if ctx.tenant is not None:  # an unauthenticated request has no one to charge or to show a record to
             self._settle(ctx)
-            self._audit(ctx, seconds)
+            zone = self._zone(ctx)
+            self._audit(ctx, seconds, zone)
+            if ctx.outcome is not None and self.links is not None:  # generation began: an answer to rate
+                self._link(ctx, zone)
         ctx.timings[self.name] = time.perf_counter() - start
 
     def _settle(self, ctx: RequestContext) -> None:
@@ -47,16 +55,37 @@ class Record:
             usage = ctx.outcome.usage if ctx.outcome is not None else None
             self.limiter.settle(ctx.tenant.name, ctx.charged, (usage or {}).get("total_tokens", 0))
 
-    def _audit(self, ctx: RequestContext, seconds: float) -> None:
-        """In the zone where the data went (the answering target's), else the request's first allowed
-        zone, else the home zone. A failed write is logged and counted, never dropped silently."""
+    def _zone(self, ctx: RequestContext) -> str:
+        """Where the data went (the answering target's zone), else the request's first allowed zone,
+        else the home zone."""
         target = ctx.outcome.target if ctx.outcome is not None else None
-        zone = self.target_zones[target] if target else ctx.zones[0] if ctx.zones else self.home_zone
+        return self.target_zones[target] if target else ctx.zones[0] if ctx.zones else self.home_zone
+
+    def _audit(self, ctx: RequestContext, seconds: float, zone: str) -> None:
+        """A failed write is logged and counted, never dropped silently."""
         try:
             self.trails.submit(zone, "interaction", **interaction(ctx, seconds, zone, self.digest_key))
         except Exception:  # a backlog: the answer is already decided; the failure must be visible
             self.metrics.audit_failed()
             logger.exception("audit record for request %s could not be written", ctx.rid)
+
+    def _link(self, ctx: RequestContext, zone: str) -> None:
+        """Queued for the feedback store's writer thread; a writer far behind is logged and counted."""
+        now, outcome, tenant = time.time(), required(ctx.outcome), required(ctx.tenant)
+        variant, route = ctx.variant, ctx.route
+        link = Link(ctx.rid, tenant.name, ctx.endpoint, ctx.model, outcome.target, route.strategy if route else None,
+                    ctx.data_class.value if ctx.data_class else None, variant.prompt if variant else None,
+                    variant.version if variant else None, ctx.status, now)
+        exchange = None
+        if ctx.status == 200 and outcome.kept is not None and ctx.body is not None:
+            messages = ctx.body.get("messages") or [{"role": "user", "content": ctx.body.get("prompt", "")}]
+            exchange = Exchange(ctx.rid, tenant.name, link.data_class or "", ctx.endpoint, messages,
+                                "".join(outcome.kept), ctx.actions.pseudonymized, now, now + self.retention_s)
+        try:
+            required(self.links).submit(zone, link, exchange)
+        except queue.Full:
+            self.metrics.feedback_link_failed()
+            logger.error("feedback link of request %s not written: the store's writer is behind", ctx.rid)
 
 
 def interaction(ctx: RequestContext, seconds: float, zone: str, key: bytes) -> dict[str, Any]:
@@ -77,6 +106,8 @@ def interaction(ctx: RequestContext, seconds: float, zone: str, key: bytes) -> d
                 "ttft_ms": round(o.ttft_s * 1000, 1) if o.ttft_s is not None else None,
                 "model_ms": round(o.model_s * 1000, 1),
                 "response_hmac": hmac.new(key, o.answer.digest(), "sha256").hexdigest() if o.target else None}
+    if ctx.variant is not None:  # the system prompt it got: feedback and evaluation credit this variant
+        out["prompt"] = {"name": ctx.variant.prompt, "version": ctx.variant.version}
     if ctx.tenant is not None and ctx.tenant.purpose == "evaluation":  # apart from users' traffic; absent otherwise
         out["purpose"] = "evaluation"
     return out | {"data_class": ctx.data_class.value if ctx.data_class else None, "zone": zone,

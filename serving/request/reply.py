@@ -110,4 +110,5 @@ class Reply:
         """The response's `keel` field, taken when the answer is done (a failover may change the route)."""
         return api.keel_field(ctx.rid, required(ctx.route), required(ctx.outcome), ctx.citations,
                               required(ctx.data_class).value, ctx.zones, ctx.actions.record(),
-                              elapsed_s=self.record.clock() - ctx.started)  # on the clock ctx.started is on
+                              elapsed_s=self.record.clock() - ctx.started,  # on the clock ctx.started is on
+                              prompt={"name": v.prompt, "version": v.version} if (v := ctx.variant) else None)

@@ -24,3 +24,4 @@ class Scope:
                                         f"{[c.value for c in DataClass]}", param="x-keel-data-class") from None
         ctx.data_class = resolve_class(tenant, requested)  # DataClassNotAllowedError: 403
         ctx.zones = self.policy.request_zones(tenant, ctx.data_class, headers.get("x-keel-zone") or None)  # 403
+        ctx.retain = ctx.endpoint != "embeddings" and self.policy.retains(tenant, ctx.data_class)

@@ -146,7 +146,7 @@ TOXIC_CLAUSES = (
 
 
 def passages(msgs: list[dict[str, Any]]) -> list[str]:
-    """The passages of a RAG request: the gateway's system message (serving.request.ground.RAG_PROMPT,
+    """The passages of a RAG request: the gateway's system message (keel.feedback.prompts.RAG_PROMPT,
     then "[1] <chunk>", "[2] <chunk>"..., separated by blank lines), or none."""
     for m in msgs:
         text = _text(m.get("content")) if m.get("role") == "system" else ""
