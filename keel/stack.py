@@ -289,10 +289,20 @@ class LocalStack:
                     say(f"  {'gateway':<8} healthy   {self.urls['gateway']}")
             time.sleep(0.5)
         result.airflow_user, result.airflow_password = airflow_credentials(self.airflow_home)
+        say(f"  prompts  {self.seed_prompts()}")
         if load:
             result.loaded = self.load_sample(say, deadline=time.monotonic() + timeout_s)
             say(f"  golden   {self.load_golden()}")
         return result
+
+    def seed_prompts(self) -> str:
+        """keel/rag's built-in system prompt as version 1 of `keel-rag` in MLflow's Prompt Registry (once),
+        so its variants are registered, chosen among and rated there."""
+        from keel.feedback import prompts
+
+        made = prompts.seed(self.mlflow_uri())
+        return (f"{prompts.RAG} v{made} registered in MLflow's Prompt Registry" if made
+                else f"{prompts.RAG} already in MLflow's Prompt Registry")
 
     def load_golden(self) -> str:
         """The golden sets as MLflow evaluation datasets (one per set version, made once), so the first

@@ -165,12 +165,7 @@ def test_expire_drops_exchanges_and_old_request_rows_and_keeps_feedback(store: Z
     assert store.expire(now=T0 + 150, window_s=window) == {"exchanges": 0, "requests": 1}
 
 
-def test_replicas_starting_together_create_the_tables_once(backend: str, fresh: Callable[[str], str],
-                                                           request: pytest.FixtureRequest) -> None:
-    if backend == "postgres":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "ZoneStore.__init__ retries create_all on OperationalError only; Postgres reports the lost race as "
-            "IntegrityError (pg_type_typname_nsp_index) or ProgrammingError (DuplicateTable)")))
+def test_replicas_starting_together_create_the_tables_once(backend: str, fresh: Callable[[str], str]) -> None:
     for round_ in range(4):
         url, start, errors = fresh(f"race{round_}"), threading.Barrier(6), list[Exception]()
 

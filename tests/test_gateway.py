@@ -615,6 +615,7 @@ def test_the_authorization_matrix_covers_every_route_and_no_body_shows_another_t
         ("POST", "/v1/embeddings"): ({"model": "all-MiniLM-L6-v2", "input": "hi"}, tenants_only),
         ("GET", "/v1/models"): (None, tenants_only),
         ("GET", "/v1/audit/{request_id}"): (None, {}),  # below: per request id
+        ("POST", "/v1/feedback"): (None, {}),  # below: per request id
         ("GET", "/healthz"): (None, anyone),
         ("GET", "/metrics"): (None, anyone),
         ("GET", "/openapi.json"): (None, anyone),
@@ -634,6 +635,9 @@ def test_the_authorization_matrix_covers_every_route_and_no_body_shows_another_t
             want = denied.get(who) or (200 if who == owner else 404)  # 404, not 403: ids do not leak
             assert r.status_code == want, (who, owner, r.text[:300])
             assert who == owner or ("data" not in r.json() and f'"tenant":"{owner}"' not in r.text.replace(" ", ""))
+            r = call("POST", "/v1/feedback", who, {"request_id": owned, "rating": "up"})
+            assert r.status_code == (denied.get(who) or (201 if who == owner else 404)), (who, owner, r.text[:300])
+            assert who == owner or owned not in r.text
     # What anyone may read names no tenant, key or request id.
     for path in ("/healthz", "/metrics"):
         text = call("GET", path, "none").text

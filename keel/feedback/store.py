@@ -49,7 +49,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from keel.errors import ConfigError
 from keel.feedback.bandit import Arm
@@ -143,11 +143,11 @@ class ZoneStore:
         self.engine: Engine = create_engine(url, pool_pre_ping=True)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        for attempt in range(3):  # replicas starting together race to create the tables
+        for attempt in range(3):  # replicas starting together race to create the tables; the losers find them
             try:
                 _meta.create_all(self.engine)
                 break
-            except OperationalError:
+            except (OperationalError, IntegrityError, ProgrammingError):  # SQLite locked; Postgres' duplicate type
                 if attempt == 2:
                     raise
                 time.sleep(0.2)
@@ -271,7 +271,8 @@ def database_url(settings: KeelSettings, zone: str) -> str:
         raise ConfigError(f"zone {zone!r} is stored on S3 ({storage.root_uri}): its feedback needs a database in "
                           f"the zone; set KEEL_FEEDBACK__DATABASES='{{\"{zone}\": \"postgresql+psycopg://...\"}}'")
     path = Path(storage.path("feedback", "feedback.db"))
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.chmod(0o700)
     if not path.exists():
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     return f"sqlite:///{path}"
@@ -288,14 +289,23 @@ class Stores:
 
     def __init__(self, settings: KeelSettings, scrub: Callable[[list[str]], list[str]] | None = None,
                  on_error: Callable[[Exception], None] | None = None, max_queued: int = 10_000) -> None:
-        self.zones = {z: open_zone(settings, z) for z in settings.policy.zones}
+        self.zones: dict[str, ZoneStore] = {}
+        try:
+            for z in settings.policy.zones:
+                self.zones[z] = open_zone(settings, z)
+        except Exception:
+            for store in self.zones.values():
+                store.close()
+            raise
         self.scrub, self.on_error = scrub, on_error
         self._queue: queue.Queue[tuple[str, Link, Exchange | None] | None] = queue.Queue(max_queued)
         self._thread = threading.Thread(target=self._run, name="keel-feedback-writer", daemon=True)
         self._thread.start()
 
     def submit(self, zone: str, link: Link, exchange: Exchange | None = None) -> None:
-        """Queue a request row (and its exchange); raises queue.Full when the writer is far behind."""
+        """Queue a request row (and its exchange); raises queue.Full when the writer is far behind or gone."""
+        if not self._thread.is_alive():
+            raise queue.Full
         self._queue.put_nowait((zone, link, exchange))
 
     def flush(self) -> None:
