@@ -53,7 +53,7 @@ def test_dags_parse_with_assets_in_zone_storage(tmp_path):
     out = json.loads(r.stdout.decode().strip().splitlines()[-1])
     assert out["errors"] == {}
     assert set(out["dags"]) == {"keel_ingest", "keel_scrub_us", "keel_scrub_eu", "keel_index_us", "keel_index_eu",
-                                "keel_evaluate"}
+                                "keel_evaluate", "keel_feedback"}
     assert out["schedules"]["keel_ingest"] == "@daily"
     # Evaluation: daily, or once every zone's index has updated.
     evaluate = out["schedules"]["keel_evaluate"]

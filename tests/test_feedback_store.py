@@ -155,14 +155,26 @@ def test_expire_drops_exchanges_and_old_request_rows_and_keeps_feedback(store: Z
     store.add([link("old"), link("new", created_at=T0 + 50)],
               [exchange("old", expires_at=T0 + 10), exchange("new", expires_at=T0 + 20)])
     store.put(fb("old", score=1.0, at=T0 + 1), link("old"))
-    assert store.expire(now=T0 + 9.999, window_s=window) == {"exchanges": 0, "requests": 0}
-    assert store.expire(now=T0 + 10, window_s=window) == {"exchanges": 1, "requests": 0}  # at its expires_at
+    assert store.expire(now=T0 + 9.999, window_s=window) == {"exchanges": 0, "requests": 0, "words": 0}
+    assert store.expire(now=T0 + 10, window_s=window) == {"exchanges": 1, "requests": 0, "words": 0}  # at its expires_at
     assert set(exchanges_in(store)) == {"new"}
-    assert store.expire(now=T0 + 100, window_s=window) == {"exchanges": 1, "requests": 1}  # created at now - window
+    assert store.expire(now=T0 + 100, window_s=window) == {"exchanges": 1, "requests": 1, "words": 0}  # created at now - window
     assert store.link("old", "acme") is None and store.link("new", "acme") is not None
     assert store.count("exchanges") == 0 and store.count("feedback") == 1  # the aggregates outlive the requests
     assert store.totals() == {("support", 1): Arm(1.0, 0.0)}
-    assert store.expire(now=T0 + 150, window_s=window) == {"exchanges": 0, "requests": 1}
+    assert store.expire(now=T0 + 150, window_s=window) == {"exchanges": 0, "requests": 1, "words": 0}
+
+
+def test_expire_erases_the_words_of_feedback_past_retention_and_keeps_its_score(store: ZoneStore) -> None:
+    store.add([link("a"), link("b")])
+    store.put(fb("a", score=0.0, at=T0, comment="It named [PERSON] wrongly", correction="Say hello"), link("a"))
+    store.put(fb("b", score=1.0, at=T0 + 50, comment="Good"), link("b"))
+    assert store.expire(now=T0 + 60, window_s=1000, retention_s=30)["words"] == 1
+    rows = {r["request_id"]: r for r in store.feedback()}
+    assert (rows["a"]["comment"], rows["a"]["correction"], rows["a"]["score"]) == (None, None, 0.0)
+    assert rows["b"]["comment"] == "Good"
+    assert store.expire(now=T0 + 60, window_s=1000, retention_s=30)["words"] == 0  # nothing left to erase
+    assert store.totals() == {("support", 1): Arm(1.0, 1.0)}
 
 
 def test_replicas_starting_together_create_the_tables_once(backend: str, fresh: Callable[[str], str]) -> None:

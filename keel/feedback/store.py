@@ -237,12 +237,20 @@ class ZoneStore:
         with self.engine.connect() as c:
             return {(p, int(v)): Arm(float(s or 0), float(f or 0)) for p, v, s, f in c.execute(q)}
 
-    def expire(self, now: float, window_s: float) -> dict[str, int]:
-        """Delete what has expired: kept exchanges past their expires_at, request rows older than the window."""
+    def expire(self, now: float, window_s: float, retention_s: float | None = None) -> dict[str, int]:
+        """Delete what has expired: kept exchanges past their expires_at, request rows older than the window,
+        and (given `retention_s`) the words of feedback last changed longer ago: its comment and correction,
+        user text even scrubbed, go with the exchanges; its score stays for the aggregates."""
         with self.engine.begin() as c:
             gone = c.execute(delete(EXCHANGES).where(EXCHANGES.c.expires_at <= now)).rowcount
             old = c.execute(delete(REQUESTS).where(REQUESTS.c.created_at <= now - window_s)).rowcount
-        return {"exchanges": int(gone or 0), "requests": int(old or 0)}
+            words = 0
+            if retention_s is not None:
+                words = c.execute(update(FEEDBACK).where(
+                    FEEDBACK.c.updated_at <= now - retention_s,
+                    or_(FEEDBACK.c.comment.is_not(None), FEEDBACK.c.correction.is_not(None)),
+                ).values(comment=None, correction=None)).rowcount
+        return {"exchanges": int(gone or 0), "requests": int(old or 0), "words": int(words or 0)}
 
     def count(self, table: str) -> int:
         t = {"requests": REQUESTS, "feedback": FEEDBACK, "exchanges": EXCHANGES}[table]

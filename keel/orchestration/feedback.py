@@ -107,13 +107,15 @@ def expire_zone(settings: KeelSettings, zone: str, now: float) -> dict[str, int]
 
     store = open_zone(settings, zone)
     try:
-        counts = store.expire(now, settings.feedback.window_days * 86400)
+        fb = settings.feedback
+        counts = store.expire(now, fb.window_days * 86400, fb.retention_days * 86400)
     finally:
         store.close()
     versions = dataset.expire_versions(ZoneStorage.for_zone(settings, zone), now)
     counts["dataset_versions"] = len(versions)
-    log.info("zone %s: deleted %d expired exchange(s), %d request link(s) past the window, %d dataset version(s)%s",
-             zone, counts["exchanges"], counts["requests"], len(versions), f" {versions}" if versions else "")
+    log.info("zone %s: deleted %d expired exchange(s), %d request link(s) past the window, the words of %d "
+             "feedback(s) past retention, %d dataset version(s)%s", zone, counts["exchanges"], counts["requests"],
+             counts["words"], len(versions), f" {versions}" if versions else "")
     return counts
 
 
