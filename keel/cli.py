@@ -38,6 +38,9 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(secrets_app, name="secrets")
 app.add_typer(audit_app, name="audit")
 app.add_typer(eval_app, name="eval")
+prompts_app = typer.Typer(help="The gateway's system prompts and their variants, in the MLflow Prompt Registry.",
+                          no_args_is_help=True)
+app.add_typer(prompts_app, name="prompts")
 
 InputOpt = typer.Argument(None, help="JSONL file; standard input when omitted or '-'", show_default=False)
 ConfigOpt = typer.Option(None, "--config", "-c",
@@ -368,6 +371,84 @@ def eval_clear(target: str = typer.Argument(..., help="a target whose latest eva
         return
     typer.echo(f"{target}: regression of run {run_id} cleared; every gateway replica lets it back into automatic "
                f"routing within {settings.evaluation.standing_refresh_s:g} s")
+
+
+PromptArg = typer.Argument(..., help="keel-rag, keel-auto, keel-fast, keel-cheap, keel-smart (or keel/rag...)")
+VersionArg = typer.Argument(..., help="a version number from `keel prompts list`")
+
+
+@prompts_app.command("list")
+def prompts_list(config: Path | None = ConfigOpt) -> None:
+    """Every version of each prompt, in the pool or out of it (and why), as the gateways read them."""
+    import httpx
+
+    from keel.feedback import prompts
+    from keel.stack import LocalStack
+
+    source = prompts.PromptSource(LocalStack(_settings(config), config).mlflow_uri())
+    try:
+        found = _or_exit(source.versions, httpx.HTTPError, 1, "keel prompts list: MLflow does not answer: ")
+    finally:
+        source.close()
+    for name, versions in found.items():
+        typer.echo(f"{name}:")
+        for v, out in versions:
+            state = "in the pool" if out is None else f"out: {out}"
+            first = (v.text.strip().splitlines() or [""])[0][:60]
+            typer.echo(f"  {v.id:<16} {state:<40} {first}")
+        if all(out is not None for _, out in versions):
+            typer.echo("  no version in the pool: " + ("the built-in text answers" if name == prompts.RAG else
+                                                        "nothing is added to its requests"))
+
+
+@prompts_app.command("add")
+def prompts_add(prompt: str = PromptArg,
+                text: str = typer.Argument(..., help="a file holding the new text; '-' for standard input"),
+                message: str = typer.Option(..., "--message", "-m", help="what changed, and why"),
+                config: Path | None = ConfigOpt) -> None:
+    """Register a new version of a prompt: a variant the gateways start sampling at their next refresh."""
+    from keel.errors import KeelError
+    from keel.feedback import prompts
+    from keel.stack import LocalStack
+
+    settings = _settings(config)
+    name = prompts.prompt_name(prompt) or prompt
+    body = sys.stdin.read() if text == "-" else _or_exit(Path(text).read_text, OSError, 1, "keel prompts add: ")
+    version = _or_exit(lambda: prompts.register(LocalStack(settings, config).mlflow_uri(), name, body, message),
+                       KeelError, 1, "keel prompts add: ")
+    typer.echo(f"{name}@{version} registered; every gateway replica samples it within "
+               f"{settings.feedback.refresh_s:g} s")
+
+
+@prompts_app.command("retire")
+def prompts_retire(prompt: str = PromptArg, version: int = VersionArg,
+                   reason: str = typer.Option(..., "--reason", "-r", help="why it leaves the pool"),
+                   config: Path | None = ConfigOpt) -> None:
+    """Take a version out of the pool: the gateways stop choosing it (`keel prompts restore` undoes it)."""
+    from keel.errors import KeelError
+    from keel.feedback import prompts
+    from keel.stack import LocalStack
+
+    settings = _settings(config)
+    name = prompts.prompt_name(prompt) or prompt
+    _or_exit(lambda: prompts.retire(LocalStack(settings, config).mlflow_uri(), name, version, reason), KeelError, 1,
+             "keel prompts retire: ")
+    typer.echo(f"{name}@{version} is out of the pool; every gateway replica stops choosing it within "
+               f"{settings.feedback.refresh_s:g} s")
+
+
+@prompts_app.command("restore")
+def prompts_restore(prompt: str = PromptArg, version: int = VersionArg, config: Path | None = ConfigOpt) -> None:
+    """Put a retired version back in the pool."""
+    from keel.errors import KeelError
+    from keel.feedback import prompts
+    from keel.stack import LocalStack
+
+    settings = _settings(config)
+    name = prompts.prompt_name(prompt) or prompt
+    _or_exit(lambda: prompts.restore(LocalStack(settings, config).mlflow_uri(), name, version), KeelError, 1,
+             "keel prompts restore: ")
+    typer.echo(f"{name}@{version} is in the pool again")
 
 
 def _show(tracking_uri: str, target: str | None, settings: KeelSettings) -> None:
