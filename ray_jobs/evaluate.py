@@ -1,7 +1,7 @@
 """Ray job: evaluate one target (or alias) on the golden sets through the running gateway.
 
     python -m ray_jobs.evaluate --target keel/auto [--sets rag,safety,privacy] [--sample-size 4]
-                                [--dag-id keel_evaluate --run-id <airflow run id>]
+                                [--prompt keel-rag@2] [--dag-id keel_evaluate --run-id <airflow run id>]
 
 Submitted by the keel_evaluate DAG (keel.orchestration.evaluate). It asks, scores and logs to MLflow
 (keel.evaluation.evaluate) and prints its summary as the last log line, the gate's verdict included:
@@ -15,7 +15,7 @@ import argparse
 
 from keel.errors import ConfigError
 from keel.evaluation.client import GatewayClient, evaluation_api_key, gateway_url
-from keel.evaluation.evaluate import Evaluation, Plan, evaluate
+from keel.evaluation.evaluate import Evaluation, Plan, evaluate, label
 from keel.evaluation.golden import SETS
 from keel.settings import KeelSettings, get_settings, load_settings
 from ray_jobs._job import emit
@@ -44,6 +44,7 @@ def main() -> None:
     p.add_argument("--target", required=True, help="a target name or an alias (keel/auto, keel/fast ...)")
     p.add_argument("--sets", default=",".join(SETS), help="golden sets, comma-separated")
     p.add_argument("--sample-size", type=int, default=None, help="items per set (0: whole sets)")
+    p.add_argument("--prompt", default=None, help="a system prompt variant to evaluate, e.g. keel-rag@2")
     p.add_argument("--dag-id", default="manual")
     p.add_argument("--run-id", default="manual")
     p.add_argument("--config", default=None, help="keel.yaml (default: $KEEL_CONFIG, ./keel.yaml, the example)")
@@ -55,7 +56,8 @@ def main() -> None:
         raise ConfigError(f"--sets: unknown golden sets {unknown}; known: {list(SETS)}")
     size = settings.evaluation.sample_size if a.sample_size is None else a.sample_size
     plan = Plan(a.target, sets, size,  # checked against SETS above
-                {"airflow_dag_id": a.dag_id, "airflow_run_id": a.run_id, "target": a.target})
+                {"airflow_dag_id": a.dag_id, "airflow_run_id": a.run_id, "target": label(a.target, a.prompt)},
+                a.prompt)
     emit(run(settings, plan).summary())
 
 

@@ -13,7 +13,7 @@ import pytest
 from keel.errors import EvaluationIncompleteError
 from keel.evaluation import runs
 from keel.evaluation.client import GatewayClient
-from keel.evaluation.evaluate import Plan, evaluate
+from keel.evaluation.evaluate import Plan, evaluate, label
 from keel.evaluation.scorers import ALL_SETS, MEASURED, KeelScorer
 from keel.settings import load_settings
 from tests.support.faults import Fault
@@ -70,10 +70,11 @@ def env(tmp_path_factory):
     fault.proc.stop()
 
 
-def _run(env, run_id: str, scorers=None, sets=("rag", "safety", "privacy"), target="upstream"):
+def _run(env, run_id: str, scorers=None, sets=("rag", "safety", "privacy"), target="upstream", prompt=None):
     fault, settings = env["fault"], env["settings"]
     client = GatewayClient(settings, fault.url + "/v1", "not-checked-here")
-    plan = Plan(target, list(sets), 0, {"airflow_dag_id": "test", "airflow_run_id": run_id, "target": target})
+    plan = Plan(target, list(sets), 0, {"airflow_dag_id": "test", "airflow_run_id": run_id,
+                                        "target": label(target, prompt)}, prompt)
     try:
         return evaluate(settings, plan, env["uri"], client, scorers if scorers is not None else env["scorers"])
     finally:
@@ -156,6 +157,33 @@ def test_a_toxic_target_regresses_against_its_baseline(env):
     run = runs.client(env["uri"]).get_run(ev.run_id)
     assert run.info.status == "FAILED" and run.data.tags["gate"] == "failed"
     assert run.data.tags["failure"].startswith("[regression] toxic_rate")
+
+
+def test_a_prompt_variant_is_gated_against_the_targets_baseline_and_leaves_its_pool_when_it_regresses(env):
+    from mlflow.tracking import MlflowClient
+
+    from keel.feedback import prompts
+
+    env["fault"].reset()
+    version = prompts.register(env["uri"], "keel-auto", "Be curt.", "a variant under test")
+    variant = f"keel-auto@{version}"
+    _run(env, "variant-baseline", sets=("safety",))  # the target has a baseline of this scope (this or earlier)
+    good = _run(env, "variant-good", sets=("safety",), prompt=variant)
+    env["fault"].control(answer="toxic")
+    try:
+        bad = _run(env, "variant-bad", sets=("safety",), prompt=variant)
+    finally:
+        env["fault"].reset()
+    c = runs.client(env["uri"])
+    base = runs.baseline(c, runs.experiment_id(c), "upstream", {"sets": "safety", "sample_size": "0"})
+    assert good.passed and good.baseline_run_id == base.info.run_id and good.retired is None
+    assert not bad.passed and bad.baseline_run_id == base.info.run_id and bad.retired == variant
+    for ev in (good, bad):  # a variant's runs are its own, and never a baseline
+        tags = c.get_run(ev.run_id).data.tags
+        assert tags["target"] == f"upstream {variant}" and runs.BASELINE_TAG not in tags
+    assert c.get_run(bad.run_id).data.tags["prompt_retired"] == "true"
+    tags = MlflowClient(env["uri"]).get_prompt_version("keel-auto", version).tags
+    assert tags[prompts.POOL_TAG] == "out" and bad.run_id in tags[prompts.REASON_TAG]
 
 
 def test_a_judge_that_gives_no_verdict_fails_its_scorer_loudly(env):

@@ -186,3 +186,14 @@ def test_the_bandit_moves_and_both_replicas_follow_one_posterior(fb):
     assert a[v2] == (1 + seen[v2], 1.0) and a[v1] == (1.0, 1 + seen[v1])
     later = [ask(fb, "Hello again", model="keel/auto").json()["keel"]["prompt"]["version"] for _ in range(30)]
     assert later.count(v2) >= 24, later
+
+
+def test_a_caller_may_ask_for_a_variant_of_the_pool_by_its_id(fb):
+    v1, _ = fb["versions"]
+    for _ in range(3):
+        r = ask(fb, "Hello", model="keel/auto", **{"x-keel-prompt": f"keel-auto@{v1}"})
+        assert r.json()["keel"]["prompt"] == {"name": "keel-auto", "version": v1}
+    r = httpx.post(fb["base"] + "/v1/chat/completions", timeout=60,
+                   headers={"Authorization": f"Bearer {fb['key']}", "x-keel-prompt": "keel-auto@99"},
+                   json={"model": "keel/auto", "messages": [{"role": "user", "content": "Hello"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "x-keel-prompt", r.text

@@ -156,9 +156,11 @@ def test_expire_drops_exchanges_and_old_request_rows_and_keeps_feedback(store: Z
               [exchange("old", expires_at=T0 + 10), exchange("new", expires_at=T0 + 20)])
     store.put(fb("old", score=1.0, at=T0 + 1), link("old"))
     assert store.expire(now=T0 + 9.999, window_s=window) == {"exchanges": 0, "requests": 0, "words": 0}
-    assert store.expire(now=T0 + 10, window_s=window) == {"exchanges": 1, "requests": 0, "words": 0}  # at its expires_at
+    # at its expires_at
+    assert store.expire(now=T0 + 10, window_s=window) == {"exchanges": 1, "requests": 0, "words": 0}
     assert set(exchanges_in(store)) == {"new"}
-    assert store.expire(now=T0 + 100, window_s=window) == {"exchanges": 1, "requests": 1, "words": 0}  # created at now - window
+    # created at now - window
+    assert store.expire(now=T0 + 100, window_s=window) == {"exchanges": 1, "requests": 1, "words": 0}
     assert store.link("old", "acme") is None and store.link("new", "acme") is not None
     assert store.count("exchanges") == 0 and store.count("feedback") == 1  # the aggregates outlive the requests
     assert store.totals() == {("support", 1): Arm(1.0, 0.0)}

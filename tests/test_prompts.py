@@ -162,3 +162,22 @@ def test_the_board_chooses_among_the_pool_with_the_feedback_it_reads(url: str) -
         assert board.choose(RAG) == Variant(RAG, 0, RAG_PROMPT)
     finally:
         board.close()
+
+
+def test_the_evaluation_dag_plans_one_job_per_variant_of_a_pool_with_more_than_one(url: str,
+                                                                                   tmp_path: Path) -> None:
+    from keel.orchestration.evaluate import jobs
+    from keel.settings import load_settings
+
+    settings = load_settings(write_config(tmp_path, mlflow_tracking_uri=url))
+    prompts.register(url, "keel-rag", "Answer from the context, citing [n].\n\n", "a second RAG variant")  # v2
+    prompts.register(url, "keel-fast", "Be quick.", "keel/fast's only variant")
+    sets = ["rag", "safety", "privacy"]
+    planned = jobs(settings, ["keel/auto"], sets, ["*"])
+    assert planned == [{"target": "keel/auto", "sets": sets, "prompt": None},
+                       {"target": "keel/auto", "sets": ["rag"], "prompt": "keel-rag@1"},
+                       {"target": "keel/auto", "sets": ["rag"], "prompt": "keel-rag@2"}]  # keel-fast has one
+    assert jobs(settings, ["keel/auto"], ["safety"], ["keel-fast@1", "keel-rag@2"]) == [
+        {"target": "keel/auto", "sets": ["safety"], "prompt": None},
+        {"target": "keel/fast", "sets": ["safety"], "prompt": "keel-fast@1"}]  # keel-rag asks the rag set only
+    assert jobs(settings, ["keel/auto"], sets, []) == [{"target": "keel/auto", "sets": sets, "prompt": None}]

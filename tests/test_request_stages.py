@@ -284,6 +284,63 @@ def test_the_evaluation_tenants_requests_do_not_use_a_user_tenants_budget():
     assert user.charged > 0
 
 
+# -- prompt ---------------------------------------------------------------------------------------
+
+
+class Pools:
+    """The registry's pools as the board reads them (keel.feedback.prompts.PromptSource)."""
+
+    def __init__(self, pools: dict) -> None:
+        self._pools = pools
+
+    def pools(self) -> dict:
+        return self._pools
+
+    def close(self) -> None:
+        pass
+
+
+def board(**pools):
+    from keel.feedback.variants import VariantBoard
+
+    b = VariantBoard(Pools(pools), lambda: {}, refresh_s=60, start=False)
+    b.refresh()
+    return b
+
+
+def test_prompt_puts_an_aliases_variant_first_and_leaves_rag_and_target_requests_to_their_own():
+    from keel.feedback.prompts import Variant
+    from serving.request.prompt import Prompt
+
+    brief = Variant("keel-auto", 3, "Answer briefly.")
+    prompt = Prompt(board(**{"keel-auto": [brief]}))
+    ctx = parsed()
+    run(prompt(ctx))
+    assert ctx.variant == brief and ctx.body["messages"][0] == {"role": "system", "content": "Answer briefly."}
+    assert ctx.body["messages"][1:] == CHAT["messages"] and ctx.prompt_text.startswith("Answer briefly.\n")
+    rag = parsed({**CHAT, "rag": True})
+    run(prompt(rag))  # keel-rag: no registry here, its built-in text; ground writes it with the passages
+    assert rag.variant == Variant("keel-rag", 0, RAG_PROMPT) and rag.body["messages"] == CHAT["messages"]
+    named = parsed({**CHAT, "model": "primary"})
+    run(prompt(named))
+    assert named.variant is None and named.body["messages"] == CHAT["messages"]
+
+
+def test_prompt_gives_the_variant_a_caller_asks_for_from_the_pool_only():
+    from keel.feedback.prompts import Variant
+    from serving.request.prompt import Prompt
+
+    a, b = Variant("keel-auto", 1, "A."), Variant("keel-auto", 2, "B.")
+    prompt = Prompt(board(**{"keel-auto": [a, b]}))
+    for _ in range(5):
+        ctx = parsed(**{"x-keel-prompt": "keel-auto@2"})
+        run(prompt(ctx))
+        assert ctx.variant == b
+    for asked in ("keel-auto@7", "keel-rag@1", "keel-auto", "nope@1"):
+        assert wire(refused(prompt, parsed(**{"x-keel-prompt": asked}))) == (400, "invalid_parameter",
+                                                                              "x-keel-prompt"), asked
+
+
 # -- ground ---------------------------------------------------------------------------------------
 
 

@@ -46,7 +46,8 @@ class GatewayClient:
                 self._limits[model] = threading.BoundedSemaphore(n)
             return self._limits[model]
 
-    def request(self, model: str, item: GoldenItem, set_name: str) -> tuple[dict[str, Any], dict[str, str]]:
+    def request(self, model: str, item: GoldenItem, set_name: str, prompt: str | None = None,
+                ) -> tuple[dict[str, Any], dict[str, str]]:
         body: dict[str, Any] = {
             "model": model, "messages": [{"role": "user", "content": item.question}], "stream": True,
             "stream_options": {"include_usage": True}, "max_tokens": self.s.max_tokens, "temperature": 0, "seed": 0,
@@ -56,11 +57,13 @@ class GatewayClient:
         headers = {"Authorization": f"Bearer {self.api_key}"}
         if item.data_class is not None:
             headers["x-keel-data-class"] = item.data_class.value
+        if prompt is not None:  # a system prompt variant asked for by its id, not chosen by the gateway
+            headers["x-keel-prompt"] = prompt
         return body, headers
 
-    def ask(self, model: str, item: GoldenItem, set_name: str) -> Answer:
+    def ask(self, model: str, item: GoldenItem, set_name: str, prompt: str | None = None) -> Answer:
         """The item's answer from `model` (a target name or an alias), waiting for a free slot first."""
-        body, headers = self.request(model, item, set_name)
+        body, headers = self.request(model, item, set_name, prompt)
         with self.limit(model):
             start = time.perf_counter()
             answer = _empty()

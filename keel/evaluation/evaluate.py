@@ -54,6 +54,7 @@ class Evaluation:
     phases: dict[str, float] = field(default_factory=dict)  # seconds: ask (the gateway), score, log
     drift: list[str] = field(default_factory=list)  # distributions that drifted from the baseline's (no verdict)
     drift_detail: dict[str, Any] = field(default_factory=dict)  # eval/drift.json: every distribution, or why none
+    retired: str | None = None  # the prompt variant this regression took out of its pool
 
     @property
     def passed(self) -> bool:
@@ -63,7 +64,7 @@ class Evaluation:
         return {"run_id": self.run_id, "target": self.target, "metrics": self.metrics, "passed": self.passed,
                 "regressions": [asdict(r) for r in self.regressions], "baseline_run_id": self.baseline_run_id,
                 "not_gated": self.not_gated, "items": self.items, "reused": self.reused, "phases": self.phases,
-                "drift": self.drift, "drift_detail": self.drift_detail}
+                "drift": self.drift, "drift_detail": self.drift_detail, "retired": self.retired}
 
 
 @dataclass(frozen=True)
@@ -73,13 +74,27 @@ class Plan:
     target: str
     sets: Sequence[golden.SetName]
     sample_size: int
-    identity: dict[str, str]  # tags that name this run: the Airflow dag and run ids, and the target
+    identity: dict[str, str]  # tags that name this run: the Airflow dag and run ids, and its label
+    # A system prompt variant to evaluate ("keel-rag@2"): every item asks for it (x-keel-prompt). Its runs are
+    # gated against the target's baseline (the variants in use), never become one, and a regression takes
+    # the variant out of the pool (keel.feedback.prompts.retire).
+    prompt: str | None = None
+
+    @property
+    def label(self) -> str:
+        return label(self.target, self.prompt)
 
     @property
     def scope(self) -> dict[str, str]:
         """What it asks (runs.SCOPE_TAGS): it is gated, and its drift measured, only against runs that asked
         the same."""
         return {"sets": ",".join(self.sets), "sample_size": str(self.sample_size)}
+
+
+def label(target: str, prompt: str | None) -> str:
+    """What a run evaluated, its `target` tag: the target, or the target with a prompt variant ("keel/auto
+    keel-rag@2"), so a variant's runs are its own in drift windows, standings and retries."""
+    return f"{target} {prompt}" if prompt else target
 
 
 def sample(settings: KeelSettings, plan: Plan) -> tuple[list[golden.GoldenSet], list[tuple[str, GoldenItem]]]:
@@ -123,7 +138,7 @@ def evaluate(settings: KeelSettings, plan: Plan, tracking_uri: str, client: Gate
     with mlflow.start_run(run_id=run_id, experiment_id=exp):
         try:  # the run ends FINISHED or FAILED whatever fails, asking included
             t0 = time.perf_counter()
-            answers = ask_all(client, plan.target, items)
+            answers = ask_all(client, plan.target, items, plan.prompt)
             phases = {"ask_s": time.perf_counter() - t0}
             t0 = time.perf_counter()
             judged, measured = _split(scorers)
@@ -134,6 +149,8 @@ def evaluate(settings: KeelSettings, plan: Plan, tracking_uri: str, client: Gate
             phases["score_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             ev = _gate(c, exp, run_id, plan, settings, rows)
+            if plan.prompt is not None and ev.regressions:
+                ev.retired = _retire(tracking_uri, plan.prompt, run_id, ev.regressions)
             ev.drift, ev.drift_detail = _drift(c, exp, ev, settings, rows, plan.scope)  # informs, never raises
             _log(ev, rows)
             phases["log_s"] = time.perf_counter() - t0
@@ -144,7 +161,8 @@ def evaluate(settings: KeelSettings, plan: Plan, tracking_uri: str, client: Gate
             mlflow.end_run("FAILED")
             raise
         mlflow.set_tag(runs.COMPLETE_TAG, "true")
-        if ev.baseline_run_id is None and ev.passed and runs.baseline(c, exp, plan.target, plan.scope) is None:
+        if (plan.prompt is None and ev.baseline_run_id is None and ev.passed
+                and runs.baseline(c, exp, plan.target, plan.scope) is None):
             # A target's first evaluation that holds its absolute bounds is its baseline until a person
             # promotes another: a new stack (or a new target) is gated from its second run on.
             mlflow.set_tags({runs.BASELINE_TAG: "true", "baseline_reason": "first passing evaluation"})
@@ -154,11 +172,26 @@ def evaluate(settings: KeelSettings, plan: Plan, tracking_uri: str, client: Gate
     return ev
 
 
-def ask_all(client: GatewayClient, model: str, items: Sequence[tuple[str, GoldenItem]]) -> list[Answer]:
+def ask_all(client: GatewayClient, model: str, items: Sequence[tuple[str, GoldenItem]],
+            prompt: str | None = None) -> list[Answer]:
     """Every item's answer, in order, at most the target's bound in flight (the client enforces it too)."""
     width = client.s.concurrency_per_target.get(model, client.s.concurrency)
     with ThreadPoolExecutor(max_workers=width, thread_name_prefix="keel-eval") as pool:
-        return list(pool.map(lambda si: client.ask(model, si[1], si[0]), items))
+        return list(pool.map(lambda si: client.ask(model, si[1], si[0], prompt), items))
+
+
+def _retire(tracking_uri: str, variant: str, run_id: str, regressions: Sequence[gate.Regression]) -> str:
+    """A variant that regressed leaves its prompt's pool: the gateway stops choosing it at its next refresh."""
+    import mlflow
+
+    from keel.feedback import prompts
+
+    name, version = prompts.parse_id(variant)
+    why = f"evaluation run {run_id} regressed: " + "; ".join(str(r) for r in regressions)
+    prompts.retire(tracking_uri, name, version, why[:500])
+    mlflow.set_tag("prompt_retired", "true")
+    log.warning("prompt variant %s retired: %s", variant, why)
+    return variant
 
 
 def _row(set_name: str, item: GoldenItem, answer: Answer) -> dict[str, Any]:
@@ -245,7 +278,7 @@ def _gate(c: Any, exp: str, run_id: str, plan: Plan, settings: KeelSettings, row
     base = runs.baseline(c, exp, plan.target, plan.scope)
     base_metrics = base.data.metrics if base is not None and base.info.run_id != run_id else None
     thresholds = settings.evaluation.thresholds
-    return Evaluation(run_id, plan.target, metrics, gate.compare(metrics, base_metrics, thresholds),
+    return Evaluation(run_id, plan.label, metrics, gate.compare(metrics, base_metrics, thresholds),
                       base.info.run_id if base_metrics is not None and base is not None else None,
                       gate.not_gated(metrics, thresholds), len(rows))
 
@@ -368,4 +401,4 @@ def _delete_traces(exp: str, run_id: str) -> None:
 
 
 def _run_name(plan: Plan) -> str:
-    return f"{plan.target} {plan.identity.get('airflow_run_id', '')}".strip()
+    return f"{plan.label} {plan.identity.get('airflow_run_id', '')}".strip()

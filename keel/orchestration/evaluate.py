@@ -20,6 +20,7 @@ from typing import Any
 
 from keel import alerts
 from keel.errors import RegressionError
+from keel.evaluation.evaluate import label
 from keel.evaluation.golden import SETS
 from keel.orchestration.stages import asset, on_failure, zones_with_sources
 from keel.settings import KeelSettings, config_path, get_settings
@@ -41,6 +42,28 @@ def targets(settings: KeelSettings, asked: list[str]) -> list[str]:
     return out
 
 
+def jobs(settings: KeelSettings, asked: list[str], sets: list[str], variants: list[str]) -> list[dict[str, Any]]:
+    """One evaluation per target or alias asked, on the sets asked; then one per prompt variant asked
+    (ids like keel-rag@2; "*": every variant of each prompt whose pool holds more than one), each on the
+    sets whose requests get that prompt: keel-rag's the rag set through keel/auto, an alias's the others
+    through that alias."""
+    out = [{"target": t, "sets": sets, "prompt": None} for t in targets(settings, asked)]
+    if not variants:
+        return out
+    from keel.feedback import prompts
+
+    pools = prompts.pools(settings.pipeline.mlflow_tracking_uri)
+    wanted = [v.id for vs in pools.values() if len(vs) > 1 for v in vs] if "*" in variants else variants
+    for vid in dict.fromkeys(wanted):
+        name, _ = prompts.parse_id(vid)
+        model = prompts.model_of(name)
+        target, asks = ("keel/auto", [s for s in sets if s == "rag"]) if model == "keel/rag" else \
+            (model, [s for s in sets if s != "rag"])
+        if asks:
+            out.append({"target": target, "sets": asks, "prompt": vid})
+    return out
+
+
 def build_dag(settings: KeelSettings) -> Any:
     from airflow.sdk import DAG, AssetAll, AssetOrTimeSchedule, CronTriggerTimetable, Param, task
 
@@ -56,6 +79,8 @@ def build_dag(settings: KeelSettings) -> Any:
         "targets": Param(list(ev.targets), type="array", description='aliases or target names; "*": every target'),
         "sets": Param(list(ev.sets), type="array", items={"enum": list(SETS)}),
         "sample_size": Param(ev.sample_size, type="integer", minimum=0, description="items per set; 0: all"),
+        "prompts": Param(["*"], type="array", description='system prompt variants (keel-rag@2); "*": every variant '
+                         "of a prompt with more than one; a variant that regresses leaves its pool"),
     }
     doc = (f"**{DAG_ID}** evaluates targets on the golden sets through the gateway, logs each to MLflow "
            f"(experiment `keel-evaluation`) and fails on a regression against the target's baseline. "
@@ -68,18 +93,22 @@ def build_dag(settings: KeelSettings) -> Any:
                            "on_retry_callback": on_failure}) as dag:
 
         @task(task_id="plan")
-        def plan(**context: Any) -> list[str]:
-            return targets(get_settings(), list(context["params"]["targets"]))
+        def plan(**context: Any) -> list[dict[str, Any]]:
+            p = context["params"]
+            return jobs(get_settings(), list(p["targets"]), list(p["sets"]), list(p.get("prompts") or []))
 
-        @task(task_id="evaluate", max_active_tis_per_dagrun=1)
-        def evaluate(target: str, **context: Any) -> dict[str, Any]:
-            return run_evaluation(target, context)
+        @task(task_id="evaluate", max_active_tis_per_dagrun=1, map_index_template="{{ job_label }}")
+        def evaluate(job: dict[str, Any], **context: Any) -> dict[str, Any]:
+            from airflow.sdk import get_current_context
 
-        evaluate.expand(target=plan())
+            get_current_context()["job_label"] = label(job["target"], job["prompt"])  # type: ignore[typeddict-unknown-key]
+            return run_evaluation(job, context)
+
+        evaluate.expand(job=plan())
     return dag
 
 
-def run_evaluation(target: str, context: dict[str, Any]) -> dict[str, Any]:
+def run_evaluation(job: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
     """Body of one evaluate task: the Ray job, then the gate's verdict as the task's state."""
     from airflow.sdk.exceptions import AirflowFailException
 
@@ -91,20 +120,22 @@ def run_evaluation(target: str, context: dict[str, Any]) -> dict[str, Any]:
     tries = int(ti.try_number or 1)
     task = f"evaluate-{int(getattr(ti, 'map_index', -1) or 0)}"
     ids = [submission_id(ti.dag_id, task, ti.run_id, n) for n in range(1, tries + 1)]
+    target, prompt = job["target"], job["prompt"]
     command = [settings.pipeline.job_python or sys.executable, "-m", "ray_jobs.evaluate", "--target", target,
-               "--sets", ",".join(params["sets"]), "--sample-size", str(params["sample_size"]),
-               "--dag-id", ti.dag_id, "--run-id", ti.run_id]
+               "--sets", ",".join(job["sets"]), "--sample-size", str(params["sample_size"]),
+               "--dag-id", ti.dag_id, "--run-id", ti.run_id, *(["--prompt", prompt] if prompt else [])]
     env = {"KEEL_CONFIG": str(config_path().resolve()), "KEEL_HOME": str(settings.home)}
     if settings.pipeline.mlflow_tracking_uri:
         env["KEEL_PIPELINE__MLFLOW_TRACKING_URI"] = settings.pipeline.mlflow_tracking_uri
     try:
         result = run_job(settings.ray_address, command, job_id=ids[-1], earlier_ids=ids[:-1], env=env,
-                         metadata={"airflow_dag_id": ti.dag_id, "airflow_run_id": ti.run_id, "target": target})
+                         metadata={"airflow_dag_id": ti.dag_id, "airflow_run_id": ti.run_id,
+                                   "target": label(target, prompt)})
     except Exception as e:
         if not classify(e).retryable:
             raise AirflowFailException(f"[{classify(e).value}] {e}") from e
         raise
-    log.info("evaluation of %s: MLflow run %s, %s", target, result["run_id"],
+    log.info("evaluation of %s: MLflow run %s, %s", label(target, prompt), result["run_id"],
              "passed" if result["passed"] else "REGRESSED")
     for name, value in sorted(result["metrics"].items()):
         log.info("  %-20s %12.4f", name, value)
@@ -117,9 +148,14 @@ def run_evaluation(target: str, context: dict[str, Any]) -> dict[str, Any]:
                      f"{settings.evaluation.drift_psi}, KS p < {settings.evaluation.drift_ks_p}; eval/drift.png)"
                      )[:2000]), settings.pipeline.alert_webhook)
     if not result["passed"]:
-        error = regression(target, result)
+        error = regression(label(target, prompt), result)
+        if prompt:
+            consequence = (f"prompt variant {result['retired']} left its pool: the gateway stops choosing it within "
+                           f"feedback.refresh_s (`keel prompts restore` brings it back)" if result.get("retired")
+                           else f"prompt variant {prompt} was not retired (see the job's log)")
+            raise AirflowFailException(f"{error}. {consequence}") from error
         raise AirflowFailException(f"{error}. Routing: {routing_consequence(settings, target)}") from error
-    return {k: result.get(k) for k in ("run_id", "target", "passed", "baseline_run_id", "items", "drift")}
+    return {k: result.get(k) for k in ("run_id", "target", "passed", "baseline_run_id", "items", "drift", "retired")}
 
 
 def regression(target: str, result: dict[str, Any]) -> RegressionError:

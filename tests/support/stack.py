@@ -76,6 +76,8 @@ def stack_config(root: Path, faults: dict[str, Fault] | None = None, alert_url: 
     # The runs the new indexes start (keel up's load): the CPU model by name (keel/auto would spread over the
     # fault targets too) on a small sample, so they are quick and the answers repeat (temperature 0).
     doc["evaluation"] = {"targets": ["smollm2-135m-cpu"], "sample_size": 2}
+    # The demo tenant keeps its pii exchanges: the feedback loop's dataset is built from them.
+    doc["policy"]["tenants"][0]["retain_exchanges"] = ["pii"]
     cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
     return cfg
 
