@@ -98,6 +98,21 @@ def test_pseudonymization_policy_by_class_and_target_kind():
                              "phi": {"allowed_zones": ["us"]}})
 
 
+def test_exchanges_are_kept_only_where_a_tenant_opted_in_and_phi_only_where_its_class_allows():
+    tenant = {"name": "keep", "allowed_classes": ["internal", "pii", "phi"], "default_class": "internal",
+              "retain_exchanges": ["pii"]}
+    p = policy(tenants=[tenant])
+    keep = p.tenants[0]
+    assert p.retains(keep, DataClass.pii) and not p.retains(keep, DataClass.internal)
+    assert not policy().retains(policy().tenants[0], DataClass.pii)  # off by default
+    with pytest.raises(ValidationError, match="never retained unless data_classes.phi.retainable"):
+        policy(tenants=[{**tenant, "retain_exchanges": ["phi"]}])
+    classes = policy().model_dump(mode="json")["data_classes"]
+    classes["phi"]["retainable"] = True
+    allowed = policy(tenants=[{**tenant, "retain_exchanges": ["phi"]}], data_classes=classes)
+    assert allowed.retains(allowed.tenants[0], DataClass.phi)
+
+
 @pytest.mark.parametrize(
     ("override", "field", "reason"),
     [
