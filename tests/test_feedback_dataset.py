@@ -172,14 +172,15 @@ def test_retention_deletes_expired_exchanges_and_the_versions_holding_them(zone,
     ds = dataset.build(store, engine, later)
     assert [r for _, r in ds.fields["requests"]] == ["r-up"]  # never read once expired, deleted or not
     counts = expire_zone(settings, "us", later)
-    assert counts == {"exchanges": 1, "requests": 0, "dataset_versions": 1}
+    assert counts == {"exchanges": 1, "requests": 0, "words": 0, "dataset_versions": 1}
     assert store.count("exchanges") == 1 and store.count("feedback") == 2  # ratings outlive exchanges
     assert storage.listdir(dataset.STORE, "snapshots") == [] and not storage.exists(dataset.STORE, "CURRENT")
     assert dataset.publish(storage, ds, later).status == "published"
     # Past the window, the request links go too; past every retention, every exchange.
     counts = expire_zone(settings, "us", NOW + 31 * DAY)
-    assert counts == {"exchanges": 1, "requests": 2, "dataset_versions": 1}
+    assert counts == {"exchanges": 1, "requests": 2, "words": 2, "dataset_versions": 1}
     assert store.count("exchanges") == 0 and store.count("requests") == 0
+    assert [(r["comment"], r["correction"]) for r in store.feedback()] == [(None, None)] * 2  # scores stay
 
 
 def test_the_job_publishes_once_and_records_what_it_read_in_the_audit_trail(settings):
