@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.support.faults import Fault
-from tests.support.services import free_port, write_config
+from tests.support.services import free_port, stop_serve, write_config
 
 NAME, EMAIL, SSN = "Maria Gonzalez", "maria.gonzalez@example.com", "536-22-8841"
 CARD, MRN = "4111 1111 1111 1111", "4451234"
@@ -80,7 +80,7 @@ def cx(ray_driver, tmp_path_factory):
     serve.run(build(settings), name="keel", route_prefix="/")
     serve.run(build(control), name="control", route_prefix="/control")
     yield {"base": f"http://127.0.0.1:{port}", "keys": keys, "caps": caps, "settings": settings}
-    serve.shutdown()
+    stop_serve()
     for f in caps.values():
         f.proc.stop()
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.support.faults import Fault
-from tests.support.services import free_port, start_mlflow, write_config
+from tests.support.services import free_port, start_mlflow, stop_serve, write_config
 
 PLANTED = ("Maria Gonzalez", "maria.gonzalez@example.com", "415-555-0123")
 
@@ -55,7 +55,7 @@ def fb(ray_driver, tmp_path_factory):
     serve.run(build(settings), name="keel", route_prefix="/")
     yield {"base": f"http://127.0.0.1:{port}", "key": key, "other_key": other_key, "settings": settings,
            "versions": (v1, v2), "root": root}
-    serve.shutdown()
+    stop_serve()
     model.proc.stop()
     mlflow.stop()
 

@@ -19,7 +19,7 @@ import yaml
 
 from tests.support.fault_server import TAIL
 from tests.support.faults import Fault
-from tests.support.services import free_port, publish_index, write_config
+from tests.support.services import free_port, publish_index, stop_serve, write_config
 
 LLAMA = "smollm2-135m-cpu"
 
@@ -63,7 +63,7 @@ def gw(ray_driver, tmp_path_factory):
     serve.run(build(settings), name="keel", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     yield {"base": base, "key": key, "other_key": other_key, "primary": primary, "backup": backup, "settings": settings}
-    serve.shutdown()
+    stop_serve()
     for f in (primary, backup):
         f.proc.stop()
 

@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.support.services import free_port, write_config
+from tests.support.services import free_port, stop_serve, write_config
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
@@ -42,7 +42,7 @@ def gw(ray_driver, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(settings), name="keel", route_prefix="/")
     yield {"base": f"http://127.0.0.1:{port}", "key": key}
-    serve.shutdown()
+    stop_serve()
 
 
 def post(gw, body, **headers):

@@ -36,7 +36,9 @@ class RayHead:
 
 def start_ray_head(root: Path, num_cpus: int = 2) -> RayHead:
     token = ray_token(root / "auth_token")
-    env = {**RAY_ENV, "RAY_AUTH_TOKEN_PATH": str(token)}
+    # A test's gateway has no load balancer to leave: Serve's 30 s drain of a direct-ingress replica would only
+    # stall each module's teardown, and race the controller's own 30 s shutdown limit (stop_serve).
+    env = {**RAY_ENV, "RAY_AUTH_TOKEN_PATH": str(token), "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
     gcs, dash = free_port(), free_port()
     cmd = ray_head_command("127.0.0.1", gcs, dash, num_cpus, root / "t")
     log = open(root / "ray-head.log", "wb")  # noqa: SIM115 - lives as long as the head
@@ -148,3 +150,21 @@ def publish_index(settings: Any, chunks: Any, run: str, zone: str = "us") -> Non
     staging = store.begin(run)
     index.write_table(storage.uri(staging.path, "lance"), chunks, storage)
     store.commit(staging, {"counts": {"chunks": chunks.num_rows}})
+
+
+def stop_serve(timeout_s: float = 90) -> None:
+    """serve.shutdown(), then wait until its controller is gone. A controller that takes over 30 s to stop is
+    killed by Serve, but its name still resolves for a moment: a serve.start() then would connect to it, ignore
+    its new port, and the next module's gateway would listen on Serve's default port instead."""
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+        except ValueError:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"Serve's controller still there {timeout_s:g} s after serve.shutdown()")
