@@ -24,6 +24,7 @@ from keel.errors import (
     error_body,
     http_status,
 )
+from keel.feedback import bandit
 from keel.messages import text_of
 from keel.routing import Exclusion
 
@@ -131,7 +132,7 @@ class FeedbackRequest(BaseModel):
     @property
     def value(self) -> float:
         """The verdict as a score: up 1, down 0."""
-        return self.score if self.score is not None else 1.0 if self.rating == "up" else 0.0
+        return bandit.score(self.score if self.score is not None else self.rating or "")
 
 
 # The bodies the endpoints parse by hand (parse below), for the OpenAPI document.

@@ -30,16 +30,17 @@ def client(tracking_uri: str) -> Any:
     return MlflowClient(tracking_uri)
 
 
-def experiment_id(c: Any) -> str:
+def experiment_id(c: Any, name: str = EXPERIMENT) -> str:
+    """The experiment's id (keel-evaluation, or another of Keel's: keel-feedback), created on first use."""
     from mlflow.exceptions import MlflowException
 
-    exp = c.get_experiment_by_name(EXPERIMENT)
+    exp = c.get_experiment_by_name(name)
     if exp is not None:
         return str(exp.experiment_id)
     try:
-        return str(c.create_experiment(EXPERIMENT, tags={"keel": "evaluation"}))
+        return str(c.create_experiment(name, tags={"keel": name.removeprefix("keel-")}))
     except MlflowException:  # created meanwhile by another task
-        return str(c.get_experiment_by_name(EXPERIMENT).experiment_id)
+        return str(c.get_experiment_by_name(name).experiment_id)
 
 
 def record(item: GoldenItem, set_name: str) -> dict[str, Any]:

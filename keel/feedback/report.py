@@ -123,10 +123,10 @@ def log(tracking_uri: str, dag_id: str, run_id: str, groups: Sequence[Group],
     from mlflow.entities import Metric, RunTag
 
     from keel.evaluation.runs import client as mlflow_client
-    from keel.evaluation.runs import find_run
+    from keel.evaluation.runs import experiment_id, find_run
 
     c = mlflow_client(tracking_uri)
-    exp = _experiment_id(c)
+    exp = experiment_id(c, EXPERIMENT)
     identity = {"airflow_dag_id": dag_id, "airflow_run_id": run_id}
     found = find_run(c, exp, identity)
     run = found.info.run_id if found is not None else c.create_run(
@@ -145,14 +145,3 @@ def log(tracking_uri: str, dag_id: str, run_id: str, groups: Sequence[Group],
     c.set_terminated(run, "FINISHED")
     return str(run)
 
-
-def _experiment_id(c: Any) -> str:
-    from mlflow.exceptions import MlflowException
-
-    exp = c.get_experiment_by_name(EXPERIMENT)
-    if exp is not None:
-        return str(exp.experiment_id)
-    try:
-        return str(c.create_experiment(EXPERIMENT, tags={"keel": "feedback"}))
-    except MlflowException:  # created meanwhile by another task
-        return str(c.get_experiment_by_name(EXPERIMENT).experiment_id)
