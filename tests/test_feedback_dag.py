@@ -52,6 +52,34 @@ def test_the_dag_declares_retention_report_and_a_dataset_asset_per_zone(tmp_path
     }
 
 
+def test_a_daily_dag_first_seen_after_its_time_waits_for_the_next_day(monkeypatch):
+    """keel_evaluate (04:00) and keel_feedback (04:30) on a stack started at 04:40: their first runs are
+    tomorrow's. CronTriggerTimetable's default would run today's at once (within a tenth of a day)."""
+    import datetime as dt
+
+    import airflow.timetables.trigger as trigger
+    from airflow.sdk import CronTriggerTimetable
+    from airflow.serialization.decoders import decode_timetable
+    from airflow.serialization.encoders import encode_timetable
+    from airflow.timetables.base import TimeRestriction
+
+    from keel.orchestration import evaluate, feedback
+    from keel.orchestration.stages import daily_at
+
+    now = dt.datetime(2026, 12, 5, 4, 40, tzinfo=dt.UTC)
+    monkeypatch.setattr(trigger, "utcnow", lambda: now)
+
+    def first_run(timetable) -> dt.datetime:  # as the scheduler reads the serialized DAG
+        info = decode_timetable(encode_timetable(timetable)).next_dagrun_info(
+            last_automated_data_interval=None, restriction=TimeRestriction(None, None, False))
+        return info.run_after
+
+    for cron in (evaluate.CRON, feedback.CRON):
+        hour, minute = int(cron.split()[1]), int(cron.split()[0])
+        assert first_run(daily_at(cron)) == dt.datetime(2026, 12, 6, hour, minute, tzinfo=dt.UTC)
+        assert first_run(CronTriggerTimetable(cron, timezone="UTC")) < now  # the default: at once
+
+
 def test_a_bad_config_fails_a_light_task_at_once_and_a_passing_fault_is_retried():
     from airflow.sdk.exceptions import AirflowFailException
 

@@ -22,7 +22,7 @@ from keel import alerts
 from keel.errors import RegressionError
 from keel.evaluation.evaluate import label
 from keel.evaluation.golden import SETS
-from keel.orchestration.stages import asset, on_failure, zones_with_sources
+from keel.orchestration.stages import asset, daily_at, on_failure, zones_with_sources
 from keel.settings import KeelSettings, config_path, get_settings
 
 log = logging.getLogger("keel.orchestration")
@@ -65,11 +65,11 @@ def jobs(settings: KeelSettings, asked: list[str], sets: list[str], variants: li
 
 
 def build_dag(settings: KeelSettings) -> Any:
-    from airflow.sdk import DAG, AssetAll, AssetOrTimeSchedule, CronTriggerTimetable, Param, task
+    from airflow.sdk import DAG, AssetAll, AssetOrTimeSchedule, Param, task
 
     ev = settings.evaluation
     indexes = [asset(settings, z, "index") for z in zones_with_sources(settings)]
-    schedule: Any = CronTriggerTimetable(CRON, timezone="UTC")
+    schedule: Any = daily_at(CRON)
     if indexes:
         # Every zone's index updated since the last run: keel up's load (both zones) starts one evaluation, on
         # the whole corpus; an evaluation on half an index would be a baseline of the wrong thing. A zone

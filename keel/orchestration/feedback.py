@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from keel.orchestration.stages import asset, task_defaults
+from keel.orchestration.stages import asset, daily_at, task_defaults
 from keel.settings import KeelSettings, config_path, get_settings
 
 log = logging.getLogger("keel.orchestration")
@@ -42,7 +42,7 @@ def zones(settings: KeelSettings) -> list[str]:
 
 
 def build_dag(settings: KeelSettings) -> Any:
-    from airflow.sdk import DAG, CronTriggerTimetable, Param, task
+    from airflow.sdk import DAG, Param, task
 
     params = {"report_days": Param(settings.feedback.window_days, type="number", minimum=0,
                                    description="feedback updated in the last this many days; 0: all of it")}
@@ -50,7 +50,7 @@ def build_dag(settings: KeelSettings) -> Any:
            f"`keel-feedback`) and publishes each zone's fine-tuning dataset as the asset "
            f"`keel_<zone>_{DATASET}`. Daily (`{CRON}`) and on demand (`report_days`).")
     # No start_date, as keel_evaluate: the first daily run waits for its time.
-    with DAG(dag_id=DAG_ID, schedule=CronTriggerTimetable(CRON, timezone="UTC"), catchup=False, max_active_runs=1,
+    with DAG(dag_id=DAG_ID, schedule=daily_at(CRON), catchup=False, max_active_runs=1,
              params=params, tags=["keel", "feedback"], doc_md=doc, default_args=task_defaults(settings)) as dag:
         expired = {zone: _zone_tasks(settings, zone) for zone in zones(settings)}
 
