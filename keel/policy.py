@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from typing import Literal
 
@@ -130,6 +130,13 @@ class ModelTarget(_Strict):
     # A new target: it enters automatic routing only after its first passing evaluation, then with a
     # share of the traffic that grows while evaluations keep passing (settings.evaluation.canary_*).
     canary: bool = False
+
+    def cost(self, usage: Mapping[str, int] | None) -> float:
+        """What an answer cost at this target's prices, in the prices' currency (USD by convention)."""
+        if not usage:
+            return 0.0
+        return (usage.get("prompt_tokens", 0) * self.price_per_1k_input
+                + usage.get("completion_tokens", 0) * self.price_per_1k_output) / 1000
 
 
 class Tenant(_Strict):

@@ -125,8 +125,8 @@ class Gateway:
             self.generate, Check(),
         )
         self.embedding_stages = (self.authenticate, ParseEmbedding(), Scope(policy), admit, Embed(retriever.embed))
-        zones = {n: s.target.config.zone for n, s in self.states.items()}
-        self.record = Record(self.trails, self.metrics, limiter, zones, next(iter(policy.zones)), self.clock,
+        targets = {n: s.target.config for n, s in self.states.items()}
+        self.record = Record(self.trails, self.metrics, limiter, targets, next(iter(policy.zones)), self.clock,
                              digest_key=settings.audit_keys().active, links=self.links,
                              retention_s=fb.retention_days * 86400)
         self.feedback = FeedbackDesk(self.authenticate, self.links, self.trails, self.metrics,

@@ -585,7 +585,8 @@ def test_check_without_the_guard_passes_the_answer_as_it_came():
 
 
 def recorder(trails: Trails, limiter: Limiter, clock: Clock) -> Record:
-    return Record(trails, Metrics({}), limiter, {"us-1": "us", "eu-1": "eu"}, "us", clock, digest_key=KEY)
+    targets = {n: FakeTarget(n, z).config for n, z in (("us-1", "us"), ("eu-1", "eu"))}
+    return Record(trails, Metrics({}), limiter, targets, "us", clock, digest_key=KEY)
 
 
 def test_record_writes_one_audit_record_in_the_answering_targets_zone_and_settles_tokens():
@@ -653,7 +654,7 @@ def gateway(*targets: FakeTarget, guard: FakeGuard | None = None, clock=None):
     stages = [Authenticate(Keys(), TENANTS), Parse(), Scope(POLICY), Admit(admission, limiter),
               Ground(lambda *a: [], POLICY, 4, None), Router(sts, "latency", Weights(), 0.5, 1),
               Protect(guard, Pseudonymizes(True), {n: "openai" for n in sts}), gen, Check()]
-    reply = Reply(gen, Record(trails, Metrics(sts), limiter, {n: s.target.config.zone for n, s in sts.items()}, "us",
+    reply = Reply(gen, Record(trails, Metrics(sts), limiter, {n: s.target.config for n, s in sts.items()}, "us",
                               clock, digest_key=KEY))
 
     async def handle(ctx: RequestContext):

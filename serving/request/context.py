@@ -67,6 +67,7 @@ class RequestContext:
     error: KeelError | None = None
     finished: bool = False  # recorded
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, by its name
+    cost: float = 0.0  # record: what the answer cost at its target's prices
 
     @property
     def kind(self) -> Kind:

@@ -15,6 +15,7 @@ from typing import Any
 
 from keel.audit import Trails, canonical
 from keel.feedback.store import Exchange, Link, Stores
+from keel.policy import ModelTarget
 from keel.ratelimit import RateLimiter
 from keel.secret_keys import key_id
 from keel.settings import KeelSettings
@@ -27,17 +28,19 @@ logger = logging.getLogger("keel.gateway")
 class Record:
     name = "record"
 
-    def __init__(self, trails: Trails, metrics: Metrics, limiter: RateLimiter, target_zones: Mapping[str, str],
+    def __init__(self, trails: Trails, metrics: Metrics, limiter: RateLimiter, targets: Mapping[str, ModelTarget],
                  home_zone: str, clock: Callable[[], float] = time.monotonic, *, digest_key: bytes,
                  links: Stores | None = None, retention_s: float = 0.0) -> None:
         self.trails, self.metrics, self.limiter, self.clock = trails, metrics, limiter, clock
-        self.target_zones, self.home_zone = target_zones, home_zone  # home: where a record with no zone goes
+        self.targets, self.home_zone = targets, home_zone  # home: where a record with no zone goes
         self.digest_key = digest_key  # the trail's key: a record's digests of the exchange are keyed with it
         self.links, self.retention_s = links, retention_s  # feedback links; how long a kept exchange stays
 
     def __call__(self, ctx: RequestContext) -> None:
         start = time.perf_counter()
         seconds = self.clock() - ctx.started
+        if (o := ctx.outcome) is not None and o.target is not None:
+            ctx.cost = self.targets[o.target].cost(o.usage)
         if ctx.outcome is None:  # refused before generation began
             self.metrics.request(ctx.endpoint, ctx.status)
         else:
@@ -59,7 +62,7 @@ class Record:
         """Where the data went (the answering target's zone), else the request's first allowed zone,
         else the home zone."""
         target = ctx.outcome.target if ctx.outcome is not None else None
-        return self.target_zones[target] if target else ctx.zones[0] if ctx.zones else self.home_zone
+        return self.targets[target].zone if target else ctx.zones[0] if ctx.zones else self.home_zone
 
     def _audit(self, ctx: RequestContext, seconds: float, zone: str) -> None:
         """A failed write is logged and counted, never dropped silently."""
