@@ -261,6 +261,19 @@ class FeedbackSettings(BaseModel):
     refresh_s: float = Field(10.0, gt=0)
 
 
+class TelemetrySettings(BaseModel):
+    """Traces (keel.telemetry): one per gateway request and per DAG run, built after the fact and sent
+    over OTLP to MLflow Tracing (the tracking server's /v1/traces), or to `otlp_endpoint` when set."""
+
+    model_config = ConfigDict(extra="forbid")
+    traces: bool = True
+    # The share of requests traced. At 1 every request has its trace, unless the queue overflows (counted).
+    sample_rate: float = Field(1.0, ge=0, le=1)
+    otlp_endpoint: str | None = None  # any OTLP/HTTP traces endpoint (a collector); None: MLflow's
+    experiment: str = "keel-traces"  # MLflow's experiment for the traces
+    queue_max: int = Field(10_000, ge=1)  # traces waiting to be sent, per process; past it they are dropped
+
+
 class Threshold(BaseModel):
     """One metric's gate (keel.evaluation.gate). Absolute bounds hold on every run; the others compare
     with the target's baseline run: `max_drop` for a score where higher is better, `max_rise` for a
@@ -359,6 +372,7 @@ class KeelSettings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     policy: Policy
     _installed_hash_key: bool = PrivateAttr(False)
 

@@ -1,0 +1,202 @@
+"""Sending traces over OTLP/HTTP (protobuf), from a thread of its own.
+
+`submit` only puts a finished trace on a bounded queue (no I/O, no encoding), so the caller (the
+gateway's event loop, Airflow's scheduler) never waits on the trace backend. The thread gathers what
+arrived within `interval_s` (at most `batch` traces), encodes it as one ExportTraceServiceRequest
+and posts it, retrying what OTLP calls retryable. What is lost is counted, never silent:
+
+- `dropped`: the queue was full (the backend is slower than the traffic, or down for long);
+- `failed`: a batch the backend refused, or that still failed after the retries.
+
+The default backend is MLflow's tracking server (`POST /v1/traces`, experiment `keel-traces`); any
+OTLP/HTTP collector takes the same requests.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import httpx
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+
+from keel.settings import KeelSettings
+from keel.telemetry.spans import AttrValue, TraceRecord
+
+log = logging.getLogger("keel.telemetry")
+
+RETRYABLE = frozenset({429, 502, 503, 504})  # the OTLP/HTTP spec's retryable answers
+EXPERIMENT_HEADER = "x-mlflow-experiment-id"
+Counted = Callable[[str, int], None]  # (exported | dropped | failed, how many traces)
+
+
+class Exporter:
+    def __init__(self, endpoint: str, headers: Callable[[], Mapping[str, str]] | Mapping[str, str], *,
+                 service: str, max_queue: int = 10_000, batch: int = 512, interval_s: float = 1.0,
+                 timeout_s: float = 10.0, retries: int = 3, on_count: Counted | None = None) -> None:
+        self.endpoint, self.service, self.batch, self.interval_s = endpoint, service, batch, interval_s
+        self.retries, self.on_count = retries, on_count
+        # A callable is resolved in the thread, once it succeeds (MLflow's experiment id).
+        self._headers = headers if callable(headers) else lambda: headers
+        self._resolved: Mapping[str, str] | None = None
+        self._queue: queue.Queue[TraceRecord | None] = queue.Queue(max_queue)
+        self._http = httpx.Client(timeout=timeout_s)
+        self._done = threading.Condition()
+        self._pending = 0  # submitted and not yet settled (exported or failed)
+        self._wake = threading.Event()  # flush: send what is gathered now, without waiting out the interval
+        self.exported = self.dropped = self.failed = 0
+        self._thread = threading.Thread(target=self._run, name="keel-otlp", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)  # a short-lived process (`airflow dags test`, a Ray job) sends what it traced
+
+    def submit(self, trace: TraceRecord) -> bool:
+        """Queue a finished trace; False (and counted) when the queue is full."""
+        with self._done:
+            self._pending += 1
+        try:
+            self._queue.put_nowait(trace)
+        except queue.Full:
+            self._settle("dropped", 1)
+            return False
+        return True
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Whether everything submitted so far was settled within `timeout_s`."""
+        self._wake.set()
+        with self._done:
+            return self._done.wait_for(lambda: self._pending == 0, timeout_s)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        if self._thread.is_alive():
+            self.flush(timeout_s)
+            self._queue.put(None)
+            self._thread.join(timeout_s)
+        self._http.close()
+
+    # -- the thread -----------------------------------------------------------------------------
+
+    def _settle(self, outcome: str, n: int) -> None:
+        with self._done:
+            setattr(self, outcome, getattr(self, outcome) + n)
+            self._pending -= n
+            self._done.notify_all()
+        if self.on_count is not None:
+            self.on_count(outcome, n)
+
+    def _run(self) -> None:
+        while (batch := self._gather()) is not None:
+            if batch:
+                self._settle(*self._send(batch))
+
+    def _gather(self) -> list[TraceRecord] | None:
+        """What arrives within the interval after the first trace (None: closed)."""
+        first = self._queue.get()
+        if first is None:
+            return None
+        batch, deadline = [first], time.monotonic() + self.interval_s
+        while len(batch) < self.batch and not self._wake.is_set():
+            try:
+                item = self._queue.get(timeout=max(0.0, min(0.05, deadline - time.monotonic())))
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    break
+                continue
+            if item is None:
+                self._queue.put(None)  # seen again by the next gather: end after sending this batch
+                break
+            batch.append(item)
+        if self._queue.empty():
+            self._wake.clear()
+        return batch
+
+    def _send(self, batch: Sequence[TraceRecord]) -> tuple[str, int]:
+        body = encode(batch, self.service).SerializeToString()
+        delay = 0.5
+        for attempt in range(self.retries + 1):
+            try:
+                headers = self._headers_now()
+                r = self._http.post(self.endpoint, content=body,
+                                    headers={**headers, "content-type": "application/x-protobuf"})
+                if r.status_code < 300:
+                    return "exported", len(batch)
+                if r.status_code not in RETRYABLE:
+                    log.warning("trace export refused: HTTP %s from %s", r.status_code, self.endpoint)
+                    return "failed", len(batch)
+            except (httpx.HTTPError, OSError, LookupError) as e:  # LookupError: the experiment not resolved
+                if attempt == self.retries:
+                    log.warning("trace export failed: %s: %s", type(e).__name__, e)
+            if attempt < self.retries:
+                time.sleep(delay)
+                delay *= 2
+        return "failed", len(batch)
+
+    def _headers_now(self) -> Mapping[str, str]:
+        if self._resolved is None:
+            self._resolved = self._headers()
+        return self._resolved
+
+
+def encode(traces: Sequence[TraceRecord], service: str) -> ExportTraceServiceRequest:
+    spans = []
+    for t in traces:
+        for i, s in enumerate(t.spans):
+            attrs = t.root_attributes() if i == 0 else s.attributes
+            spans.append(Span(
+                trace_id=t.trace_id, span_id=s.span_id, parent_span_id=s.parent_id or b"", name=s.name,
+                kind=Span.SPAN_KIND_SERVER if i == 0 else Span.SPAN_KIND_INTERNAL,
+                start_time_unix_nano=s.start_ns, end_time_unix_nano=max(s.end_ns, s.start_ns),
+                attributes=[KeyValue(key=k, value=_value(v)) for k, v in attrs.items()],
+                status=Status(code=Status.STATUS_CODE_ERROR, message=s.error) if s.error is not None
+                else Status(code=Status.STATUS_CODE_OK)))
+    resource = Resource(attributes=[KeyValue(key="service.name", value=AnyValue(string_value=service))])
+    scope = ScopeSpans(scope=InstrumentationScope(name="keel"), spans=spans)
+    return ExportTraceServiceRequest(resource_spans=[ResourceSpans(resource=resource, scope_spans=[scope])])
+
+
+def _value(v: AttrValue) -> AnyValue:
+    if isinstance(v, bool):  # before int: a bool is an int
+        return AnyValue(bool_value=v)
+    if isinstance(v, int):
+        return AnyValue(int_value=v)
+    if isinstance(v, float):
+        return AnyValue(double_value=v)
+    return AnyValue(string_value=str(v))
+
+
+# -- MLflow as the backend ------------------------------------------------------------------------
+
+
+def mlflow_experiment(tracking_uri: str, name: str, timeout_s: float = 10.0) -> str:
+    """The id of MLflow experiment `name`, created when missing (by REST: no mlflow import in a replica)."""
+    api = tracking_uri.rstrip("/") + "/api/2.0/mlflow/experiments"
+    with httpx.Client(timeout=timeout_s) as http:
+        for _ in range(2):  # a concurrent creator (another replica) wins: read what it made
+            r = http.get(f"{api}/get-by-name", params={"experiment_name": name})
+            if r.status_code == 200:
+                return str(r.json()["experiment"]["experiment_id"])
+            r = http.post(f"{api}/create", json={"name": name})
+            if r.status_code == 200:
+                return str(r.json()["experiment_id"])
+    raise LookupError(f"MLflow experiment {name!r} could not be read or created at {tracking_uri}")
+
+
+def exporter_for(settings: KeelSettings, service: str, on_count: Counted | None = None) -> Exporter | None:
+    """The exporter `settings.telemetry` asks for: to its OTLP endpoint if set, else to MLflow's
+    tracking server; None when tracing is off or there is nowhere to send to."""
+    t, uri = settings.telemetry, settings.pipeline.mlflow_tracking_uri or ""
+    if not t.traces:
+        return None
+    if t.otlp_endpoint:
+        return Exporter(t.otlp_endpoint, {}, service=service, max_queue=t.queue_max, on_count=on_count)
+    if not uri.startswith("http"):  # a local file store takes no OTLP
+        return None
+    return Exporter(uri.rstrip("/") + "/v1/traces",
+                    lambda: {EXPERIMENT_HEADER: mlflow_experiment(uri, t.experiment)},
+                    service=service, max_queue=t.queue_max, on_count=on_count)
