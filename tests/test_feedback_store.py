@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, event, select
 
 from keel.errors import ConfigError
 from keel.feedback.bandit import Arm
@@ -330,6 +331,27 @@ def test_stores_write_each_request_in_its_zone_and_sum_totals_across(zones: Keel
         store.put(fb(rid, score=score), lnk)
     assert stores.zones["eu"].totals() == {("support", 1): Arm(1.0, 0.0)}
     assert stores.totals() == {("support", 1): Arm(1.0, 1.0)}
+    stores.close()
+
+
+def test_sequential_submits_share_a_transaction_per_zone_and_flush_cuts_the_gathering_short(
+        zones: KeelSettings) -> None:
+    """Answers arriving one by one (the gateway under sequential load) are written together: one commit per
+    zone for what arrives within the gather window; flush wakes the writer instead of waiting the window out."""
+    stores = Stores(zones, gather_s=30.0)
+    commits = {zone: 0 for zone in stores.zones}
+    for zone, store in stores.zones.items():
+        event.listen(store.engine, "commit", lambda _conn, zone=zone: commits.__setitem__(zone, commits[zone] + 1))
+    for i in range(40):
+        stores.submit("us" if i % 4 else "eu", link(f"r{i}"))
+        time.sleep(0.002)  # one at a time, as requests finish
+    start = time.monotonic()
+    stores.flush()
+    assert time.monotonic() - start < 5.0  # not the 30 s window
+    assert commits == {"us": 1, "eu": 1}
+    assert len(request_ids(zones, "us")) == 30 and len(request_ids(zones, "eu")) == 10
+    stores.flush()  # nothing queued: at once, no transaction
+    assert commits == {"us": 1, "eu": 1}
     stores.close()
 
 

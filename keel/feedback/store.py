@@ -28,7 +28,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from sqlalchemy import (
     Column,
@@ -290,13 +290,22 @@ def open_zone(settings: KeelSettings, zone: str) -> ZoneStore:
     return ZoneStore(zone, database_url(settings, zone))
 
 
+GATHER_S = 0.1  # how long the writer gathers after a first item: sequential answers share a transaction
+MAX_BATCH = 500  # items in one batch at most
+
+_Item: TypeAlias = tuple[str, Link, Exchange | None] | threading.Event | None  # a row, a flush's marker, close's
+
+
 class Stores:
     """Every zone's store, and the gateway's writer: request rows and exchanges are queued by `submit`
-    (on the event loop: no I/O) and written in batches by a thread of its own. A row that cannot be
-    written is logged and counted (`on_error`), never retried forever; a full queue refuses at once."""
+    (on the event loop: no I/O) and written in batches by a thread of its own, one transaction per zone
+    for what arrives within `gather_s` of a batch's first item (`flush` and `close` cut the wait short).
+    A row that cannot be written is logged and counted (`on_error`), never retried forever; a full
+    queue refuses at once."""
 
     def __init__(self, settings: KeelSettings, scrub: Callable[[list[str]], list[str]] | None = None,
-                 on_error: Callable[[Exception], None] | None = None, max_queued: int = 10_000) -> None:
+                 on_error: Callable[[Exception], None] | None = None, max_queued: int = 10_000,
+                 gather_s: float = GATHER_S, max_batch: int = MAX_BATCH) -> None:
         self.zones: dict[str, ZoneStore] = {}
         try:
             for z in settings.policy.zones:
@@ -306,7 +315,8 @@ class Stores:
                 store.close()
             raise
         self.scrub, self.on_error = scrub, on_error
-        self._queue: queue.Queue[tuple[str, Link, Exchange | None] | None] = queue.Queue(max_queued)
+        self.gather_s, self.max_batch = gather_s, max_batch
+        self._queue: queue.Queue[_Item] = queue.Queue(max_queued)
         self._thread = threading.Thread(target=self._run, name="keel-feedback-writer", daemon=True)
         self._thread.start()
 
@@ -317,8 +327,15 @@ class Stores:
         self._queue.put_nowait((zone, link, exchange))
 
     def flush(self) -> None:
-        """Wait until everything queued before now is written (a feedback on a fresh answer finds it)."""
-        self._queue.join()
+        """Wait until everything queued before now is written (a feedback on a fresh answer finds it): a
+        marker queued behind it ends the writer's gathering and is set once the batch is written."""
+        if not self._thread.is_alive():
+            return
+        done = threading.Event()
+        self._queue.put(done)
+        while not done.wait(1.0):
+            if not self._thread.is_alive():  # closed meanwhile: close wrote what was queued
+                return
 
     def find(self, request_id: str, tenant: str) -> tuple[ZoneStore, Link] | None:
         """The request of this tenant with this id, in whichever zone it went to."""
@@ -343,25 +360,30 @@ class Stores:
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
-            batch = [first]
-            while len(batch) < 500:  # what else is waiting goes in the same transaction
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            items = [b for b in batch if b is not None]
+            batch = self._gather()
+            items = [b for b in batch if isinstance(b, tuple)]
             try:
                 self._write(items)
             except Exception as e:  # counted and logged: the request was answered already
                 log.exception("feedback links of %d request(s) could not be written", len(items))
                 if self.on_error is not None:
                     self.on_error(e)
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
-            if None in batch:
+            if isinstance(last := batch[-1], threading.Event):  # a flush waits for this batch
+                last.set()
+            elif last is None:
                 return
+
+    def _gather(self) -> list[_Item]:
+        """The next batch: the first item waited for, then what arrives within gather_s of it (what is
+        waiting already, however late), up to max_batch; a flush's marker or close's None ends it."""
+        batch = [self._queue.get()]
+        deadline = time.monotonic() + self.gather_s
+        while len(batch) < self.max_batch and isinstance(batch[-1], tuple):
+            try:
+                batch.append(self._queue.get(timeout=max(deadline - time.monotonic(), 0)))
+            except queue.Empty:
+                break
+        return batch
 
     def _write(self, items: Iterable[tuple[str, Link, Exchange | None]]) -> None:
         by_zone: dict[str, tuple[list[Link], list[Exchange]]] = defaultdict(lambda: ([], []))
