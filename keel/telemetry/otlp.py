@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import httpx
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, InstrumentationScope, KeyValue, KeyValueList
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
@@ -35,6 +35,9 @@ log = logging.getLogger("keel.telemetry")
 RETRYABLE = frozenset({429, 502, 503, 504})  # the OTLP/HTTP spec's retryable answers
 EXPERIMENT_HEADER = "x-mlflow-experiment-id"
 Counted = Callable[[str, int], None]  # (exported | dropped | failed, how many traces)
+# A trace, or what builds it in the exporter's thread: the gateway hands over a few values and leaves
+# the spans to be made off its event loop.
+Item = TraceRecord | Callable[[], TraceRecord]
 
 
 class Exporter:
@@ -46,7 +49,7 @@ class Exporter:
         # A callable is resolved in the thread, once it succeeds (MLflow's experiment id).
         self._headers = headers if callable(headers) else lambda: headers
         self._resolved: Mapping[str, str] | None = None
-        self._queue: queue.Queue[TraceRecord | None] = queue.Queue(max_queue)
+        self._queue: queue.Queue[Item | None] = queue.Queue(max_queue)
         self._http = httpx.Client(timeout=timeout_s)
         self._done = threading.Condition()
         self._pending = 0  # submitted and not yet settled (exported or failed)
@@ -56,8 +59,8 @@ class Exporter:
         self._thread.start()
         atexit.register(self.close)  # a short-lived process (`airflow dags test`, a Ray job) sends what it traced
 
-    def submit(self, trace: TraceRecord) -> bool:
-        """Queue a finished trace; False (and counted) when the queue is full."""
+    def submit(self, trace: Item) -> bool:
+        """Queue a finished trace (or its builder); False (and counted) when the queue is full."""
         with self._done:
             self._pending += 1
         try:
@@ -88,14 +91,17 @@ class Exporter:
             self._pending -= n
             self._done.notify_all()
         if self.on_count is not None:
-            self.on_count(outcome, n)
+            try:
+                self.on_count(outcome, n)
+            except Exception:  # a metrics failure must not stop the thread that sends traces
+                log.exception("trace count not recorded")
 
     def _run(self) -> None:
         while (batch := self._gather()) is not None:
             if batch:
                 self._settle(*self._send(batch))
 
-    def _gather(self) -> list[TraceRecord] | None:
+    def _gather(self) -> list[Item] | None:
         """What arrives within the interval after the first trace (None: closed)."""
         first = self._queue.get()
         if first is None:
@@ -116,8 +122,13 @@ class Exporter:
             self._wake.clear()
         return batch
 
-    def _send(self, batch: Sequence[TraceRecord]) -> tuple[str, int]:
-        body = encode(batch, self.service).SerializeToString()
+    def _send(self, batch: Sequence[Item]) -> tuple[str, int]:
+        try:
+            traces = [t if isinstance(t, TraceRecord) else t() for t in batch]
+        except Exception:  # a builder's bug must not stop the thread: the batch is lost, and counted
+            log.exception("traces could not be built")
+            return "failed", len(batch)
+        body = encode(traces, self.service).SerializeToString()
         delay = 0.5
         for attempt in range(self.retries + 1):
             try:
@@ -161,6 +172,10 @@ def encode(traces: Sequence[TraceRecord], service: str) -> ExportTraceServiceReq
 
 
 def _value(v: AttrValue) -> AnyValue:
+    if isinstance(v, dict):
+        return AnyValue(kvlist_value=KeyValueList(values=[KeyValue(key=k, value=_value(x)) for k, x in v.items()]))
+    if isinstance(v, list):
+        return AnyValue(array_value=ArrayValue(values=[_value(x) for x in v]))
     if isinstance(v, bool):  # before int: a bool is an int
         return AnyValue(bool_value=v)
     if isinstance(v, int):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-AttrValue = str | int | float | bool
+Scalar = str | int | float | bool
+AttrValue = Scalar | dict[str, Scalar] | list[str]  # maps and lists: OTLP kvlist and array values
 TAG_PREFIX = "mlflow.traceTag."  # a root span attribute MLflow's OTLP ingestion turns into a trace tag
 
 
