@@ -60,6 +60,9 @@ class Outcome:
     model_s: float = 0.0
     answer: Any = field(default_factory=hashlib.sha256)  # of the text the caller got, for the audit trail
     kept: list[str] | None = None  # the text itself, as the model wrote it, when the exchange is retained
+    # Each target tried, for the request's trace: (name, start, end on the gateway's clock, error kind or None);
+    # one skipped (busy, circuit open) starts and ends at once.
+    attempts: list[tuple[str, float, float, str | None]] = field(default_factory=list)
 
 
 class NoTargetLeftError(Exception):
@@ -128,6 +131,7 @@ class _Walk:
         self.t0 = self.heard_at = 0.0
         self.verdict = False
         self.first: float | None = None
+        self.error: str | None = None  # of the target answering now, once it failed
 
     def next(self, sent: str) -> TargetState | None:
         """The next target that may take the request (now holding one of its slots), or None."""
@@ -141,11 +145,13 @@ class _Walk:
                 why = None if st.breaker.allow() else "circuit_open"
             if why is not None:
                 self.outcome.failovers.append({"target": name, "error": why, "after_chars": len(sent)})
+                now = self.clock()
+                self.outcome.attempts.append((name, now, now, why))
                 continue
             self.outcome.target = name  # final once run returns
             st.in_flight += 1
             self.t0 = self.heard_at = self.clock()  # just before its request goes out
-            self.first, self.verdict = None, False
+            self.first, self.verdict, self.error = None, False, None
             return st
         return None
 
@@ -180,7 +186,7 @@ class _Walk:
         """Counts a failure against the target; False for a client error before any text: the target
         is fine, the request is not, and the error goes back to the caller."""
         self.heard()
-        self.verdict = True
+        self.verdict, self.error = True, e.kind
         if not e.fails_over and not sent:
             st.breaker.success()
             return False
@@ -193,6 +199,8 @@ class _Walk:
 
     def done(self, st: TargetState) -> None:
         self.outcome.model_s += self.heard_at - self.t0
+        error = self.error if self.verdict else "cancelled"  # the caller went away mid-request
+        self.outcome.attempts.append((st.target.config.name, self.t0, self.heard_at, error))
         st.in_flight -= 1
         if not self.verdict:
             st.breaker.release()  # the caller went away mid-request: no verdict on the target

@@ -29,7 +29,8 @@ class Reply:
         req, outcome = required(ctx.request), required(ctx.outcome)
         ctx.headers["x-keel-route"] = api.route_header(outcome.target, required(ctx.route))
         meta = {"id": ctx.rid, "created": int(time.time()), "model": req.model}
-        if req.stream:
+        if req.stream:  # the headers go now: the stages so far, and the model's time to its first token
+            ctx.headers["server-timing"] = api.server_timing(ctx.timings, self._elapsed(ctx), outcome.ttft_s or 0.0)
             return StreamingResponse(self._events(ctx, meta), media_type="text/event-stream",
                                      headers=ctx.headers | {"cache-control": "no-cache"},
                                      background=BackgroundTask(self.finish, ctx))
@@ -41,6 +42,7 @@ class Reply:
         if ctx.error is not None:
             return api.error_response(ctx.error, ctx.headers)
         ctx.headers["x-keel-route"] = api.route_header(outcome.target, required(ctx.route))  # after any failover
+        ctx.headers["server-timing"] = api.server_timing(ctx.timings, self._elapsed(ctx), outcome.model_s)
         return JSONResponse(api.gathered(ctx.kind, meta, chunks, outcome) | {"keel": self._keel(ctx)},
                             headers=ctx.headers)
 
@@ -50,6 +52,8 @@ class Reply:
         if ctx.outcome is not None:  # generation began: the route it took
             ctx.headers["x-keel-route"] = api.route_header(ctx.outcome.target, required(ctx.route))
         self.record(ctx)
+        model_s = ctx.outcome.model_s if ctx.outcome is not None else 0.0
+        ctx.headers["server-timing"] = api.server_timing(ctx.timings, self._elapsed(ctx), model_s)
         ctx.finished = True
         return api.error_response(error, ctx.headers)
 
@@ -110,5 +114,8 @@ class Reply:
         """The response's `keel` field, taken when the answer is done (a failover may change the route)."""
         return api.keel_field(ctx.rid, required(ctx.route), required(ctx.outcome), ctx.citations,
                               required(ctx.data_class).value, ctx.zones, ctx.actions.record(),
-                              elapsed_s=self.record.clock() - ctx.started,  # on the clock ctx.started is on
+                              elapsed_s=self._elapsed(ctx), timings=ctx.timings,
                               prompt={"name": v.prompt, "version": v.version} if (v := ctx.variant) else None)
+
+    def _elapsed(self, ctx: RequestContext) -> float:
+        return self.record.clock() - ctx.started  # on the clock ctx.started is on
