@@ -82,7 +82,8 @@ def store(fb, zone: str = "us"):
 
 
 def test_feedback_is_stored_scrubbed_once_per_key_and_updated_by_a_second_post(fb):
-    rid = ask(fb, "What is the refund policy?").json()["id"]
+    answer = ask(fb, "What is the refund policy?").json()
+    rid, usage = answer["id"], answer["usage"]
     comment = f"Wrong for {PLANTED[0]}: write to {PLANTED[1]} or call {PLANTED[2]}."
     r = feedback(fb, {"request_id": rid, "rating": "down", "comment": comment})
     assert r.status_code == 201, r.text
@@ -98,6 +99,10 @@ def test_feedback_is_stored_scrubbed_once_per_key_and_updated_by_a_second_post(f
     assert row["score"] == 0.75 and row["rating"] is None and row["comment"] is None
     assert row["correction"] == "Refunds within 30 days, [PERSON]." and row["target"] == "model"
     assert row["tenant"] == "demo" and row["data_class"] == "internal"
+    link = store(fb).link(rid, "demo")  # the request's usage and cost at the target's prices (0.1, 0.2 per 1k)
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0 and link is not None
+    assert (link.prompt_tokens, link.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
+    assert link.cost == pytest.approx((usage["prompt_tokens"] * 0.1 + usage["completion_tokens"] * 0.2) / 1000)
 
     # The trail says feedback arrived, linked by the request id, and never holds its words.
     records = httpx.get(f"{fb['base']}/v1/audit/{rid}", headers={"Authorization": f"Bearer {fb['key']}"}).json()

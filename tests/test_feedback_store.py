@@ -12,13 +12,13 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import Column, Float, Integer, MetaData, String, Table, create_engine, event, select
 
 from keel.errors import ConfigError
 from keel.feedback.bandit import Arm
@@ -180,9 +180,44 @@ def test_expire_erases_the_words_of_feedback_past_retention_and_keeps_its_score(
     assert store.totals() == {("support", 1): Arm(1.0, 1.0)}
 
 
-def test_replicas_starting_together_create_the_tables_once(backend: str, fresh: Callable[[str], str]) -> None:
+def earlier_requests_table(url: str, rows: list[Link]) -> None:
+    """keel_requests as the version before the usage columns made it, holding `rows`."""
+    old = Table("keel_requests", MetaData(), Column("request_id", String(128), primary_key=True),
+                Column("tenant", String(64), primary_key=True),
+                *(Column(name, String(64)) for name in ("endpoint", "model", "target", "strategy", "data_class",
+                                                        "prompt")),
+                Column("prompt_version", Integer), Column("status", Integer),
+                Column("created_at", Float, nullable=False, index=True))
+    engine = create_engine(url)
+    old.metadata.create_all(engine)
+    with engine.begin() as c:
+        for row in rows:
+            c.execute(old.insert().values({k: v for k, v in asdict(row).items() if k in old.c}))
+    engine.dispose()
+
+
+def test_a_database_of_an_earlier_version_gets_the_usage_columns_on_open(fresh: Callable[[str], str]) -> None:
+    url = fresh("earlier")
+    earlier_requests_table(url, [link("r-old")])
+    s = ZoneStore("us", url)
+    assert s.link("r-old", "acme") == link("r-old")  # its usage unknown: None
+    used = replace(link("r-new"), prompt_tokens=12, completion_tokens=5, cost=0.0022)
+    s.add([used])
+    assert s.link("r-new", "acme") == used
+    s.close()
+    again = ZoneStore("us", url)  # the next open finds nothing to add
+    assert again.link("r-new", "acme") == used
+    again.close()
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["new", "earlier-version"])
+def test_replicas_starting_together_create_the_tables_once(backend: str, fresh: Callable[[str], str],
+                                                            earlier: bool) -> None:
+    """Also when they find an earlier version's table: one adds the columns, the others find them."""
     for round_ in range(4):
         url, start, errors = fresh(f"race{round_}"), threading.Barrier(6), list[Exception]()
+        if earlier:
+            earlier_requests_table(url, [link("r-old")])
 
         def open_one(url: str = url, start: threading.Barrier = start, errors: list[Exception] = errors) -> None:
             start.wait()

@@ -45,6 +45,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     or_,
     select,
     update,
@@ -71,7 +72,9 @@ def _route_columns() -> list[Column[Any]]:
 REQUESTS = Table("keel_requests", _meta,
                  Column("request_id", String(128), primary_key=True), Column("tenant", String(64), primary_key=True),
                  *_route_columns(), Column("status", Integer),
-                 Column("created_at", Float, nullable=False, index=True))
+                 Column("created_at", Float, nullable=False, index=True),
+                 # added later: a database of an earlier version gets them on open (_add_missing_columns)
+                 Column("prompt_tokens", Integer), Column("completion_tokens", Integer), Column("cost", Float))
 FEEDBACK = Table("keel_feedback", _meta,
                  Column("request_id", String(128), primary_key=True), Column("tenant", String(64), primary_key=True),
                  Column("key_id", String(32), primary_key=True),
@@ -100,6 +103,9 @@ class Link:
     prompt_version: int | None
     status: int
     created_at: float
+    prompt_tokens: int | None = None  # the answer's usage, where the target reported it
+    completion_tokens: int | None = None
+    cost: float | None = None  # USD at the answering target's prices
 
 
 ROUTE = ("endpoint", "model", "target", "strategy", "data_class", "prompt", "prompt_version")
@@ -146,8 +152,9 @@ class ZoneStore:
         for attempt in range(3):  # replicas starting together race to create the tables; the losers find them
             try:
                 _meta.create_all(self.engine)
+                _add_missing_columns(self.engine, REQUESTS)
                 break
-            except (OperationalError, IntegrityError, ProgrammingError):  # SQLite locked; Postgres' duplicate type
+            except (OperationalError, IntegrityError, ProgrammingError):  # locked; a duplicate type or column
                 if attempt == 2:
                     raise
                 time.sleep(0.2)
@@ -256,6 +263,22 @@ class ZoneStore:
         t = {"requests": REQUESTS, "feedback": FEEDBACK, "exchanges": EXCHANGES}[table]
         with self.engine.connect() as c:
             return int(c.execute(select(func.count()).select_from(t)).scalar() or 0)
+
+
+def _add_missing_columns(engine: Engine, table: Table) -> None:
+    """The minimal migration: a table made by an earlier version gets the nullable columns it lacks (its
+    old rows read None there). Two replicas adding one column: the loser fails and retries, finding it."""
+    have = {c["name"] for c in inspect(engine).get_columns(table.name)}
+    missing = [c for c in table.columns if c.name not in have]
+    if not missing:
+        return
+    quote = engine.dialect.identifier_preparer.quote
+    with engine.begin() as c:
+        for col in missing:
+            if not col.nullable:  # old rows would have no value: that needs a real migration
+                raise RuntimeError(f"{table.name}.{col.name} is missing and cannot be added as NOT NULL")
+            c.exec_driver_sql(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(col.name)} "
+                              f"{col.type.compile(dialect=engine.dialect)}")
 
 
 def _sqlite_pragmas(conn: Any, _record: Any) -> None:

@@ -75,10 +75,11 @@ class Record:
     def _link(self, ctx: RequestContext, zone: str) -> None:
         """Queued for the feedback store's writer thread; a writer far behind is logged and counted."""
         now, outcome, tenant = time.time(), required(ctx.outcome), required(ctx.tenant)
-        variant, route = ctx.variant, ctx.route
+        variant, route, usage = ctx.variant, ctx.route, outcome.usage or {}
         link = Link(ctx.rid, tenant.name, ctx.endpoint, ctx.model, outcome.target, route.strategy if route else None,
                     ctx.data_class.value if ctx.data_class else None, variant.prompt if variant else None,
-                    variant.version if variant else None, ctx.status, now)
+                    variant.version if variant else None, ctx.status, now, usage.get("prompt_tokens"),
+                    usage.get("completion_tokens"), ctx.cost)
         exchange = None
         if ctx.status == 200 and outcome.kept is not None and ctx.body is not None:
             messages = ctx.body.get("messages") or [{"role": "user", "content": ctx.body.get("prompt", "")}]
