@@ -15,6 +15,9 @@ request by request so that drift hits both alike; also the median of the paired 
   3. breaker: time from SIGKILL of `echo` (under steady traffic) to its breaker opening, with the
      client errors seen meanwhile (goal 0: the traffic fails over to echo2)
   4. tokens/s through the gateway vs llama.cpp alone in this process, on the same prompts
+  5. tracing: Keel to `echo-handle` with every request traced (to a real MLflow server) minus the same
+     gateway with tracing off (a second application, /untraced); and, after the throughput run, the
+     share of its requests whose trace reached MLflow (dropped and failed traces are counted)
 
 The PII guard is off here (guard.enabled: false): this measures routing and failover; the guard's own
 cost per request is measured by benchmarks/guard.py, beside a model's latency.
@@ -103,7 +106,39 @@ def throughput(url: str, body: dict[str, Any], headers: dict[str, str], seconds:
 
     t0 = time.perf_counter()
     ok, err = asyncio.run(run())
-    return {"req_per_s": round(ok / (time.perf_counter() - t0), 1), "errors": err, "concurrency": concurrency}
+    return {"req_per_s": round(ok / (time.perf_counter() - t0), 1), "ok": ok, "errors": err,
+            "concurrency": concurrency}
+
+
+def trace_count(mlflow_url: str) -> int:
+    """Traces in MLflow's keel-traces experiment (ids only: no spans are read)."""
+    from mlflow import MlflowClient
+
+    c = MlflowClient(mlflow_url)
+    exp = c.get_experiment_by_name("keel-traces")
+    if exp is None:
+        return 0
+    n, token = 0, None
+    while True:
+        page = c.search_traces(locations=[exp.experiment_id], max_results=500, page_token=token,
+                               include_spans=False)
+        n += len(page)
+        if not (token := page.token):
+            return n
+
+
+def traces_arrived(mlflow_url: str, before: int, sent: int, wait_s: float = 120) -> dict[str, Any]:
+    """How many of the throughput run's `sent` requests have their trace in MLflow, once the exporters
+    have drained (the count stops growing), and how long that took after the load ended."""
+    t0, last, arrived = time.perf_counter(), -1, 0
+    while time.perf_counter() - t0 < wait_s:
+        arrived = trace_count(mlflow_url) - before
+        if arrived >= sent or arrived == last:
+            break
+        last = arrived
+        time.sleep(3)
+    return {"sent": sent, "arrived": arrived, "share": round(arrived / sent, 4) if sent else None,
+            "drained_s": round(time.perf_counter() - t0, 1)}
 
 
 def routing_microbench(settings: Any, model: str, n: int = 20000) -> float:
@@ -182,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.disable(logging.WARNING)
 
-    from tests.support.services import Service, free_port, start_ray_head, write_config
+    from tests.support.services import Service, free_port, start_mlflow, start_ray_head, write_config
 
     work = Path(tempfile.mkdtemp(prefix="keel-gw-bench-"))
     head = start_ray_head(work / "ray")
@@ -226,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         echoes[name] = (Service(name, [sys.executable, "-m", "tests.support.fault_server", "--port", str(port)], {},
                                 work / f"{name}.log", cwd=ROOT), f"http://127.0.0.1:{port}")
         echoes[name][0].wait_http(echoes[name][1] + "/v1/models", timeout=30)
+    mlflow_svc, mlflow_url = start_mlflow(work / "mlflow")
     try:
-        cfg = write_config(work / "cfg")
+        cfg = write_config(work / "cfg", mlflow_tracking_uri=mlflow_url)
         doc = yaml.safe_load(cfg.read_text())
         gw_port = free_port()
         doc["ports"]["gateway"] = gw_port
@@ -254,23 +290,36 @@ def main(argv: list[str] | None = None) -> int:
         serve.run(Gateway.options(max_ongoing_requests=300).bind(settings, {"echo-handle": echo_dep, "smollm2": llama}),
                   name="keel", route_prefix="/")
         serve.run(Bare.bind(EchoModel.options(name="EchoBare").bind()), name="bare", route_prefix="/bare")
+        # The same gateway, its traces off: the baseline for tracing's cost (no llama.cpp: not measured there).
+        untraced = settings.model_copy(update={
+            "telemetry": settings.telemetry.model_copy(update={"traces": False}),
+            "policy": settings.policy.model_copy(update={"targets": settings.policy.targets[:3]})})
+        serve.run(Gateway.options(name="GatewayUntraced", max_ongoing_requests=300).bind(
+            untraced, {"echo-handle": EchoModel.options(name="EchoUntraced").bind()}),
+            name="untraced", route_prefix="/untraced")
         base = f"http://127.0.0.1:{gw_port}"
         keel_url, echo_url = f"{base}/v1/chat/completions", echoes["echo"][1] + "/v1/chat/completions"
         handle_body = {**BODY, "model": "echo-handle"}
-        bare_url = f"{base}/bare/v1/chat/completions"
-        for url, body in ((keel_url, BODY), (echo_url, BODY), (keel_url, handle_body), (bare_url, BODY)):
+        bare_url, untraced_url = f"{base}/bare/v1/chat/completions", f"{base}/untraced/v1/chat/completions"
+        for url, body in ((keel_url, BODY), (echo_url, BODY), (keel_url, handle_body), (bare_url, BODY),
+                          (untraced_url, handle_body)):
             sequential(url, body, 50, auth)  # warm up every path
-        samples: dict[str, list[float]] = {"direct": [], "keel": [], "keel_handle": [], "bare_handle": []}
+        samples: dict[str, list[float]] = {"direct": [], "keel": [], "keel_handle": [], "bare_handle": [],
+                                           "untraced_handle": [], "traced_handle": []}
         # paired: request i of one side minus request i of the other
-        diffs: dict[str, list[float]] = {"overhead": [], "routing": []}
+        diffs: dict[str, list[float]] = {"overhead": [], "routing": [], "tracing": []}
         for _ in range(a.rounds):
             direct, keel = paired((echo_url, BODY, {}), (keel_url, BODY, auth), a.requests)
             bare, keel_handle = paired((f"{base}/bare/v1/chat/completions", BODY, {}), (keel_url, handle_body, auth),
                                        a.requests)
-            for k, v in (("direct", direct), ("keel", keel), ("bare_handle", bare), ("keel_handle", keel_handle)):
+            untraced_handle, traced_handle = paired((untraced_url, handle_body, auth), (keel_url, handle_body, auth),
+                                                    a.requests)
+            for k, v in (("direct", direct), ("keel", keel), ("bare_handle", bare), ("keel_handle", keel_handle),
+                         ("untraced_handle", untraced_handle), ("traced_handle", traced_handle)):
                 samples[k] += v
             diffs["overhead"] += [k - d for k, d in zip(keel, direct, strict=True)]
             diffs["routing"] += [k - b for k, b in zip(keel_handle, bare, strict=True)]
+            diffs["tracing"] += [t - u for t, u in zip(traced_handle, untraced_handle, strict=True)]
         lat = {k: latency(v) for k, v in samples.items()}
         report["latency"] = lat
         report["overhead_ms"] = {"p50": round(lat["keel"]["p50_ms"] - lat["direct"]["p50_ms"], 2),
@@ -279,13 +328,21 @@ def main(argv: list[str] | None = None) -> int:
                                      "p99": round(lat["keel_handle"]["p99_ms"] - lat["bare_handle"]["p99_ms"], 2),
                                      "median_of_paired_differences": ms(statistics.median(diffs["routing"]))}
         report["overhead_ms"]["median_of_paired_differences"] = ms(statistics.median(diffs["overhead"]))
+        report["tracing_cost_ms"] = {
+            "p50": round(lat["traced_handle"]["p50_ms"] - lat["untraced_handle"]["p50_ms"], 2),
+            "p99": round(lat["traced_handle"]["p99_ms"] - lat["untraced_handle"]["p99_ms"], 2),
+            "median_of_paired_differences": ms(statistics.median(diffs["tracing"]))}
         report["routing_microbench_us"] = {"named_target": round(routing_microbench(settings, "echo-handle"), 1),
                                            "keel_auto": round(routing_microbench(settings, "keel/auto"), 1)}
         print(json.dumps(report, indent=1), flush=True)
+        time.sleep(3)  # the paired rounds' last traces leave their replica's exporter within a second
+        before = trace_count(mlflow_url)
         report["throughput"] = {
             "keel": throughput(keel_url, BODY, auth, a.load_seconds, a.concurrency),
             "direct": throughput(echo_url, BODY, {}, a.load_seconds, a.concurrency),
         }
+        sent = report["throughput"]["keel"]["ok"] + report["throughput"]["keel"]["errors"]
+        report["traces_under_load"] = traces_arrived(mlflow_url, before, sent)
         print(json.dumps(report["throughput"]), flush=True)
 
         # 3. breaker: kill `echo` under steady traffic and time its breaker opening.
@@ -330,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         head.stop()
         for svc, _ in echoes.values():
             svc.stop()
+        mlflow_svc.stop()
         shutil.rmtree(work, ignore_errors=True)
     lat, o, r = report["latency"], report["overhead_ms"], report["routing_cost_ms"]
     rows = [
@@ -346,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         ("  routing cost, median of paired differences, ms", f"{r['median_of_paired_differences']}"),
         ("  pure per-request path in process, us: named / keel/auto",
          f"{report['routing_microbench_us']['named_target']} / {report['routing_microbench_us']['keel_auto']}"),
+        ("tracing cost, traced - untraced, p50 ms (goal <= 0.3)", f"{report['tracing_cost_ms']['p50']}"),
+        ("  tracing cost, median of paired differences, ms",
+         f"{report['tracing_cost_ms']['median_of_paired_differences']}"),
+        ("traces in MLflow / requests, throughput run", f"{report['traces_under_load']['arrived']} / {sent}"),
         ("target death -> breaker open, ms", f"{report['breaker']['death_to_open_ms']}"),
         ("  client errors meanwhile (goal 0)", f"{report['breaker']['client_errors']}"),
         ("tokens/s through the gateway / llama.cpp alone",
