@@ -54,7 +54,9 @@ def test_dags_parse_with_assets_in_zone_storage(tmp_path):
     assert out["errors"] == {}
     assert set(out["dags"]) == {"keel_ingest", "keel_scrub_us", "keel_scrub_eu", "keel_index_us", "keel_index_eu",
                                 "keel_evaluate", "keel_feedback"}
-    assert out["schedules"]["keel_ingest"] == "@daily"
+    # Daily at 00:00 UTC, and never at once when the stack starts within a tenth of a day after it.
+    assert "expression='0 0 * * *'" in out["schedules"]["keel_ingest"]
+    assert "run_immediately=datetime.timedelta(0)" in out["schedules"]["keel_ingest"]
     # Evaluation: daily, or once every zone's index has updated.
     evaluate = out["schedules"]["keel_evaluate"]
     assert "AssetOrTimeSchedule" in evaluate and "AssetAll" in evaluate, evaluate

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from keel.errors import ConfigError
 
-SCHEDULE = "@daily"  # the DAG that reads the landing; every other DAG runs when its input asset updates
+SCHEDULE = "0 0 * * *"  # daily (UTC), the DAG that reads the landing; every other DAG runs when its input updates
 
 
 @dataclass(frozen=True)

@@ -57,10 +57,10 @@ def _dag(settings: KeelSettings, d: chain.Dag, zones: list[str]) -> Any:
 
     dag_id = d.dag_id(zones[0])
     inlet = asset(settings, zones[0], d.trigger) if d.trigger else None
-    when = f"when `{inlet.name}` updates" if inlet else f"`{chain.SCHEDULE}`, or on demand"
+    when = f"when `{inlet.name}` updates" if inlet else f"daily (`{chain.SCHEDULE}` UTC), or on demand"
     doc = f"**{dag_id}** runs {when}:\n\n" + "\n".join(f"- `{s.name}` ({s.job}): {s.doc}" for s in d.stages)
     tags = ["keel", "batch", *(zones if d.per_zone else [])]
-    with DAG(dag_id=dag_id, schedule=[inlet] if inlet else chain.SCHEDULE, start_date=START, catchup=False,
+    with DAG(dag_id=dag_id, schedule=[inlet] if inlet else daily_at(chain.SCHEDULE), start_date=START, catchup=False,
              max_active_runs=1, default_args=task_defaults(settings), tags=tags, doc_md=doc) as dag:
         for zone in zones:
             upstream = None
