@@ -390,6 +390,20 @@ def test_sequential_submits_share_a_transaction_per_zone_and_flush_cuts_the_gath
     stores.close()
 
 
+def test_find_recent_waits_out_another_replicas_gather_window(zones: KeelSettings) -> None:
+    """Two gateway replicas on one database: feedback posted to one on an answer the other gave a moment ago
+    finds it, though that replica's writer still gathers (its flush is not this one's)."""
+    answering, asked = Stores(zones, gather_s=0.2), Stores(zones, gather_s=0.2)
+    answering.submit("eu", link("r1"))
+    assert asked.find("r1", "acme") is None  # still in the answering replica's writer
+    found = asked.find_recent("r1", "acme")
+    assert found is not None and found[1] == link("r1")
+    start = time.monotonic()
+    assert asked.find_recent("never", "acme") is None and time.monotonic() - start >= 0.4  # two windows
+    answering.close()
+    asked.close()
+
+
 def test_the_writer_keeps_going_after_a_failed_batch(zones: KeelSettings) -> None:
     errors: list[Exception] = []
     stores = Stores(zones, on_error=errors.append)

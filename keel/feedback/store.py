@@ -367,6 +367,16 @@ class Stores:
                 return store, link
         return None
 
+    def find_recent(self, request_id: str, tenant: str) -> tuple[ZoneStore, Link] | None:
+        """`find` for an answer that may have been given a moment ago: by this replica (flushed first) or
+        by another, whose writer may hold it for its gather window: a miss looks again until two windows
+        have passed (an unknown id's answer waits as long)."""
+        self.flush()
+        deadline = time.monotonic() + 2 * self.gather_s
+        while (found := self.find(request_id, tenant)) is None and time.monotonic() < deadline:
+            time.sleep(self.gather_s / 4)
+        return found
+
     def totals(self) -> dict[tuple[str, int], Arm]:
         """Every zone's feedback per prompt variant, summed: counts and scores only, no text, cross zones."""
         out: dict[tuple[str, int], Arm] = defaultdict(Arm)
