@@ -210,6 +210,45 @@ def test_a_database_of_an_earlier_version_gets_the_usage_columns_on_open(fresh: 
     again.close()
 
 
+H = 1_699_999_200.0  # on the hour (a multiple of 3600): usage buckets are counted from the epoch
+
+
+def used(rid: str, at: float, target: str | None = "smollm2", tokens: tuple[int, int] | None = None,
+         cost: float | None = None, tenant: str = "acme") -> Link:
+    """A request row with its usage (None: the target reported none)."""
+    return replace(link(rid, tenant=tenant, created_at=at), target=target, cost=cost,
+                   prompt_tokens=tokens[0] if tokens else None, completion_tokens=tokens[1] if tokens else None)
+
+
+def bucket(start: float, target: str | None, requests: int, prompt: int, completion: int,
+           cost: float) -> dict[str, Any]:
+    return {"start_time": int(start), "target": target, "requests": requests, "prompt_tokens": prompt,
+            "completion_tokens": completion, "cost": pytest.approx(cost)}
+
+
+def test_usage_sums_a_tenants_answers_per_bucket_and_target_in_the_window(store: ZoneStore) -> None:
+    store.add([used("a1", H, tokens=(10, 5), cost=0.001),  # the window's first moment: in
+               used("a2", H + 3599.5, tokens=(20, 10), cost=0.002),
+               used("a3", H + 100, target="big", tokens=(1, 1), cost=0.5),
+               used("a4", H + 3600),  # the next bucket's first moment; no usage reported
+               used("a5", H + 3700, target=None),
+               used("a6", H + 7200, tokens=(1, 1), cost=1.0),  # the window's end: out
+               used("a7", H - 0.5, tokens=(1, 1), cost=1.0),  # before it: out
+               used("b1", H + 10, tokens=(100, 100), cost=9.0, tenant="beta")])
+    assert store.usage("acme", H, H + 7200, 3600) == [
+        bucket(H, "big", 1, 1, 1, 0.5), bucket(H, "smollm2", 2, 30, 15, 0.003),
+        bucket(H + 3600, None, 1, 0, 0, 0.0), bucket(H + 3600, "smollm2", 1, 0, 0, 0.0)]
+    # A window starting inside a bucket: the bucket keeps its epoch-aligned start, with what is in the window.
+    assert store.usage("acme", H + 50, H + 3600, 3600) == [bucket(H, "big", 1, 1, 1, 0.5),
+                                                           bucket(H, "smollm2", 1, 20, 10, 0.002)]
+    assert store.usage("acme", H, H + 7200, 60)[:2] == [bucket(H, "smollm2", 1, 10, 5, 0.001),
+                                                        bucket(H + 60, "big", 1, 1, 1, 0.5)]
+    assert store.usage("beta", H, H + 7200, 3600) == [bucket(H, "smollm2", 1, 100, 100, 9.0)]
+    assert store.usage("gamma", H, H + 7200, 3600) == []
+    with pytest.raises(ValueError, match="bucket_s"):
+        store.usage("acme", H, H + 7200, 0)
+
+
 @pytest.mark.parametrize("earlier", [False, True], ids=["new", "earlier-version"])
 def test_replicas_starting_together_create_the_tables_once(backend: str, fresh: Callable[[str], str],
                                                             earlier: bool) -> None:
@@ -402,6 +441,22 @@ def test_find_recent_waits_out_another_replicas_gather_window(zones: KeelSetting
     assert asked.find_recent("never", "acme") is None and time.monotonic() - start >= 0.4  # two windows
     answering.close()
     asked.close()
+
+
+def test_stores_usage_merges_every_zone_per_bucket_and_target(zones: KeelSettings) -> None:
+    stores = Stores(zones)
+    for zone, row in [("us", used("u1", H, tokens=(10, 5), cost=0.001)),
+                      ("eu", used("e1", H + 10, tokens=(3, 2), cost=0.0005)),  # the same target, the other zone
+                      ("eu", used("e2", H + 20, target="mistral-eu", tokens=(7, 7), cost=0.01)),
+                      ("us", used("u2", H + 3600, tokens=(1, 1), cost=0.0001)),
+                      ("eu", used("x1", H, tokens=(50, 50), cost=1.0, tenant="beta"))]:
+        stores.submit(zone, row)
+    stores.flush()
+    assert stores.usage("acme", H, H + 7200, 3600) == [
+        bucket(H, "mistral-eu", 1, 7, 7, 0.01), bucket(H, "smollm2", 2, 13, 7, 0.0015),
+        bucket(H + 3600, "smollm2", 1, 1, 1, 0.0001)]
+    assert stores.usage("beta", H, H + 7200, 3600) == [bucket(H, "smollm2", 1, 50, 50, 1.0)]
+    stores.close()
 
 
 def test_the_writer_keeps_going_after_a_failed_batch(zones: KeelSettings) -> None:

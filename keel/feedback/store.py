@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     Engine,
     Float,
@@ -40,6 +41,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    cast,
     create_engine,
     delete,
     event,
@@ -264,6 +266,37 @@ class ZoneStore:
         with self.engine.connect() as c:
             return int(c.execute(select(func.count()).select_from(t)).scalar() or 0)
 
+    # -- usage (GET /v1/usage) ------------------------------------------------------------------
+
+    def usage(self, tenant: str, start: float, end: float, bucket_s: int) -> list[dict[str, Any]]:
+        """The tenant's answers created in [start, end), per bucket of bucket_s seconds (from the epoch) and
+        answering target: requests, tokens and cost summed (usage not reported counts as none)."""
+        if bucket_s <= 0:
+            raise ValueError(f"bucket_s must be positive, not {bucket_s}")
+        bucket = (cast(func.floor(REQUESTS.c.created_at / bucket_s), BigInteger) * bucket_s).label("start_time")
+        q = (select(bucket, REQUESTS.c.target, func.count().label("requests"),
+                    func.coalesce(func.sum(REQUESTS.c.prompt_tokens), 0).label("prompt_tokens"),
+                    func.coalesce(func.sum(REQUESTS.c.completion_tokens), 0).label("completion_tokens"),
+                    func.coalesce(func.sum(REQUESTS.c.cost), 0.0).label("cost"))
+             .where(REQUESTS.c.tenant == tenant, REQUESTS.c.created_at >= start, REQUESTS.c.created_at < end)
+             .group_by(bucket, REQUESTS.c.target))
+        with self.engine.connect() as c:
+            return sorted((_usage_row(r) for r in c.execute(q).mappings()), key=_usage_order)
+
+
+USAGE_SUMS = ("requests", "prompt_tokens", "completion_tokens", "cost")
+
+
+def _usage_row(r: Mapping[Any, Any]) -> dict[str, Any]:
+    return {"start_time": int(r["start_time"]), "target": r["target"], "requests": int(r["requests"]),
+            "prompt_tokens": int(r["prompt_tokens"]), "completion_tokens": int(r["completion_tokens"]),
+            "cost": float(r["cost"])}
+
+
+def _usage_order(row: Mapping[str, Any]) -> tuple[int, bool, str]:
+    """By bucket, then target (no target first)."""
+    return row["start_time"], row["target"] is not None, row["target"] or ""
+
 
 def _add_missing_columns(engine: Engine, table: Table) -> None:
     """The minimal migration: a table made by an earlier version gets the nullable columns it lacks (its
@@ -376,6 +409,15 @@ class Stores:
         while (found := self.find(request_id, tenant)) is None and time.monotonic() < deadline:
             time.sleep(self.gather_s / 4)
         return found
+
+    def usage(self, tenant: str, start: float, end: float, bucket_s: int) -> list[dict[str, Any]]:
+        """Every zone's `ZoneStore.usage` of the tenant, a bucket and target found in two zones summed."""
+        out: dict[tuple[int, str | None], dict[str, Any]] = {}
+        for store in self.zones.values():
+            for row in store.usage(tenant, start, end, bucket_s):
+                if (seen := out.setdefault((row["start_time"], row["target"]), row)) is not row:
+                    seen.update({k: seen[k] + row[k] for k in USAGE_SUMS})
+        return sorted(out.values(), key=_usage_order)
 
     def totals(self) -> dict[tuple[str, int], Arm]:
         """Every zone's feedback per prompt variant, summed: counts and scores only, no text, cross zones."""
