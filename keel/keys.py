@@ -20,9 +20,15 @@ from keel.policy import hash_api_key, new_api_key
 from keel.settings import KeelSettings
 
 
+def public_id(digest: str) -> str:
+    """A key's short public id, for listing, revoking and crediting feedback: the first hex digits of its
+    hash (hash_api_key's "sha256:<hex>")."""
+    return digest.removeprefix("sha256:")[:12]
+
+
 @dataclass
 class KeyRecord:
-    id: str  # short public id for listing and revoking: the first hex digits of the hash
+    id: str  # public_id(hash)
     tenant: str
     hash: str
     name: str
@@ -56,7 +62,7 @@ class KeyStore:
             raise NotFoundError(f"unknown tenant {tenant!r}; tenants are declared in policy.tenants", param="tenant")
         key = new_api_key()
         digest = hash_api_key(key)
-        rec = KeyRecord(digest.removeprefix("sha256:")[:12], tenant, digest, name,
+        rec = KeyRecord(public_id(digest), tenant, digest, name,
                         dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
         self._write([*self.records(), rec])
         return key, rec

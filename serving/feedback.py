@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import Request
@@ -18,7 +18,6 @@ from fastapi.responses import JSONResponse, Response
 from keel.audit import Trails
 from keel.errors import GuardFailedError, InvalidParameterError, KeelError, NotFoundError
 from keel.feedback.store import Feedback, Link, Stores, ZoneStore
-from keel.policy import hash_api_key
 from serving import api
 from serving.api import FeedbackRequest
 from serving.metrics import Metrics
@@ -34,7 +33,8 @@ class FeedbackDesk:
 
     async def __call__(self, request: Request) -> Response:
         try:
-            tenant = self.authenticate.tenant(request.headers).name
+            caller, key_id = self.authenticate.caller(request.headers)
+            tenant = caller.name
             raw = await request.body()
             if len(raw) > self.max_body:
                 raise InvalidParameterError(f"request body is {len(raw)} bytes, above this endpoint's "
@@ -52,8 +52,7 @@ class FeedbackDesk:
                                        "(guard.enabled); send the rating alone")
             comment, correction = await asyncio.to_thread(self._scrubbed, ask)
             now = time.time()
-            fb = Feedback(ask.request_id, tenant, _key_id(request.headers), ask.value, ask.rating, comment,
-                          correction, now, now)
+            fb = Feedback(ask.request_id, tenant, key_id, ask.value, ask.rating, comment, correction, now, now)
             stored, created = await asyncio.to_thread(store.put, fb, link)
         except KeelError as e:
             return api.error_response(e)
@@ -83,11 +82,6 @@ class FeedbackDesk:
             return None, None
         comment, correction = self.scrub(texts)
         return (comment if ask.comment else None), (correction if ask.correction else None)
-
-
-def _key_id(headers: Mapping[str, str]) -> str:
-    """The public id of the caller's key (as `keel keys list` shows it): one rating per request and key."""
-    return hash_api_key(headers["authorization"][7:].strip()).removeprefix("sha256:")[:12]
 
 
 def _body(fb: Feedback, link: Link) -> dict[str, Any]:

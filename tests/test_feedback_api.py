@@ -49,12 +49,12 @@ def fb(ray_driver, tmp_path_factory):
     doc["policy"]["tenants"].append({"name": "other", "allowed_classes": ["public"], "default_class": "public"})
     cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
     settings = load_settings(cfg)
-    key, _ = KeyStore(settings).create("demo", "tests")
+    key, record = KeyStore(settings).create("demo", "tests")
     other_key, _ = KeyStore(settings).create("other", "tests")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(settings), name="keel", route_prefix="/")
-    yield {"base": f"http://127.0.0.1:{port}", "key": key, "other_key": other_key, "settings": settings,
-           "versions": (v1, v2), "root": root}
+    yield {"base": f"http://127.0.0.1:{port}", "key": key, "key_id": record.id, "other_key": other_key,
+           "settings": settings, "versions": (v1, v2), "root": root}
     stop_serve()
     model.proc.stop()
     mlflow.stop()
@@ -98,7 +98,7 @@ def test_feedback_is_stored_scrubbed_once_per_key_and_updated_by_a_second_post(f
     row = rows[0]
     assert row["score"] == 0.75 and row["rating"] is None and row["comment"] is None
     assert row["correction"] == "Refunds within 30 days, [PERSON]." and row["target"] == "model"
-    assert row["tenant"] == "demo" and row["data_class"] == "internal"
+    assert row["tenant"] == "demo" and row["data_class"] == "internal" and row["key_id"] == fb["key_id"]
     link = store(fb).link(rid, "demo")  # the request's usage and cost at the target's prices (0.1, 0.2 per 1k)
     assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0 and link is not None
     assert (link.prompt_tokens, link.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])

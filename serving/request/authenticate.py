@@ -6,7 +6,8 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from keel.errors import AuthenticationError, MissingAPIKeyError
-from keel.policy import Tenant
+from keel.keys import public_id
+from keel.policy import Tenant, hash_api_key
 from serving.request.context import RequestContext
 
 
@@ -25,10 +26,23 @@ class Authenticate:
 
     def tenant(self, headers: Mapping[str, str]) -> Tenant:
         """The key's tenant; 401 for a missing key, or one unknown, revoked or of a tenant no longer in the policy."""
-        header = headers.get("authorization", "")
-        if not header.lower().startswith("bearer ") or not header[7:].strip():
-            raise MissingAPIKeyError("missing API key: send 'Authorization: Bearer <key>' (keel keys create)")
-        tenant = self.tenants.get(self.keys.tenant(header[7:].strip()) or "")
+        return self._tenant_of(_bearer(headers))
+
+    def caller(self, headers: Mapping[str, str]) -> tuple[Tenant, str]:
+        """The key's tenant and the key's public id (keel.keys.public_id, as `keel keys list` shows it); 401s
+        as `tenant`."""
+        key = _bearer(headers)
+        return self._tenant_of(key), public_id(hash_api_key(key))
+
+    def _tenant_of(self, key: str) -> Tenant:
+        tenant = self.tenants.get(self.keys.tenant(key) or "")
         if tenant is None:
             raise AuthenticationError("invalid or revoked API key")
         return tenant
+
+
+def _bearer(headers: Mapping[str, str]) -> str:
+    header = headers.get("authorization", "")
+    if not header.lower().startswith("bearer ") or not header[7:].strip():
+        raise MissingAPIKeyError("missing API key: send 'Authorization: Bearer <key>' (keel keys create)")
+    return header[7:].strip()
