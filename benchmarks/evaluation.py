@@ -46,8 +46,8 @@ def main() -> None:
     settings = load_settings(a.config)
     uri = LocalStack(settings).mlflow_uri()
     rag = golden.load(settings.home / settings.evaluation.golden_dir, "rag")
-    plan = Plan(a.target, ["rag"], a.items,
-                {"airflow_dag_id": "benchmark", "airflow_run_id": f"bench-{int(time.time())}", "target": a.target})
+    plan = Plan(a.target, ["rag"], a.items, {"airflow_dag_id": "benchmark",
+                                             "airflow_run_id": f"bench-{int(time.time())}"})
     t0 = time.perf_counter()
     models = Models(settings)
     models.warm()

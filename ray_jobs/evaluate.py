@@ -15,7 +15,7 @@ import argparse
 
 from keel.errors import ConfigError
 from keel.evaluation.client import GatewayClient, evaluation_api_key, gateway_url
-from keel.evaluation.evaluate import Evaluation, Plan, evaluate, label
+from keel.evaluation.evaluate import Evaluation, Plan, evaluate
 from keel.evaluation.golden import SETS
 from keel.settings import KeelSettings, get_settings, load_settings
 from ray_jobs._job import emit
@@ -56,8 +56,7 @@ def main() -> None:
         raise ConfigError(f"--sets: unknown golden sets {unknown}; known: {list(SETS)}")
     size = settings.evaluation.sample_size if a.sample_size is None else a.sample_size
     plan = Plan(a.target, sets, size,  # checked against SETS above
-                {"airflow_dag_id": a.dag_id, "airflow_run_id": a.run_id, "target": label(a.target, a.prompt)},
-                a.prompt)
+                {"airflow_dag_id": a.dag_id, "airflow_run_id": a.run_id}, a.prompt)
     emit(run(settings, plan).summary())
 
 

@@ -13,7 +13,7 @@ import pytest
 from keel.errors import EvaluationIncompleteError
 from keel.evaluation import runs
 from keel.evaluation.client import GatewayClient
-from keel.evaluation.evaluate import Plan, evaluate, label
+from keel.evaluation.evaluate import Plan, evaluate
 from keel.evaluation.scorers import ALL_SETS, MEASURED, KeelScorer
 from keel.settings import load_settings
 from tests.support.faults import Fault
@@ -73,8 +73,7 @@ def env(tmp_path_factory):
 def _run(env, run_id: str, scorers=None, sets=("rag", "safety", "privacy"), target="upstream", prompt=None):
     fault, settings = env["fault"], env["settings"]
     client = GatewayClient(settings, fault.url + "/v1", "not-checked-here")
-    plan = Plan(target, list(sets), 0, {"airflow_dag_id": "test", "airflow_run_id": run_id,
-                                        "target": label(target, prompt)}, prompt)
+    plan = Plan(target, list(sets), 0, {"airflow_dag_id": "test", "airflow_run_id": run_id}, prompt)
     try:
         return evaluate(settings, plan, env["uri"], client, scorers if scorers is not None else env["scorers"])
     finally:

@@ -74,7 +74,7 @@ class Plan:
     target: str
     sets: Sequence[golden.SetName]
     sample_size: int
-    identity: dict[str, str]  # tags that name this run: the Airflow dag and run ids, and its label
+    ids: dict[str, str]  # the Airflow dag and run ids that name this run (with its label: `identity`)
     # A system prompt variant to evaluate ("keel-rag@2"): every item asks for it (x-keel-prompt). Its runs are
     # gated against the target's baseline (the variants in use), never become one, and a regression takes
     # the variant out of the pool (keel.feedback.prompts.retire).
@@ -83,6 +83,11 @@ class Plan:
     @property
     def label(self) -> str:
         return label(self.target, self.prompt)
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """The tags that name this run (a retry finds it by them): its ids and its label as `target`."""
+        return {**self.ids, "target": self.label}
 
     @property
     def scope(self) -> dict[str, str]:
