@@ -40,17 +40,13 @@ class FeedbackDesk:
                 raise InvalidParameterError(f"request body is {len(raw)} bytes, above this endpoint's "
                                             f"{self.max_body}")
             ask = api.parse(raw, FeedbackRequest)
-            texts = self._texts(ask)
             found = await asyncio.to_thread(self._find, ask.request_id, tenant)
             if found is None:
                 raise NotFoundError("no answer of yours with this request_id takes feedback (unknown, refused "
                                     "before any model answered, or older than feedback.window_days)",
                                     param="request_id")
             store, link = found
-            if texts and self.scrub is None:  # fail closed: user text is never stored unscrubbed
-                raise GuardFailedError("comments and corrections need the PII guard, which is off here "
-                                       "(guard.enabled); send the rating alone")
-            comment, correction = await asyncio.to_thread(self._scrubbed, ask)
+            comment, correction = await asyncio.to_thread(self._words, ask)
             now = time.time()
             fb = Feedback(ask.request_id, tenant, key_id, ask.value, ask.rating, comment, correction, now, now)
             stored, created = await asyncio.to_thread(store.put, fb, link)
@@ -62,26 +58,27 @@ class FeedbackDesk:
         self.metrics.feedback_received(ask.rating or "score")
         return JSONResponse(_body(stored, link), status_code=201 if created else 200)
 
-    def _texts(self, ask: FeedbackRequest) -> list[str]:
-        texts = {"comment": ask.comment, "correction": ask.correction}
-        for name, text in texts.items():
-            if text is not None and len(text) > self.max_chars:
-                raise InvalidParameterError(f"{name} is {len(text)} characters, above feedback.max_comment_chars "
-                                            f"({self.max_chars})", param=name)
-        return [t for t in texts.values() if t]
-
     def _find(self, request_id: str, tenant: str) -> tuple[ZoneStore, Link] | None:
         found = self.stores.find_recent(request_id, tenant)  # an answer given just now, by any replica
         if found is None or found[1].created_at < time.time() - self.window_s:
             return None
         return found
 
-    def _scrubbed(self, ask: FeedbackRequest) -> tuple[str | None, str | None]:
-        texts = [ask.comment or "", ask.correction or ""]
-        if not any(texts) or self.scrub is None:
+    def _words(self, ask: FeedbackRequest) -> tuple[str | None, str | None]:
+        """The comment and the correction as stored (None: not sent): each within max_chars, both scrubbed in
+        one call."""
+        sent = {name: text for name, text in (("comment", ask.comment), ("correction", ask.correction)) if text}
+        for name, text in sent.items():
+            if len(text) > self.max_chars:
+                raise InvalidParameterError(f"{name} is {len(text)} characters, above feedback.max_comment_chars "
+                                            f"({self.max_chars})", param=name)
+        if not sent:
             return None, None
-        comment, correction = self.scrub(texts)
-        return (comment if ask.comment else None), (correction if ask.correction else None)
+        if self.scrub is None:  # fail closed: user text is never stored unscrubbed
+            raise GuardFailedError("comments and corrections need the PII guard, which is off here "
+                                   "(guard.enabled); send the rating alone")
+        scrubbed = dict(zip(sent, self.scrub(list(sent.values())), strict=True))
+        return scrubbed.get("comment"), scrubbed.get("correction")
 
 
 def _body(fb: Feedback, link: Link) -> dict[str, Any]:
