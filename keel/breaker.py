@@ -26,8 +26,10 @@ class CircuitBreaker:
     consecutive: int = 0
     opened_at: float | None = None
     probing: bool = False
-    # (time, new state), newest last; for tests and debugging (metrics read `status`).
+    # (time, new state), newest last; for tests and debugging (the state gauge reads `status`).
     transitions: deque[tuple[float, State]] = field(default_factory=lambda: deque(maxlen=TRANSITIONS_KEPT))
+    # Told each new state as it is entered (the gateway's metrics count them); it must not raise.
+    on_transition: Callable[[State], None] | None = field(default=None, repr=False, compare=False)
 
     def allow(self) -> bool:
         """May a request go to this target now? (In half-open, only one probe at a time.)"""
@@ -78,3 +80,5 @@ class CircuitBreaker:
     def _to(self, state: State) -> None:
         self.state = state
         self.transitions.append((self.clock(), state))
+        if self.on_transition is not None:
+            self.on_transition(state)

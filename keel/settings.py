@@ -76,6 +76,8 @@ class Ports(BaseModel):
     ray: int = Field(6379, ge=1, le=65535, description="Ray head (GCS) of the local stack")
     mlflow: int = Field(5000, ge=1, le=65535)
     airflow: int = Field(8080, ge=1, le=65535)
+    ray_metrics: int = Field(8090, ge=1, le=65535, description="Ray's metrics agent: Prometheus scrape of Ray and of "
+                             "every gateway replica (serving/metrics.py)")
 
 
 class PrivacySettings(BaseModel):

@@ -74,14 +74,16 @@ def write_ahead_log(db: Path) -> None:
 # -- Ray ----------------------------------------------------------------------------------------
 
 
-def ray_head_command(host: str, gcs_port: int, dashboard_port: int, num_cpus: int, temp_dir: Path) -> list[str]:
+def ray_head_command(host: str, gcs_port: int, dashboard_port: int, metrics_port: int, num_cpus: int,
+                     temp_dir: Path) -> list[str]:
     """`ray start --head --block`: the head stays in the foreground of its own session, stoppable by PID.
-    Its internal ports are picked free, so it never collides with another Ray on the machine."""
+    Its internal ports are picked free, so it never collides with another Ray on the machine; its metrics agent's
+    is fixed (a scraper's one address for Ray's and every gateway replica's metrics: serving/metrics.py)."""
     return [
         str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", str(num_cpus), "--node-ip-address", host,
         "--port", str(gcs_port), "--dashboard-host", host, "--dashboard-port", str(dashboard_port),
         "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-        "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+        "--metrics-export-port", str(metrics_port), "--runtime-env-agent-port", str(free_port()),
         "--temp-dir", str(temp_dir), "--disable-usage-stats",
     ]
 
@@ -211,10 +213,12 @@ class LocalStack:
                         "are processed again on the next run")
 
     def _start(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
-        port = {"ray": self.s.ports.ray, "mlflow": self.s.ports.mlflow, "airflow": self.s.ports.airflow}[name]
-        if port_in_use(self.s.host, port):
-            raise StackError(f"{name}: port {port} on {self.s.host} is taken by a process keel did not start; "
-                             f"stop it or set ports.{name} in keel.yaml (or KEEL_PORTS__{name.upper()})")
+        p = self.s.ports
+        ports = {"ray": ("ray", "ray_metrics"), "mlflow": ("mlflow",), "airflow": ("airflow",)}[name]
+        for key in ports:
+            if port_in_use(self.s.host, port := getattr(p, key)):
+                raise StackError(f"{name}: port {port} on {self.s.host} is taken by a process keel did not start; "
+                                 f"stop it or set ports.{key} in keel.yaml (or KEEL_PORTS__{key.upper()})")
         proc = spawn(cmd, env, self.logs / f"{name}.log", cwd=self.s.home)
         self.started[name] = proc  # polled while starting: it reaps an early exit, which would linger as a zombie
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -228,7 +232,8 @@ class LocalStack:
         return {
             # The autoscaler's and the dashboard's metrics servers have fixed ports (44217, 44227) by default:
             # a second Ray on the machine would take them first.
-            "ray": (ray_head_command(s.host, s.ports.ray, s.ports.ray_dashboard, cpus, self.ray_temp),
+            "ray": (ray_head_command(s.host, s.ports.ray, s.ports.ray_dashboard, s.ports.ray_metrics, cpus,
+                                    self.ray_temp),
                     {**env, "AUTOSCALER_METRIC_PORT": str(free_port()), "DASHBOARD_METRIC_PORT": str(free_port())}),
             "mlflow": ([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.mlflow_db}",
                         "--default-artifact-root", str(mlflow / "artifacts"), "--host", s.host,

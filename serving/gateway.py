@@ -99,12 +99,13 @@ class Gateway:
             for t in policy.targets
         }
         self.admission = Admission(g.max_in_flight_per_replica, g.retry_after_s)
-        self.metrics = Metrics(self.states)
+        self.metrics = Metrics(self.states)  # on Ray's metrics port, every replica's (serving.metrics)
         # Records are written by the trail's own thread, never on this event loop; a failed write is counted.
         self.replica = replica_name()
         self.trails = Trails(settings, f"gateway-{self.replica}", on_error=lambda e, rid: self.metrics.audit_failed())
         limiter, retriever = RateLimiter(share=1 / g.replicas), Retriever(settings)
         self.board = _standing_board(settings)
+        self.metrics.start(lambda: self.admission.in_flight, self.board)
         guard, fb = _guard(settings), settings.feedback
         # Feedback links (and kept exchanges) are written by the store's own thread; the variants' posteriors
         # are read from every zone's store by the board's, so every replica samples from the same evidence.
@@ -138,7 +139,7 @@ class Gateway:
     def __del__(self) -> None:
         if (trails := getattr(self, "trails", None)) is not None:  # not when __init__ failed before it
             trails.close()  # Serve calls it when the replica stops: the open segment gets sealed
-        for part in ("board", "variants", "links"):
+        for part in ("board", "variants", "links", "metrics"):
             if (it := getattr(self, part, None)) is not None:
                 it.close()
 
@@ -199,11 +200,6 @@ class Gateway:
                              "in_flight": self.admission.in_flight,
                              "targets": targets, "standing": self.board.public(), "prompts": self.variants.public()},
                             status_code=200 if ok else 503)
-
-    @app.get("/metrics")
-    async def prometheus(self) -> Response:
-        body, content_type = self.metrics.render(self.admission.in_flight)
-        return Response(body, media_type=content_type)
 
     # -- generation ----------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import yaml
 
 from tests.support.fault_server import TAIL
 from tests.support.faults import Fault
+from tests.support.metrics import scrape, wait_until
 from tests.support.services import free_port, publish_index, stop_serve, write_config
 
 LLAMA = "smollm2-135m-cpu"
@@ -62,7 +63,9 @@ def gw(ray_driver, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(settings), name="keel", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
-    yield {"base": base, "key": key, "other_key": other_key, "primary": primary, "backup": backup, "settings": settings}
+    # Metrics are on Ray's metrics port (serving.metrics), beside the counters of earlier modules' gateways.
+    yield {"base": base, "key": key, "other_key": other_key, "primary": primary, "backup": backup, "settings": settings,
+           "metrics": ray_driver.metrics, "old_workers": scrape(ray_driver.metrics).workers()}
     stop_serve()
     for f in (primary, backup):
         f.proc.stop()
@@ -242,8 +245,8 @@ def test_killing_the_primary_during_200_requests_gives_no_client_errors(gw, faul
     assert errors == 0
     assert routes[:50] == ["primary"] * 50 and routes[-1] == "backup"
     assert opened_at is not None and opened_at - killed_at < 5
-    metrics = httpx.get(gw["base"] + "/metrics").text
-    assert 'keel_gateway_failovers_total{error="connect",target="primary"}' in metrics
+    failovers = "ray_keel_gateway_failovers_total"
+    wait_until(gw["metrics"], lambda p: p.total(failovers, target="primary", error="connect") > 0, gw["old_workers"])
 
 
 def test_every_target_down_is_a_503_with_retry_after(gw, faults):
@@ -521,6 +524,7 @@ def test_a_connection_closed_before_any_answer_is_retried_once_on_another_before
 def test_unknown_paths_and_wrong_methods_are_refused_in_openai_shape(gw):
     for method, path, status, code in [("POST", "/v1/chat/complete", 404, "unknown_url"),
                                        ("GET", "/nothing/here", 404, "unknown_url"),
+                                       ("GET", "/metrics", 404, "unknown_url"),  # on Ray's metrics port instead
                                        ("GET", "/v1/chat/completions", 405, "method_not_allowed"),
                                        ("DELETE", "/v1/models", 405, "method_not_allowed")]:
         r = httpx.request(method, gw["base"] + path, headers={"Authorization": f"Bearer {gw['key']}"})
@@ -617,7 +621,6 @@ def test_the_authorization_matrix_covers_every_route_and_no_body_shows_another_t
         ("GET", "/v1/audit/{request_id}"): (None, {}),  # below: per request id
         ("POST", "/v1/feedback"): (None, {}),  # below: per request id
         ("GET", "/healthz"): (None, anyone),
-        ("GET", "/metrics"): (None, anyone),
         ("GET", "/openapi.json"): (None, anyone),
     }
     routes = {(m, r.path) for r in app.routes for m in getattr(r, "methods", None) or () if m != "HEAD"}
@@ -638,8 +641,7 @@ def test_the_authorization_matrix_covers_every_route_and_no_body_shows_another_t
             r = call("POST", "/v1/feedback", who, {"request_id": owned, "rating": "up"})
             assert r.status_code == (denied.get(who) or (201 if who == owner else 404)), (who, owner, r.text[:300])
             assert who == owner or owned not in r.text
-    # What anyone may read names no tenant, key or request id.
-    for path in ("/healthz", "/metrics"):
-        text = call("GET", path, "none").text
+    # What anyone may read names no tenant, key or request id: /healthz, and Ray's metrics page (the gateway's).
+    for path, text in (("/healthz", call("GET", "/healthz", "none").text), (gw["metrics"], scrape(gw["metrics"]).text)):
         assert not [v for v in [*rid.values(), gw["key"], gw["other_key"], revoked] if v in text], path
         assert "tenant" not in text and '"demo"' not in text and 'demo"' not in text, path

@@ -41,10 +41,7 @@ class Record:
         seconds = self.clock() - ctx.started
         if (o := ctx.outcome) is not None and o.target is not None:
             ctx.cost = self.targets[o.target].cost(o.usage)
-        if ctx.outcome is None:  # refused before generation began
-            self.metrics.request(ctx.endpoint, ctx.status)
-        else:
-            self.metrics.finish(ctx.endpoint, ctx.status, ctx.outcome, seconds)
+        self.metrics.finish(ctx.endpoint, ctx.status, seconds, ctx.outcome, ctx.cost, ctx.actions)
         if ctx.tenant is not None:  # an unauthenticated request has no one to charge or to show a record to
             self._settle(ctx)
             zone = self._zone(ctx)

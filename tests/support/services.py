@@ -25,6 +25,7 @@ BIN = Path(sys.executable).parent
 class RayHead:
     address: str  # Jobs API / dashboard
     gcs: str  # for ray.init(address=...)
+    metrics: str  # Ray's metrics agent: its Prometheus page, every replica's gateway metrics (serving.metrics)
     env: dict[str, str]
     proc: subprocess.Popen
 
@@ -38,13 +39,15 @@ def start_ray_head(root: Path, num_cpus: int = 2) -> RayHead:
     token = ray_token(root / "auth_token")
     # A test's gateway has no load balancer to leave: Serve's 30 s drain of a direct-ingress replica would only
     # stall each module's teardown, and race the controller's own 30 s shutdown limit (stop_serve).
-    env = {**RAY_ENV, "RAY_AUTH_TOKEN_PATH": str(token), "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
-    gcs, dash = free_port(), free_port()
-    cmd = ray_head_command("127.0.0.1", gcs, dash, num_cpus, root / "t")
+    # Workers report metrics every second (Ray's shortest; 10 s by default), so a test reads them soon after.
+    env = {**RAY_ENV, "RAY_AUTH_TOKEN_PATH": str(token), "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+           "RAY_metrics_report_interval_ms": "1000"}
+    gcs, dash, metrics = free_port(), free_port(), free_port()
+    cmd = ray_head_command("127.0.0.1", gcs, dash, metrics, num_cpus, root / "t")
     log = open(root / "ray-head.log", "wb")  # noqa: SIM115 - lives as long as the head
     proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    head = RayHead(f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", env, proc)
+    head = RayHead(f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", f"http://127.0.0.1:{metrics}/metrics", env, proc)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:

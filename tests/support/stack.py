@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from keel import stack
-from keel.settings import load_settings
+from keel.settings import Ports, load_settings
 from tests.support.faults import Fault
 from tests.support.services import free_port, write_config
 
@@ -66,7 +66,7 @@ class KeelStack:
 def stack_config(root: Path, faults: dict[str, Fault] | None = None, alert_url: str | None = None) -> Path:
     cfg = write_config(root)
     doc = yaml.safe_load(cfg.read_text())
-    doc["ports"] = {name: free_port() for name in ("gateway", "ray_dashboard", "ray", "mlflow", "airflow")}
+    doc["ports"] = {name: free_port() for name in Ports.model_fields}  # every one: stacks run side by side
     if alert_url:
         doc["pipeline"]["alert_webhook"] = alert_url
     for name, f in (faults or {}).items():
