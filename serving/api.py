@@ -168,7 +168,7 @@ def openapi(app: FastAPI) -> dict[str, Any]:
 
         doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
                           description="OpenAI-compatible: chat completions, completions, embeddings, models; "
-                                      "and Keel's own: feedback on an answer, its audit records.")
+                                      "and Keel's own: feedback on an answer, its audit records, the tenant's usage.")
         refs, defs = models_json_schema([(m, "validation") for m in BODIES.values()],
                                         ref_template="#/components/schemas/{model}")
         components = doc.setdefault("components", {})

@@ -31,6 +31,7 @@ from keel.ratelimit import RateLimiter
 from keel.retrieval import Retriever
 from keel.routing import ALIASES, LatencyStats, Weights
 from keel.settings import KeelSettings
+from keel.telemetry.otlp import exporter_for
 from serving import api
 from serving.failover import Limits, TargetState
 from serving.feedback import FeedbackDesk
@@ -50,7 +51,9 @@ from serving.request.record import Record, config_fields, replica_name
 from serving.request.reply import Reply
 from serving.request.route import Router
 from serving.request.scope import Scope
+from serving.request.trace import Tracer
 from serving.targets import make_target
+from serving.usage import UsageDesk
 
 app = FastAPI(title="Keel gateway", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
 app.openapi = lambda: api.openapi(app)  # type: ignore[method-assign]
@@ -127,11 +130,15 @@ class Gateway:
         )
         self.embedding_stages = (self.authenticate, ParseEmbedding(), Scope(policy), admit, Embed(retriever.embed))
         targets = {n: s.target.config for n, s in self.states.items()}
+        # Traces are built and sent by the exporter's thread; what it drops or fails to send is counted.
+        exporter = exporter_for(settings, "keel-gateway", on_count=lambda outcome, n: self.metrics.traces(outcome, n))
+        self.tracer = Tracer(exporter, settings.telemetry.sample_rate, self.clock) if exporter else None
         self.record = Record(self.trails, self.metrics, limiter, targets, next(iter(policy.zones)), self.clock,
                              digest_key=settings.audit_keys().active, links=self.links,
-                             retention_s=fb.retention_days * 86400)
+                             retention_s=fb.retention_days * 86400, tracer=self.tracer)
         self.feedback = FeedbackDesk(self.authenticate, self.links, self.trails, self.metrics,
                                      guard.scrub if guard else None, fb.max_comment_chars, fb.window_days * 86400)
+        self.usage = UsageDesk(self.authenticate, self.links, fb.window_days * 86400)
         self.reply = Reply(self.generate, self.record)
         for zone in policy.zones:  # the configuration this replica decides under, in every zone
             self.trails.submit(zone, "config", **config_fields(settings))
@@ -139,7 +146,7 @@ class Gateway:
     def __del__(self) -> None:
         if (trails := getattr(self, "trails", None)) is not None:  # not when __init__ failed before it
             trails.close()  # Serve calls it when the replica stops: the open segment gets sealed
-        for part in ("board", "variants", "links", "metrics"):
+        for part in ("board", "variants", "links", "tracer", "metrics"):
             if (it := getattr(self, part, None)) is not None:
                 it.close()
 
@@ -177,6 +184,10 @@ class Gateway:
     @app.post("/v1/feedback")
     async def post_feedback(self, request: Request) -> Response:
         return await self.feedback(request)
+
+    @app.get("/v1/usage")
+    async def get_usage(self, request: Request) -> Response:
+        return await self.usage(request)
 
     @app.get("/v1/audit/{request_id}")
     async def audit_records(self, request_id: str, request: Request) -> Response:

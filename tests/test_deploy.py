@@ -130,7 +130,8 @@ def test_keel_serve_deploys_to_the_stack_head_with_a_key_from_this_shell(tmp_pat
 
     cfg = write_config(tmp_path)
     doc = yaml.safe_load(cfg.read_text())
-    doc["ports"] |= {"ray": free_port(), "ray_dashboard": free_port(), "gateway": free_port()}
+    doc["ports"] |= {"ray": free_port(), "ray_dashboard": free_port(), "gateway": free_port(),
+                     "ray_metrics": free_port()}
     doc["guard"]["enabled"] = False  # no PII engine to load: this is about deploying
     doc["policy"]["targets"] = [OPENAI]
     cfg.write_text(yaml.safe_dump(doc))

@@ -620,6 +620,7 @@ def test_the_authorization_matrix_covers_every_route_and_no_body_shows_another_t
         ("GET", "/v1/models"): (None, tenants_only),
         ("GET", "/v1/audit/{request_id}"): (None, {}),  # below: per request id
         ("POST", "/v1/feedback"): (None, {}),  # below: per request id
+        ("GET", "/v1/usage"): (None, tenants_only),
         ("GET", "/healthz"): (None, anyone),
         ("GET", "/openapi.json"): (None, anyone),
     }

@@ -24,7 +24,7 @@ class Collector:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
                 time.sleep(outer.delay_s)
                 status = outer.answers.pop(0) if outer.answers else 200

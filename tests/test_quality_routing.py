@@ -76,8 +76,7 @@ def evaluate(gw, target: str) -> bool:
 
     gw["runs"] += 1
     client = GatewayClient(gw["settings"], gw["base"] + "/v1", gw["eval_key"])
-    plan = Plan(target, ["safety"], 3, {"airflow_dag_id": "test", "airflow_run_id": f"r{gw['runs']}",
-                                         "target": target})
+    plan = Plan(target, ["safety"], 3, {"airflow_dag_id": "test", "airflow_run_id": f"r{gw['runs']}"})
     try:
         return run(gw["settings"], plan, gw["mlflow"], client, gw["scorers"]).passed
     finally:

@@ -20,7 +20,7 @@ import yaml
 from keel import processes, stack
 from keel.orchestration import airflow_api, chain
 from keel.orchestration.stages import zones_with_sources
-from keel.settings import load_settings
+from keel.settings import Ports, load_settings
 from tests.conftest import run_keel
 from tests.support.services import free_port, write_config
 
@@ -151,7 +151,7 @@ def _open_to_others(path: Path) -> bool:
 def _stack_config(root: Path) -> Path:
     cfg = write_config(root)
     doc = yaml.safe_load(cfg.read_text())
-    doc["ports"] = {name: free_port() for name in ("gateway", "ray_dashboard", "ray", "mlflow", "airflow")}
+    doc["ports"] = {name: free_port() for name in Ports.model_fields}
     cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
     return cfg
 

@@ -1,7 +1,8 @@
 """The interaction on the record, once it is over: metrics, the tenant's token charge settled with
 what was used, one audit record (the decision and its numbers, hashes of what was sent and answered,
 never the text) in the zone where its data went, and there too the link that lets its answer take
-feedback (with the exchange itself when its tenant opted to keep it: keel.feedback.store)."""
+feedback (with the exchange itself when its tenant opted to keep it: keel.feedback.store); last, its
+trace handed to the exporter (serving.request.trace)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from keel.secret_keys import key_id
 from keel.settings import KeelSettings
 from serving.metrics import Metrics
 from serving.request.context import RequestContext, required
+from serving.request.trace import Tracer
 
 logger = logging.getLogger("keel.gateway")
 
@@ -30,11 +32,12 @@ class Record:
 
     def __init__(self, trails: Trails, metrics: Metrics, limiter: RateLimiter, targets: Mapping[str, ModelTarget],
                  home_zone: str, clock: Callable[[], float] = time.monotonic, *, digest_key: bytes,
-                 links: Stores | None = None, retention_s: float = 0.0) -> None:
+                 links: Stores | None = None, retention_s: float = 0.0, tracer: Tracer | None = None) -> None:
         self.trails, self.metrics, self.limiter, self.clock = trails, metrics, limiter, clock
         self.targets, self.home_zone = targets, home_zone  # home: where a record with no zone goes
         self.digest_key = digest_key  # the trail's key: a record's digests of the exchange are keyed with it
         self.links, self.retention_s = links, retention_s  # feedback links; how long a kept exchange stays
+        self.tracer = tracer
 
     def __call__(self, ctx: RequestContext) -> None:
         start = time.perf_counter()
@@ -48,6 +51,8 @@ class Record:
             self._audit(ctx, seconds, zone)
             if ctx.outcome is not None and self.links is not None:  # generation began: an answer to rate
                 self._link(ctx, zone)
+        if self.tracer is not None:  # every request, refused ones too: its spans are built in the exporter's thread
+            self.tracer(ctx)
         ctx.timings[self.name] = time.perf_counter() - start
 
     def _settle(self, ctx: RequestContext) -> None:
