@@ -28,14 +28,22 @@ from collections.abc import Callable, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from ray.util import metrics as ray_metrics
-
 if TYPE_CHECKING:
     from keel.evaluation.standing import StandingBoard
     from keel.guard import Actions
 
 BREAKER = {"closed": 0, "half_open": 1, "open": 2}
 REFRESH_S = 1.0  # counts and gauges to Ray: its shortest report interval, so no report misses a gauge
+
+
+def _ray() -> Any:
+    """Ray's metrics module, imported when the first metric is made, not with this module: Ray reads some
+    settings from the environment once, at import (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER, its auth mode), and a
+    process that imports serving before it sets them (a test session collecting its modules) would keep Ray's
+    defaults and look for its cluster at the machine's address instead of 127.0.0.1."""
+    from ray.util import metrics
+
+    return metrics
 
 
 class _Series:
@@ -55,7 +63,7 @@ class _Counter(_Series):
     """Counts kept here until `flush` sends them to Ray; `inc` from any thread."""
 
     def __init__(self, name: str, doc: str, *keys: str) -> None:
-        super().__init__(ray_metrics.Counter(name, doc, keys), keys)
+        super().__init__(_ray().Counter(name, doc, keys), keys)
         self._counts: dict[tuple[str, ...], float] = {}
         self._lock = threading.Lock()
 
@@ -73,7 +81,7 @@ class _Counter(_Series):
 
 class _Histogram(_Series):
     def __init__(self, name: str, doc: str, buckets: list[float], *keys: str) -> None:
-        super().__init__(ray_metrics.Histogram(name, doc, buckets, keys), keys)
+        super().__init__(_ray().Histogram(name, doc, buckets, keys), keys)
 
     def observe(self, value: float, *labels: str) -> None:
         self.metric.observe(value, self.tags(labels))
@@ -81,7 +89,7 @@ class _Histogram(_Series):
 
 class _Gauge(_Series):
     def __init__(self, name: str, doc: str, *keys: str) -> None:
-        super().__init__(ray_metrics.Gauge(name, doc, keys), keys)
+        super().__init__(_ray().Gauge(name, doc, keys), keys)
 
     def set(self, value: float, *labels: str) -> None:
         self.metric.set(value, self.tags(labels))

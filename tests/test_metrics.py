@@ -177,3 +177,15 @@ def test_a_breaker_tells_each_transition_as_it_happens():
     assert b.allow()
     b.success()
     assert told == ["open", "half_open", "closed"]
+
+
+def test_the_request_path_imports_ray_only_when_a_metric_is_made():
+    """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER and its auth mode once, at import: a test session that imported
+    it while collecting (before the Ray head fixture sets them) looked for its cluster at the machine's address."""
+    import subprocess
+    import sys
+
+    code = ("import sys, serving.metrics, serving.request.record, serving.request.trace, serving.usage\n"
+            "assert 'ray' not in sys.modules, 'ray imported with the request path'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
