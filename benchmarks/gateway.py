@@ -340,8 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         report["throughput"] = {
             "keel": throughput(keel_url, BODY, auth, a.load_seconds, a.concurrency),
             "direct": throughput(echo_url, BODY, {}, a.load_seconds, a.concurrency),
+            # The same gateway with traces off, to the in-cluster echo both have (MLflow idles meanwhile).
+            "keel_handle_untraced": throughput(untraced_url, handle_body, auth, a.load_seconds, a.concurrency),
+            "keel_handle_traced": throughput(keel_url, handle_body, auth, a.load_seconds, a.concurrency),
         }
-        sent = report["throughput"]["keel"]["ok"] + report["throughput"]["keel"]["errors"]
+        sent = sum(report["throughput"][k]["ok"] + report["throughput"][k]["errors"]
+                   for k in ("keel", "keel_handle_traced"))  # the traced runs
         report["traces_under_load"] = traces_arrived(mlflow_url, before, sent)
         print(json.dumps(report["throughput"]), flush=True)
 
@@ -397,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
         ("  overhead, median of paired differences, ms", f"{o['median_of_paired_differences']}"),
         ("max req/s through Keel (goal >= 150)", f"{report['throughput']['keel']['req_per_s']}"),
         ("  max req/s straight to the echo server", f"{report['throughput']['direct']['req_per_s']}"),
+        ("  max req/s to the in-cluster echo, traced / untraced",
+         f"{report['throughput']['keel_handle_traced']['req_per_s']} / "
+         f"{report['throughput']['keel_handle_untraced']['req_per_s']}"),
         ("bare Serve ingress + handle hop, p50 / p99 ms",
          f"{lat['bare_handle']['p50_ms']} / {lat['bare_handle']['p99_ms']}"),
         ("Keel ingress + handle hop, p50 / p99 ms", f"{lat['keel_handle']['p50_ms']} / {lat['keel_handle']['p99_ms']}"),
