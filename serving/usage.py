@@ -46,7 +46,7 @@ class UsageDesk:
         width, most = WIDTHS[width_name]
         now = int(time.time())
         end = _int(q, "end_time", now)
-        start = _int(q, "start_time", end - most * width)
+        start = _int(q, "start_time", end - (most - 1) * width)  # aligned below: `most` buckets at most
         if start >= end:
             raise InvalidParameterError("start_time must be before end_time", param="start_time")
         start -= start % width  # buckets begin on the width's boundaries, as the store groups them

@@ -201,6 +201,11 @@ def test_usage_shows_the_keys_own_tenant_only(tel, faults):
                      headers={"Authorization": f"Bearer {tel['key']}"}).json()
     assert sum(x["num_model_requests"] for b in mine["data"] for x in b["results"]) >= 2
 
+    default = httpx.get(tel["base"] + "/v1/usage", headers={"Authorization": f"Bearer {tel['key']}"})
+    assert default.status_code == 200, default.text  # no parameters: the last 31 days, a bucket each
+    assert len(default.json()["data"]) == 31
+    assert sum(x["num_model_requests"] for b in default.json()["data"] for x in b["results"]) >= 2
+
     assert httpx.get(tel["base"] + "/v1/usage").status_code == 401
     bad = httpx.get(tel["base"] + "/v1/usage", params={"bucket_width": "2w"},
                     headers={"Authorization": f"Bearer {tel['key']}"})
