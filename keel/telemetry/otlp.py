@@ -102,16 +102,20 @@ class Exporter:
                 self._settle(*self._send(batch))
 
     def _gather(self) -> list[Item] | None:
-        """What arrives within the interval after the first trace (None: closed)."""
+        """What arrives within the interval after the first trace, or, once flush asks, what is queued now
+        (None: closed)."""
         first = self._queue.get()
         if first is None:
             return None
         batch, deadline = [first], time.monotonic() + self.interval_s
-        while len(batch) < self.batch and not self._wake.is_set():
+        while len(batch) < self.batch:
             try:
-                item = self._queue.get(timeout=max(0.0, min(0.05, deadline - time.monotonic())))
+                if self._wake.is_set():  # a flush waits: take what is queued, in batches, without waiting
+                    item = self._queue.get_nowait()
+                else:
+                    item = self._queue.get(timeout=max(0.0, min(0.05, deadline - time.monotonic())))
             except queue.Empty:
-                if time.monotonic() >= deadline:
+                if self._wake.is_set() or time.monotonic() >= deadline:
                     break
                 continue
             if item is None:
