@@ -138,7 +138,7 @@ class Gateway:
                              retention_s=fb.retention_days * 86400, tracer=self.tracer)
         self.feedback = FeedbackDesk(self.authenticate, self.links, self.trails, self.metrics,
                                      guard.scrub if guard else None, fb.max_comment_chars, fb.window_days * 86400)
-        self.usage = UsageDesk(self.authenticate, self.links, fb.window_days * 86400)
+        self.usage = UsageDesk(self.authenticate, self.links, fb.window_days)
         self.reply = Reply(self.generate, self.record)
         for zone in policy.zones:  # the configuration this replica decides under, in every zone
             self.trails.submit(zone, "config", **config_fields(settings))

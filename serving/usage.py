@@ -26,8 +26,8 @@ WIDTHS = {"1m": (60, 1440), "1h": (3600, 168), "1d": (86400, 31)}
 
 
 class UsageDesk:
-    def __init__(self, authenticate: Authenticate, stores: Stores, window_s: float) -> None:
-        self.authenticate, self.stores, self.window_s = authenticate, stores, window_s
+    def __init__(self, authenticate: Authenticate, stores: Stores, kept_days: float) -> None:
+        self.authenticate, self.stores, self.kept_days = authenticate, stores, kept_days
 
     async def __call__(self, request: Request) -> Response:
         try:
@@ -37,7 +37,7 @@ class UsageDesk:
         except KeelError as e:
             return api.error_response(e)
         return JSONResponse(page(rows, start, end, width) | {"keel": {"tenant": tenant,
-                                                                      "kept_days": self.window_s / 86400}})
+                                                                      "kept_days": self.kept_days}})
 
     def _window(self, q: Any) -> tuple[int, int, int]:
         width_name = q.get("bucket_width", "1d")

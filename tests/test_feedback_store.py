@@ -498,7 +498,7 @@ def test_without_a_scrubber_only_pseudonymized_exchanges_are_kept(zones: KeelSet
     stores.submit("us", link("raw"), exchange("raw", pseudonymized=False, answer="Hello Maria Gonzalez"))
     stores.submit("us", link("pseudo"), exchange("pseudo"))
     stores.close()  # what was queued is written before the writer stops
-    assert not stores._thread.is_alive()
+    assert not stores._writer._thread.is_alive()
     assert request_ids(zones, "us") == {"raw", "pseudo"}  # the request still takes feedback
     s = ZoneStore("us", database_url(zones, "us"))
     assert set(exchanges_in(s)) == {"pseudo"}

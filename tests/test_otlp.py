@@ -65,7 +65,7 @@ def trace(i: int) -> TraceRecord:
 
 def test_traces_are_batched_and_arrive_as_sent(collector):
     counts: list[tuple[str, int]] = []
-    ex = Exporter(collector.url, lambda: {"x-mlflow-experiment-id": "7"}, service="keel-test", interval_s=0.3,
+    ex = Exporter(collector.url, lambda: {"x-mlflow-experiment-id": "7"}, service="keel-test", gather_s=0.3,
                   on_count=lambda o, n: counts.append((o, n)))
     for i in range(20):
         ex.submit(trace(i) if i % 2 else (lambda i=i: trace(i)))  # a trace, or its builder
@@ -89,7 +89,7 @@ def test_traces_are_batched_and_arrive_as_sent(collector):
 
 def test_a_retryable_answer_is_retried_and_a_refusal_is_counted_as_failed(collector):
     collector.answers = [503, 200]
-    ex = Exporter(collector.url, {}, service="t", interval_s=0.05, retries=2)
+    ex = Exporter(collector.url, {}, service="t", gather_s=0.05, retries=2)
     ex.submit(trace(1))
     assert ex.flush(10) and ex.exported == 1 and ex.failed == 0
     collector.answers = [400]
@@ -100,7 +100,7 @@ def test_a_retryable_answer_is_retried_and_a_refusal_is_counted_as_failed(collec
 
 def test_a_full_queue_drops_and_counts_and_nothing_is_lost_silently(collector):
     collector.delay_s = 0.5  # the collector is slow: the queue fills behind the batch in flight
-    ex = Exporter(collector.url, {}, service="t", max_queue=5, batch=1, interval_s=0.01)
+    ex = Exporter(collector.url, {}, service="t", max_queue=5, max_batch=1, gather_s=0.01)
     accepted = sum(ex.submit(trace(i)) for i in range(50))
     assert ex.flush(30)
     ex.close()
@@ -109,7 +109,7 @@ def test_a_full_queue_drops_and_counts_and_nothing_is_lost_silently(collector):
 
 
 def test_an_unreachable_collector_fails_counted_without_stopping_the_thread():
-    ex = Exporter("http://127.0.0.1:9/v1/traces", {}, service="t", interval_s=0.01, retries=1, timeout_s=1)
+    ex = Exporter("http://127.0.0.1:9/v1/traces", {}, service="t", gather_s=0.01, retries=1, timeout_s=1)
     ex.submit(trace(1))
     assert ex.flush(10) and ex.failed == 1
     ex.submit(trace(2))

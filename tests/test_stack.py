@@ -48,7 +48,8 @@ def test_a_stale_pid_file_is_cleared_with_what_its_dead_leader_left(tmp_path):
     local = stack.LocalStack(s, cfg)
     # An orphan left in the session of a leader that died: the shape a crashed `ray start` leaves.
     # The pid is written aside and renamed, so the file appears whole (CI once read it empty).
-    proc = processes.spawn(["sh", "-c", "sleep 300 & echo $! > orphan.tmp && mv orphan.tmp orphan; wait"], {}, tmp_path / "log", cwd=tmp_path)
+    proc = processes.spawn(["sh", "-c", "sleep 300 & echo $! > orphan.tmp && mv orphan.tmp orphan; wait"], {},
+                           tmp_path / "log", cwd=tmp_path)
     deadline = time.monotonic() + 5
     while not (tmp_path / "orphan").exists() and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -152,18 +152,18 @@ class VerdictSource:
     def __init__(self, tracking_uri: str, timeout_s: float = 5.0) -> None:
         import httpx
 
-        self.api = tracking_uri.rstrip("/") + "/api/2.0/mlflow"
+        self.tracking_uri, self.api = tracking_uri, tracking_uri.rstrip("/") + "/api/2.0/mlflow"
         self._http = httpx.Client(timeout=timeout_s)
 
     def close(self) -> None:
         self._http.close()
 
     def histories(self, targets: Sequence[str], depth: int) -> dict[str, list[Verdict]]:
-        r = self._http.get(f"{self.api}/experiments/get-by-name", params={"experiment_name": EXPERIMENT})
-        if r.status_code == 404:  # no evaluation ever ran
+        from keel import mlflow_api
+
+        exp = mlflow_api.find_experiment(self._http, self.tracking_uri, EXPERIMENT)
+        if exp is None:  # no evaluation ever ran
             return {}
-        r.raise_for_status()
-        exp = r.json()["experiment"]["experiment_id"]
         out = {}
         for name in targets:
             body = {"experiment_ids": [exp], "max_results": depth, "order_by": ["attributes.start_time DESC"],

@@ -21,11 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
-import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -54,6 +52,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
+from keel.batching import BatchWriter
 from keel.errors import ConfigError
 from keel.feedback.bandit import Arm
 from keel.settings import KeelSettings
@@ -349,15 +348,15 @@ def open_zone(settings: KeelSettings, zone: str) -> ZoneStore:
 GATHER_S = 0.1  # how long the writer gathers after a first item: sequential answers share a transaction
 MAX_BATCH = 500  # items in one batch at most
 
-_Item: TypeAlias = tuple[str, Link, Exchange | None] | threading.Event | None  # a row, a flush's marker, close's
+_Row: TypeAlias = tuple[str, Link, Exchange | None]  # a zone, its request row, the kept exchange
 
 
 class Stores:
     """Every zone's store, and the gateway's writer: request rows and exchanges are queued by `submit`
-    (on the event loop: no I/O) and written in batches by a thread of its own, one transaction per zone
-    for what arrives within `gather_s` of a batch's first item (`flush` and `close` cut the wait short).
-    A row that cannot be written is logged and counted (`on_error`), never retried forever; a full
-    queue refuses at once."""
+    (on the event loop: no I/O) and written by a BatchWriter, one transaction per zone for what arrives
+    within `gather_s` of a batch's first item (`flush` and `close` cut the wait short). A batch that
+    cannot be written is logged and counted (`on_error`), never retried forever; a full queue refuses
+    at once."""
 
     def __init__(self, settings: KeelSettings, scrub: Callable[[list[str]], list[str]] | None = None,
                  on_error: Callable[[Exception], None] | None = None, max_queued: int = 10_000,
@@ -370,28 +369,17 @@ class Stores:
             for store in self.zones.values():
                 store.close()
             raise
-        self.scrub, self.on_error = scrub, on_error
-        self.gather_s, self.max_batch = gather_s, max_batch
-        self._queue: queue.Queue[_Item] = queue.Queue(max_queued)
-        self._thread = threading.Thread(target=self._run, name="keel-feedback-writer", daemon=True)
-        self._thread.start()
+        self.scrub, self.on_error, self.gather_s = scrub, on_error, gather_s
+        self._writer = BatchWriter(self._write, name="keel-feedback-writer", max_queued=max_queued,
+                                   gather_s=gather_s, max_batch=max_batch)
 
     def submit(self, zone: str, link: Link, exchange: Exchange | None = None) -> None:
         """Queue a request row (and its exchange); raises queue.Full when the writer is far behind or gone."""
-        if not self._thread.is_alive():
-            raise queue.Full
-        self._queue.put_nowait((zone, link, exchange))
+        self._writer.submit((zone, link, exchange))
 
     def flush(self) -> None:
-        """Wait until everything queued before now is written (a feedback on a fresh answer finds it): a
-        marker queued behind it ends the writer's gathering and is set once the batch is written."""
-        if not self._thread.is_alive():
-            return
-        done = threading.Event()
-        self._queue.put(done)
-        while not done.wait(1.0):
-            if not self._thread.is_alive():  # closed meanwhile: close wrote what was queued
-                return
+        """Wait until everything queued before now is written (a feedback on a fresh answer finds it)."""
+        self._writer.flush()
 
     def find(self, request_id: str, tenant: str) -> tuple[ZoneStore, Link] | None:
         """The request of this tenant with this id, in whichever zone it went to."""
@@ -428,46 +416,23 @@ class Stores:
         return dict(out)
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
+        self._writer.close()
         for store in self.zones.values():
             store.close()
 
-    def _run(self) -> None:
-        while True:
-            batch = self._gather()
-            items = [b for b in batch if isinstance(b, tuple)]
-            try:
-                self._write(items)
-            except Exception as e:  # counted and logged: the request was answered already
-                log.exception("feedback links of %d request(s) could not be written", len(items))
-                if self.on_error is not None:
-                    self.on_error(e)
-            if isinstance(last := batch[-1], threading.Event):  # a flush waits for this batch
-                last.set()
-            elif last is None:
-                return
-
-    def _gather(self) -> list[_Item]:
-        """The next batch: the first item waited for, then what arrives within gather_s of it (what is
-        waiting already, however late), up to max_batch; a flush's marker or close's None ends it."""
-        batch = [self._queue.get()]
-        deadline = time.monotonic() + self.gather_s
-        while len(batch) < self.max_batch and isinstance(batch[-1], tuple):
-            try:
-                batch.append(self._queue.get(timeout=max(deadline - time.monotonic(), 0)))
-            except queue.Empty:
-                break
-        return batch
-
-    def _write(self, items: Iterable[tuple[str, Link, Exchange | None]]) -> None:
-        by_zone: dict[str, tuple[list[Link], list[Exchange]]] = defaultdict(lambda: ([], []))
-        for zone, link, exchange in items:
-            by_zone[zone][0].append(link)
-            if exchange is not None and (kept := self._kept(exchange)) is not None:
-                by_zone[zone][1].append(kept)
-        for zone, (links, exchanges) in by_zone.items():
-            self.zones[zone].add(links, exchanges)
+    def _write(self, rows: list[_Row]) -> None:
+        try:
+            by_zone: dict[str, tuple[list[Link], list[Exchange]]] = defaultdict(lambda: ([], []))
+            for zone, link, exchange in rows:
+                by_zone[zone][0].append(link)
+                if exchange is not None and (kept := self._kept(exchange)) is not None:
+                    by_zone[zone][1].append(kept)
+            for zone, (links, exchanges) in by_zone.items():
+                self.zones[zone].add(links, exchanges)
+        except Exception as e:  # counted and logged: the requests were answered already
+            log.exception("feedback links of %d request(s) could not be written", len(rows))
+            if self.on_error is not None:
+                self.on_error(e)
 
     def _kept(self, x: Exchange) -> Exchange | None:
         """The exchange as stored: scrubbed here when it went to its model as sent. Without a scrubber it

@@ -1,9 +1,9 @@
 """Sending traces over OTLP/HTTP (protobuf), from a thread of its own.
 
 `submit` only puts a finished trace on a bounded queue (no I/O, no encoding), so the caller (the
-gateway's event loop, Airflow's scheduler) never waits on the trace backend. The thread gathers what
-arrived within `interval_s` (at most `batch` traces), encodes it as one ExportTraceServiceRequest
-and posts it, retrying what OTLP calls retryable. What is lost is counted, never silent:
+gateway's event loop, Airflow's scheduler) never waits on the trace backend. A BatchWriter's thread
+gathers what arrived within `gather_s` (at most `max_batch` traces), encodes it as one
+ExportTraceServiceRequest and posts it, retrying what OTLP calls retryable. What is lost is counted, never silent:
 
 - `dropped`: the queue was full (the backend is slower than the traffic, or down for long);
 - `failed`: a batch the backend refused, or that still failed after the retries.
@@ -27,6 +27,8 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, Instr
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
+from keel import mlflow_api
+from keel.batching import BatchWriter
 from keel.settings import KeelSettings
 from keel.telemetry.spans import AttrValue, TraceRecord
 
@@ -42,89 +44,47 @@ Item = TraceRecord | Callable[[], TraceRecord]
 
 class Exporter:
     def __init__(self, endpoint: str, headers: Callable[[], Mapping[str, str]] | Mapping[str, str], *,
-                 service: str, max_queue: int = 10_000, batch: int = 512, interval_s: float = 1.0,
+                 service: str, max_queue: int = 10_000, max_batch: int = 512, gather_s: float = 1.0,
                  timeout_s: float = 10.0, retries: int = 3, on_count: Counted | None = None) -> None:
-        self.endpoint, self.service, self.batch, self.interval_s = endpoint, service, batch, interval_s
-        self.retries, self.on_count = retries, on_count
+        self.endpoint, self.service, self.retries, self.on_count = endpoint, service, retries, on_count
         # A callable is resolved in the thread, once it succeeds (MLflow's experiment id).
         self._headers = headers if callable(headers) else lambda: headers
         self._resolved: Mapping[str, str] | None = None
-        self._queue: queue.Queue[Item | None] = queue.Queue(max_queue)
         self._http = httpx.Client(timeout=timeout_s)
-        self._done = threading.Condition()
-        self._pending = 0  # submitted and not yet settled (exported or failed)
-        self._wake = threading.Event()  # flush: send what is gathered now, without waiting out the interval
+        self._lock = threading.Lock()
         self.exported = self.dropped = self.failed = 0
-        self._thread = threading.Thread(target=self._run, name="keel-otlp", daemon=True)
-        self._thread.start()
+        self._writer: BatchWriter[Item] = BatchWriter(lambda batch: self._settle(*self._send(batch)),
+                                                      name="keel-otlp", max_queued=max_queue, gather_s=gather_s,
+                                                      max_batch=max_batch)
         atexit.register(self.close)  # a short-lived process (`airflow dags test`, a Ray job) sends what it traced
 
     def submit(self, trace: Item) -> bool:
         """Queue a finished trace (or its builder); False (and counted) when the queue is full."""
-        with self._done:
-            self._pending += 1
         try:
-            self._queue.put_nowait(trace)
+            self._writer.submit(trace)
         except queue.Full:
             self._settle("dropped", 1)
             return False
         return True
 
     def flush(self, timeout_s: float = 30.0) -> bool:
-        """Whether everything submitted so far was settled within `timeout_s`."""
-        self._wake.set()
-        with self._done:
-            return self._done.wait_for(lambda: self._pending == 0, timeout_s)
+        """Whether everything submitted so far was exported or counted within `timeout_s`."""
+        return self._writer.flush(timeout_s)
 
     def close(self, timeout_s: float = 10.0) -> None:
-        if self._thread.is_alive():
-            self.flush(timeout_s)
-            self._queue.put(None)
-            self._thread.join(timeout_s)
+        self._writer.close(timeout_s)
         self._http.close()
 
-    # -- the thread -----------------------------------------------------------------------------
+    # -- the writer's thread --------------------------------------------------------------------
 
     def _settle(self, outcome: str, n: int) -> None:
-        with self._done:
+        with self._lock:
             setattr(self, outcome, getattr(self, outcome) + n)
-            self._pending -= n
-            self._done.notify_all()
         if self.on_count is not None:
             try:
                 self.on_count(outcome, n)
-            except Exception:  # a metrics failure must not stop the thread that sends traces
+            except Exception:  # a metrics failure must not lose the count of what the thread sent
                 log.exception("trace count not recorded")
-
-    def _run(self) -> None:
-        while (batch := self._gather()) is not None:
-            if batch:
-                self._settle(*self._send(batch))
-
-    def _gather(self) -> list[Item] | None:
-        """What arrives within the interval after the first trace, or, once flush asks, what is queued now
-        (None: closed)."""
-        first = self._queue.get()
-        if first is None:
-            return None
-        batch, deadline = [first], time.monotonic() + self.interval_s
-        while len(batch) < self.batch:
-            try:
-                if self._wake.is_set():  # a flush waits: take what is queued, in batches, without waiting
-                    item = self._queue.get_nowait()
-                else:
-                    item = self._queue.get(timeout=max(0.0, min(0.05, deadline - time.monotonic())))
-            except queue.Empty:
-                if self._wake.is_set() or time.monotonic() >= deadline:
-                    break
-                continue
-            if item is None:
-                self._queue.put(None)  # seen again by the next gather: end after sending this batch
-                break
-            batch.append(item)
-        if self._queue.empty():
-            self._wake.clear()
-        return batch
 
     def _send(self, batch: Sequence[Item]) -> tuple[str, int]:
         try:
@@ -193,17 +153,9 @@ def _value(v: AttrValue) -> AnyValue:
 
 
 def mlflow_experiment(tracking_uri: str, name: str, timeout_s: float = 10.0) -> str:
-    """The id of MLflow experiment `name`, created when missing (by REST: no mlflow import in a replica)."""
-    api = tracking_uri.rstrip("/") + "/api/2.0/mlflow/experiments"
+    """The id of MLflow experiment `name`, created when missing."""
     with httpx.Client(timeout=timeout_s) as http:
-        for _ in range(2):  # a concurrent creator (another replica) wins: read what it made
-            r = http.get(f"{api}/get-by-name", params={"experiment_name": name})
-            if r.status_code == 200:
-                return str(r.json()["experiment"]["experiment_id"])
-            r = http.post(f"{api}/create", json={"name": name})
-            if r.status_code == 200:
-                return str(r.json()["experiment_id"])
-    raise LookupError(f"MLflow experiment {name!r} could not be read or created at {tracking_uri}")
+        return mlflow_api.experiment(http, tracking_uri, name)
 
 
 def exporter_for(settings: KeelSettings, service: str, on_count: Counted | None = None) -> Exporter | None:

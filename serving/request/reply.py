@@ -27,10 +27,9 @@ class Reply:
 
     async def __call__(self, ctx: RequestContext) -> Response:
         req, outcome = required(ctx.request), required(ctx.outcome)
-        ctx.headers["x-keel-route"] = api.route_header(outcome.target, required(ctx.route))
         meta = {"id": ctx.rid, "created": int(time.time()), "model": req.model}
         if req.stream:  # the headers go now: the stages so far, and the model's time to its first token
-            ctx.headers["server-timing"] = api.server_timing(ctx.timings, self._elapsed(ctx), outcome.ttft_s or 0.0)
+            self._stamp(ctx, outcome.ttft_s or 0.0)
             return StreamingResponse(self._events(ctx, meta), media_type="text/event-stream",
                                      headers=ctx.headers | {"cache-control": "no-cache"},
                                      background=BackgroundTask(self.finish, ctx))
@@ -39,21 +38,17 @@ class Reply:
                 chunks = [c async for c in answer]
         finally:
             await self.finish(ctx)
+        self._stamp(ctx, outcome.model_s)
         if ctx.error is not None:
             return api.error_response(ctx.error, ctx.headers)
-        ctx.headers["x-keel-route"] = api.route_header(outcome.target, required(ctx.route))  # after any failover
-        ctx.headers["server-timing"] = api.server_timing(ctx.timings, self._elapsed(ctx), outcome.model_s)
         return JSONResponse(api.gathered(ctx.kind, meta, chunks, outcome) | {"keel": self._keel(ctx)},
                             headers=ctx.headers)
 
     def refusal(self, ctx: RequestContext, error: KeelError) -> Response:
         """A request a stage ended: recorded, and answered with its error."""
         ctx.fail(error)
-        if ctx.outcome is not None:  # generation began: the route it took
-            ctx.headers["x-keel-route"] = api.route_header(ctx.outcome.target, required(ctx.route))
         self.record(ctx)
-        model_s = ctx.outcome.model_s if ctx.outcome is not None else 0.0
-        ctx.headers["server-timing"] = api.server_timing(ctx.timings, self._elapsed(ctx), model_s)
+        self._stamp(ctx, ctx.outcome.model_s if ctx.outcome is not None else 0.0)
         ctx.finished = True
         return api.error_response(error, ctx.headers)
 
@@ -116,6 +111,13 @@ class Reply:
                               required(ctx.data_class).value, ctx.zones, ctx.actions.record(),
                               elapsed_s=self._elapsed(ctx), timings=ctx.timings,
                               prompt={"name": v.prompt, "version": v.version} if (v := ctx.variant) else None)
+
+    def _stamp(self, ctx: RequestContext, model_s: float) -> None:
+        """The route and timing headers as they stand now (a failover changes the route): the route its
+        generation took, if it began, and `server-timing` with the model's `model_s` of the time so far."""
+        if ctx.outcome is not None:
+            ctx.headers["x-keel-route"] = api.route_header(ctx.outcome.target, required(ctx.route))
+        ctx.headers["server-timing"] = api.server_timing(ctx.timings, self._elapsed(ctx), model_s)
 
     def _elapsed(self, ctx: RequestContext) -> float:
         return self.record.clock() - ctx.started  # on the clock ctx.started is on
