@@ -145,6 +145,17 @@ def test_a_refused_request_has_its_trace_with_the_error(tel, faults):
     root = next(s for s in trace.data.spans if s.parent_id is None)
     assert root.status.status_code == "ERROR" and root.attributes["keel.status"] == 404
     assert "attempt primary" not in spans(trace)
+    assert "authenticate" in timing(r.headers["server-timing"])  # a refusal says its timing too
+
+
+def test_a_whole_answer_failing_after_its_model_began_keeps_its_route_and_timing_headers(tel, faults):
+    for f in faults:
+        f.control(mode="cut", after_tokens=3)
+    r = ask(tel, "a few words, then nothing")
+    assert r.status_code >= 500 and r.json()["error"]["code"], r.text
+    t = timing(r.headers["server-timing"])
+    assert {"generate", "keel", "model"} <= set(t)
+    assert r.headers["x-keel-route"].startswith("target=none; strategy=pinned")  # no target answered
 
 
 def timing(header: str) -> dict[str, float]:
