@@ -17,7 +17,9 @@ request by request so that drift hits both alike; also the median of the paired 
   4. tokens/s through the gateway vs llama.cpp alone in this process, on the same prompts
   5. tracing: Keel to `echo-handle` with every request traced (to a real MLflow server) minus the same
      gateway with tracing off (a second application, /untraced); and, after the throughput run, the
-     share of its requests whose trace reached MLflow (dropped and failed traces are counted)
+     share of its requests whose trace reached MLflow (dropped and failed traces are counted), the
+     CPU MLflow spent ingesting them (it shares the 2 cores here), and the exporter thread's own work
+     per trace (an in-process microbenchmark)
 
 The PII guard is off here (guard.enabled: false): this measures routing and failover; the guard's own
 cost per request is measured by benchmarks/guard.py, beside a model's latency.
@@ -51,7 +53,7 @@ from fastapi.responses import JSONResponse
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import latency, ms, write_report  # noqa: E402
+from benchmarks.common import cpu_seconds, latency, ms, write_report  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "gateway.json"
 BODY = {"model": "echo", "messages": [{"role": "user", "content": "What is the refund policy for annual plans?"}],
@@ -106,8 +108,9 @@ def throughput(url: str, body: dict[str, Any], headers: dict[str, str], seconds:
 
     t0 = time.perf_counter()
     ok, err = asyncio.run(run())
-    return {"req_per_s": round(ok / (time.perf_counter() - t0), 1), "ok": ok, "errors": err,
-            "concurrency": concurrency}
+    took = time.perf_counter() - t0
+    return {"req_per_s": round(ok / took, 1), "ok": ok, "errors": err, "concurrency": concurrency,
+            "seconds": round(took, 2)}
 
 
 def trace_count(mlflow_url: str) -> int:
@@ -170,6 +173,31 @@ def routing_microbench(settings: Any, model: str, n: int = 20000) -> float:
         rr = RouteRequest(estimate_tokens(text), req.max_tokens or DEFAULT_MAX_TOKENS, frozenset(), None, score)
         plan(cands, rr, strategy, pinned=pinned, weights=weights)
     return (time.perf_counter() - t0) / n * 1e6
+
+
+def exporter_microbench(n: int = 2048) -> dict[str, float]:
+    """The exporter thread's work per trace, in µs: building a traced request's spans (a stage per
+    span, one attempt, usage and cost) and encoding them, in batches of 512, as OTLP protobuf."""
+    from keel.telemetry.otlp import encode
+    from serving.request.trace import Snapshot, request_trace
+
+    stages = ("authenticate", "parse", "scope", "admit", "prompt", "ground", "route", "protect", "generate",
+              "check", "record")
+    now = time.monotonic()
+    attrs = {"keel.request_id": "req-bench", "keel.endpoint": "chat", "keel.status": 200, "mlflow.spanType": "CHAIN",
+             "keel.model": "echo", "keel.data_class": "internal", "keel.zones": ["us"],
+             "keel.route.strategy": "pinned", "keel.route.ranked": ["echo"], "keel.target": "echo",
+             "keel.failovers": 0, "keel.model_ms": 8.0, "keel.ttft_ms": 3.0}
+    snap = Snapshot("req-bench", now - 0.012, now, time.time_ns(), dict.fromkeys(stages, 0.0005),
+                    [("echo", now - 0.010, now - 0.002, None)], attrs, "demo",
+                    {"prompt_tokens": 12, "completion_tokens": 20, "total_tokens": 32}, 0.0001, None)
+    t0 = time.perf_counter()
+    traces = [request_trace(snap) for _ in range(n)]
+    t1 = time.perf_counter()
+    for i in range(0, n, 512):
+        encode(traces[i:i + 512], "keel-gateway").SerializeToString()
+    t2 = time.perf_counter()
+    return {"build": round((t1 - t0) / n * 1e6, 1), "encode": round((t2 - t1) / n * 1e6, 1)}
 
 
 def llama_alone(n_threads: int, max_tokens: int) -> float:
@@ -336,17 +364,27 @@ def main(argv: list[str] | None = None) -> int:
                                            "keel_auto": round(routing_microbench(settings, "keel/auto"), 1)}
         print(json.dumps(report, indent=1), flush=True)
         time.sleep(3)  # the paired rounds' last traces leave their replica's exporter within a second
-        before = trace_count(mlflow_url)
+        before, mlflow_cpu = trace_count(mlflow_url), [cpu_seconds(mlflow_svc.proc.pid)]
         report["throughput"] = {
             "keel": throughput(keel_url, BODY, auth, a.load_seconds, a.concurrency),
             "direct": throughput(echo_url, BODY, {}, a.load_seconds, a.concurrency),
             # The same gateway with traces off, to the in-cluster echo both have (MLflow idles meanwhile).
             "keel_handle_untraced": throughput(untraced_url, handle_body, auth, a.load_seconds, a.concurrency),
-            "keel_handle_traced": throughput(keel_url, handle_body, auth, a.load_seconds, a.concurrency),
         }
+        mlflow_cpu.append(cpu_seconds(mlflow_svc.proc.pid))
+        report["throughput"]["keel_handle_traced"] = throughput(keel_url, handle_body, auth, a.load_seconds,
+                                                                a.concurrency)
+        mlflow_cpu.append(cpu_seconds(mlflow_svc.proc.pid))
         sent = sum(report["throughput"][k]["ok"] + report["throughput"][k]["errors"]
                    for k in ("keel", "keel_handle_traced"))  # the traced runs
-        report["traces_under_load"] = traces_arrived(mlflow_url, before, sent)
+        report["traces_under_load"] = arrived = traces_arrived(mlflow_url, before, sent)
+        # MLflow's ingestion on the same cores: its CPU per trace (from the first traced run until every
+        # trace arrived) and the cores it took during the traced run to the in-cluster echo.
+        arrived["mlflow_cpu_ms_per_trace"] = round(
+            (cpu_seconds(mlflow_svc.proc.pid) - mlflow_cpu[0]) * 1000 / max(arrived["arrived"], 1), 2)
+        arrived["mlflow_cores_during_traced_run"] = round(
+            (mlflow_cpu[2] - mlflow_cpu[1]) / report["throughput"]["keel_handle_traced"]["seconds"], 2)
+        report["exporter_us_per_trace"] = exporter_microbench()
         print(json.dumps(report["throughput"]), flush=True)
 
         # 3. breaker: kill `echo` under steady traffic and time its breaker opening.
@@ -415,6 +453,11 @@ def main(argv: list[str] | None = None) -> int:
         ("  tracing cost, median of paired differences, ms",
          f"{report['tracing_cost_ms']['median_of_paired_differences']}"),
         ("traces in MLflow / requests, throughput run", f"{report['traces_under_load']['arrived']} / {sent}"),
+        ("  MLflow's CPU per trace ingested, ms; cores it took, traced run",
+         f"{report['traces_under_load']['mlflow_cpu_ms_per_trace']}; "
+         f"{report['traces_under_load']['mlflow_cores_during_traced_run']}"),
+        ("  exporter thread per trace, us: build / encode",
+         f"{report['exporter_us_per_trace']['build']} / {report['exporter_us_per_trace']['encode']}"),
         ("target death -> breaker open, ms", f"{report['breaker']['death_to_open_ms']}"),
         ("  client errors meanwhile (goal 0)", f"{report['breaker']['client_errors']}"),
         ("tokens/s through the gateway / llama.cpp alone",

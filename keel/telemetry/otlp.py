@@ -23,9 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import httpx
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, InstrumentationScope, KeyValue, KeyValueList
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from keel import mlflow_api
 from keel.batching import BatchWriter
@@ -119,34 +118,47 @@ class Exporter:
 
 
 def encode(traces: Sequence[TraceRecord], service: str) -> ExportTraceServiceRequest:
-    spans = []
+    # Messages are filled in place (`add`, field by field): half the cost of building each one with
+    # keyword arguments and copying it into its parent, which was most of the exporter thread's time.
+    req = ExportTraceServiceRequest()
+    resource_spans = req.resource_spans.add()
+    service_name = resource_spans.resource.attributes.add(key="service.name")
+    service_name.value.string_value = service
+    scope = resource_spans.scope_spans.add()
+    scope.scope.name = "keel"
     for t in traces:
         for i, s in enumerate(t.spans):
-            attrs = t.root_attributes() if i == 0 else s.attributes
-            spans.append(Span(
-                trace_id=t.trace_id, span_id=s.span_id, parent_span_id=s.parent_id or b"", name=s.name,
-                kind=Span.SPAN_KIND_SERVER if i == 0 else Span.SPAN_KIND_INTERNAL,
-                start_time_unix_nano=s.start_ns, end_time_unix_nano=max(s.end_ns, s.start_ns),
-                attributes=[KeyValue(key=k, value=_value(v)) for k, v in attrs.items()],
-                status=Status(code=Status.STATUS_CODE_ERROR, message=s.error) if s.error is not None
-                else Status(code=Status.STATUS_CODE_OK)))
-    resource = Resource(attributes=[KeyValue(key="service.name", value=AnyValue(string_value=service))])
-    scope = ScopeSpans(scope=InstrumentationScope(name="keel"), spans=spans)
-    return ExportTraceServiceRequest(resource_spans=[ResourceSpans(resource=resource, scope_spans=[scope])])
+            span = scope.spans.add(trace_id=t.trace_id, span_id=s.span_id, parent_span_id=s.parent_id or b"",
+                                   name=s.name, kind=Span.SPAN_KIND_SERVER if i == 0 else Span.SPAN_KIND_INTERNAL,
+                                   start_time_unix_nano=s.start_ns, end_time_unix_nano=max(s.end_ns, s.start_ns))
+            for k, v in (t.root_attributes() if i == 0 else s.attributes).items():
+                _fill(span.attributes.add(key=k).value, v)
+            if s.error is not None:
+                span.status.code, span.status.message = Status.STATUS_CODE_ERROR, s.error
+            else:
+                span.status.code = Status.STATUS_CODE_OK
+    return req
 
 
-def _value(v: AttrValue) -> AnyValue:
-    if isinstance(v, dict):
-        return AnyValue(kvlist_value=KeyValueList(values=[KeyValue(key=k, value=_value(x)) for k, x in v.items()]))
-    if isinstance(v, list):
-        return AnyValue(array_value=ArrayValue(values=[_value(x) for x in v]))
-    if isinstance(v, bool):  # before int: a bool is an int
-        return AnyValue(bool_value=v)
-    if isinstance(v, int):
-        return AnyValue(int_value=v)
-    if isinstance(v, float):
-        return AnyValue(double_value=v)
-    return AnyValue(string_value=str(v))
+def _fill(out: AnyValue, v: AttrValue) -> None:
+    if isinstance(v, str):
+        out.string_value = v
+    elif isinstance(v, bool):  # before int: a bool is an int
+        out.bool_value = v
+    elif isinstance(v, int):
+        out.int_value = v
+    elif isinstance(v, float):
+        out.double_value = v
+    elif isinstance(v, dict):
+        out.kvlist_value.SetInParent()  # an empty map is still a map
+        for k, x in v.items():
+            _fill(out.kvlist_value.values.add(key=k).value, x)
+    elif isinstance(v, list):
+        out.array_value.SetInParent()
+        for x in v:
+            _fill(out.array_value.values.add(), x)
+    else:
+        out.string_value = str(v)
 
 
 # -- MLflow as the backend ------------------------------------------------------------------------
