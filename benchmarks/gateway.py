@@ -53,7 +53,7 @@ from fastapi.responses import JSONResponse
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import cpu_seconds, latency, ms, write_report  # noqa: E402
+from benchmarks.common import latency, ms, write_report  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "gateway.json"
 BODY = {"model": "echo", "messages": [{"role": "user", "content": "What is the refund policy for annual plans?"}],
@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from keel import processes
     from keel.keys import KeyStore
     from keel.settings import load_settings
     from serving.gateway import Gateway
@@ -364,24 +365,27 @@ def main(argv: list[str] | None = None) -> int:
                                            "keel_auto": round(routing_microbench(settings, "keel/auto"), 1)}
         print(json.dumps(report, indent=1), flush=True)
         time.sleep(3)  # the paired rounds' last traces leave their replica's exporter within a second
-        before, mlflow_cpu = trace_count(mlflow_url), [cpu_seconds(mlflow_svc.proc.pid)]
+        def mlflow_cpu_s() -> float:  # the server and its workers: the session it leads
+            return processes.cpu_seconds(processes.session_members(mlflow_svc.proc.pid))
+
+        before, mlflow_cpu = trace_count(mlflow_url), [mlflow_cpu_s()]
         report["throughput"] = {
             "keel": throughput(keel_url, BODY, auth, a.load_seconds, a.concurrency),
             "direct": throughput(echo_url, BODY, {}, a.load_seconds, a.concurrency),
             # The same gateway with traces off, to the in-cluster echo both have (MLflow idles meanwhile).
             "keel_handle_untraced": throughput(untraced_url, handle_body, auth, a.load_seconds, a.concurrency),
         }
-        mlflow_cpu.append(cpu_seconds(mlflow_svc.proc.pid))
+        mlflow_cpu.append(mlflow_cpu_s())
         report["throughput"]["keel_handle_traced"] = throughput(keel_url, handle_body, auth, a.load_seconds,
                                                                 a.concurrency)
-        mlflow_cpu.append(cpu_seconds(mlflow_svc.proc.pid))
+        mlflow_cpu.append(mlflow_cpu_s())
         sent = sum(report["throughput"][k]["ok"] + report["throughput"][k]["errors"]
                    for k in ("keel", "keel_handle_traced"))  # the traced runs
         report["traces_under_load"] = arrived = traces_arrived(mlflow_url, before, sent)
         # MLflow's ingestion on the same cores: its CPU per trace (from the first traced run until every
         # trace arrived) and the cores it took during the traced run to the in-cluster echo.
         arrived["mlflow_cpu_ms_per_trace"] = round(
-            (cpu_seconds(mlflow_svc.proc.pid) - mlflow_cpu[0]) * 1000 / max(arrived["arrived"], 1), 2)
+            (mlflow_cpu_s() - mlflow_cpu[0]) * 1000 / max(arrived["arrived"], 1), 2)
         arrived["mlflow_cores_during_traced_run"] = round(
             (mlflow_cpu[2] - mlflow_cpu[1]) / report["throughput"]["keel_handle_traced"]["seconds"], 2)
         report["exporter_us_per_trace"] = exporter_microbench()

@@ -65,6 +65,13 @@ def processes_naming(*folders: Path) -> list[int]:
     return out
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) the live processes among `pids` have used so far."""
+    clock = os.sysconf("SC_CLK_TCK")
+    return sum(int(st[11]) + int(st[12]) for pid in pids  # fields 14, 15; a zombie counts as gone
+               if (st := _stat(pid)) and st[0] != "Z") / clock
+
+
 def pss_bytes(pids: list[int]) -> int:
     """Proportional set size: shared pages split between their users, so a sum over processes is
     the real footprint (summed RSS counts a shared library once per process)."""

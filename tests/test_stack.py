@@ -42,6 +42,21 @@ def test_a_session_is_found_whole_and_stopped_whole(tmp_path):
         proc.wait()
 
 
+def test_cpu_seconds_sums_a_sessions_live_processes(tmp_path):
+    # A busy child under a shell: the session's CPU is the child's, and nothing once the session is gone.
+    proc = processes.spawn(["sh", "-c", "python3 -c 'while True: pass' & wait"], {}, tmp_path / "log", cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 20
+        while processes.cpu_seconds(members := processes.session_members(proc.pid)) < 0.3:
+            assert time.monotonic() < deadline, members
+            time.sleep(0.1)
+        assert len(members) == 2
+    finally:
+        processes.stop_session(proc.pid, grace_s=5)
+        proc.wait()
+    assert processes.cpu_seconds(members) == 0
+
+
 def test_a_stale_pid_file_is_cleared_with_what_its_dead_leader_left(tmp_path):
     cfg = write_config(tmp_path)
     s = load_settings(cfg)
